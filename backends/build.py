@@ -1,0 +1,151 @@
+"""Realize a compiled graph: build each missing store path, in graph order, aside and atomically.
+
+Each output is built in a temporary directory inside the store and renamed into place; if another
+build got there first, its output is kept and ours discarded. A failed build removes its temporary
+directory, so the store never holds half an output.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterator
+
+from microvmc.compiler.cpio import Entry, EntryKind, gzip_deterministic, write_newc
+from microvmc.compiler.graph import INIT_CFLAGS, Builder, Graph, Node
+from microvmc.compiler.pipeline import Compiled
+from microvmc.errors import BuildError, KernelError
+
+__all__ = ["realize", "link_result"]
+
+
+@contextlib.contextmanager
+def _staging(out: str) -> Iterator[Path]:
+    parent = os.path.dirname(out)
+    os.makedirs(parent, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{os.path.basename(out)}-", dir=parent))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o755)  # mkdtemp made it private; store paths are readable by all
+        try:
+            os.rename(tmp, out)
+        except OSError:
+            if not os.path.isdir(out):
+                raise
+            # A concurrent build of the same inputs won; its output is identical.
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _busybox_rootfs(node: Node, graph: Graph, out: Path) -> None:
+    busybox = graph.node("busybox").path
+    (out / "bin").mkdir()
+    shutil.copyfile(busybox, out / "bin" / "busybox")
+    os.chmod(out / "bin" / "busybox", 0o755)
+    listed = subprocess.run([busybox, "--list-full"], capture_output=True, text=True, check=True).stdout.split()
+    for applet in sorted(set(listed)):
+        target = out / applet
+        if applet == "bin/busybox" or target.exists():
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.symlink("/bin/busybox", target)
+    for d, mode in (("proc", 0o555), ("sys", 0o555), ("dev", 0o755), ("tmp", 0o1777), ("run", 0o755),
+                    ("root", 0o700), ("etc", 0o755), ("mnt", 0o755), ("home", 0o755), ("var/tmp", 0o1777)):
+        (out / d).mkdir(parents=True, exist_ok=True)
+        os.chmod(out / d, mode)
+    (out / "etc" / "passwd").write_text("root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n")
+    (out / "etc" / "group").write_text("root:x:0:\nnogroup:x:65534:\n")
+
+
+def _boot_kernel(node: Node, graph: Graph, out: Path) -> None:
+    from microvmc.kernel.image import extract_vmlinux, inspect_kernel, pvh_entry
+
+    source = graph.node("kernel").path
+    data = Path(source).read_bytes()
+    info = inspect_kernel(data, path=source)
+    elf = extract_vmlinux(data, path=source)
+    if pvh_entry(elf, path=source) is not None:
+        # QEMU boots an ELF with a PVH entry directly: no decompression in the guest (2.3 s vs 6 s under TCG).
+        (out / "kernel").write_bytes(elf)
+    elif info.format == "bzimage":
+        shutil.copyfile(source, out / "kernel")
+    else:
+        raise KernelError(f"{source}: the ELF kernel has no PVH entry note, so QEMU cannot boot it",
+                          hint="use the bzImage, or a kernel built with CONFIG_PVH=y")
+
+
+def _init(node: Node, graph: Graph, out: Path) -> None:
+    source = graph.node("init.c").path
+    cc = node.param("cc")
+    with tempfile.TemporaryDirectory(prefix="microvmc-init-") as work:
+        shutil.copyfile(source, os.path.join(work, "init.c"))
+        try:
+            result = subprocess.run([cc, *INIT_CFLAGS, "-o", "init", "init.c"], cwd=work,
+                                    capture_output=True, text=True)
+        except FileNotFoundError:
+            raise BuildError(f"cannot compile the guest init: the C compiler {cc!r} is not installed",
+                             hint="run scripts/setup") from None
+        if result.returncode != 0:
+            first = next((l for l in result.stderr.splitlines() if l.strip()), "no output")
+            raise BuildError(f"cannot compile the guest init with {cc}: {first}",
+                             hint="a static libc is needed (Debian: libc6-dev)")
+        shutil.copyfile(os.path.join(work, "init"), out / "init")
+    os.chmod(out / "init", 0o755)
+
+
+def _initramfs(node: Node, graph: Graph, out: Path) -> None:
+    from microvmc.kernel.modules import decompress_module
+
+    entries = [Entry(path="init", kind=EntryKind.FILE, mode=0o755, data=(Path(graph.node("init").path) / "init").read_bytes())]
+    order = []
+    for module in graph.node("modules").param("modules"):
+        name = f"lib/modules/{module['name']}.ko"
+        raw = Path(module["source"]).read_bytes()
+        entries.append(Entry(path=name, kind=EntryKind.FILE, mode=0o644, data=decompress_module(raw, path=module["source"])))
+        order.append("/" + name)
+    entries.append(Entry(path="microvmc/modules", kind=EntryKind.FILE, mode=0o644, data="".join(p + "\n" for p in order).encode()))
+    spill = node.param("spill")
+    if spill is not None:
+        entries.append(Entry(path="microvmc/config", kind=EntryKind.FILE, mode=0o644, data=spill.encode("ascii")))
+    for d in ("dev", "proc", "sys", "mnt"):
+        entries.append(Entry(path=d, kind=EntryKind.DIR, mode=0o755))
+    (out / "initramfs.cpio.gz").write_bytes(gzip_deterministic(write_newc(entries), level=1))
+
+
+BUILDERS: dict[Builder, Callable[[Node, Graph, Path], None]] = {
+    Builder.BUSYBOX_ROOTFS: _busybox_rootfs,
+    Builder.BOOT_KERNEL: _boot_kernel,
+    Builder.INIT: _init,
+    Builder.INITRAMFS: _initramfs,
+}
+
+
+def realize(compiled: Compiled) -> str:
+    """Build whatever of the graph is missing from the store, then the output; return its path."""
+    for node in compiled.graph.nodes:
+        build = BUILDERS.get(node.builder)
+        if build is None or os.path.isdir(node.path):
+            continue
+        with _staging(node.path) as tmp:
+            build(node, compiled.graph, tmp)
+    output = compiled.output
+    if not os.path.isdir(output.path):
+        with _staging(output.path) as tmp:
+            for name, data, mode in output.files:
+                (tmp / name).write_bytes(data)
+                os.chmod(tmp / name, mode)
+    return output.path
+
+
+def link_result(target: str, link: str) -> None:
+    """Point `link` (./result) at `target`, replacing an older link atomically."""
+    if os.path.lexists(link) and not os.path.islink(link):
+        raise BuildError(f"{link} exists and is not a symbolic link; not replacing it", hint="use -o to choose another name")
+    tmp = f"{link}.tmp-{os.getpid()}"
+    os.symlink(target, tmp)
+    os.replace(tmp, link)

@@ -1,0 +1,149 @@
+"""The kernel command line as a typed value.
+
+It carries the guest init's configuration (init/PROTOCOL.md) as `MVMC_*=value` parameters, which the
+kernel hands to init as environment variables. It respects what the kernel really does:
+
+- the x86 command line holds 2047 bytes (COMMAND_LINE_SIZE 2048 with the NUL);
+- init receives at most 32 environment entries (MAX_INIT_ENVS; "HOME=/" and "TERM=linux" are the
+  kernel's own) and 32 arguments (MAX_INIT_ARGS; argv[0] is "init"): one more and the kernel panics;
+- a parameter with a `.` before `=` is a module parameter and never reaches init, bare words and known
+  parameters are consumed by the kernel, and a `"` cannot be quoted;
+- the kernel splits on any space, including byte 0xA0 (its ctype calls it one), so UTF-8 cannot be
+  passed raw either.
+
+So every value is percent-encoded over a small safe alphabet, which also means no manifest value can
+add a kernel parameter; and when the configuration does not fit the budget it moves, whole, to
+`/microvmc/config` in the initramfs (the spill channel), leaving `MVMC_SPILL=1` on the command line.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+__all__ = [
+    "COMMAND_LINE_MAX",
+    "INIT_ENV_BUDGET",
+    "INIT_ARG_BUDGET",
+    "GuestConfig",
+    "GuestMount",
+    "KernelCmdline",
+    "CmdlineError",
+    "encode",
+    "decode",
+    "guest_params",
+    "compose",
+]
+
+COMMAND_LINE_MAX = 2047  # bytes; COMMAND_LINE_SIZE is 2048 on x86, including the NUL
+INIT_ENV_BUDGET = 32 - 2  # MAX_INIT_ENVS minus HOME=/ and TERM=linux
+INIT_ARG_BUDGET = 32 - 1  # MAX_INIT_ARGS minus argv[0]
+SPILL_PATH = "/microvmc/config"
+
+_SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_./,@+")
+
+
+class CmdlineError(ValueError):
+    """The parameters the manifest itself adds do not fit on the kernel command line."""
+
+
+def encode(value: str) -> str:
+    """Percent-encode every UTF-8 byte outside the safe alphabet (init/PROTOCOL.md)."""
+    return "".join(chr(b) if b in _SAFE else f"%{b:02X}" for b in value.encode("utf-8", "surrogateescape"))
+
+
+def decode(text: str) -> str:
+    """The inverse of encode, as the guest init does it."""
+    out = bytearray()
+    raw = text.encode("ascii")
+    i = 0
+    while i < len(raw):
+        if raw[i] == 0x25 and _is_hex(raw[i + 1 : i + 3]):
+            out.append(int(raw[i + 1 : i + 3], 16))
+            i += 3
+        else:
+            out.append(raw[i])
+            i += 1
+    return out.decode("utf-8", "surrogateescape")
+
+
+def _is_hex(pair: bytes) -> bool:
+    return len(pair) == 2 and all(c in b"0123456789abcdefABCDEF" for c in pair)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class GuestMount:
+    fs: str  # "virtiofs" | "9p"
+    tag: str
+    mode: str  # root: "ro" | "rw" | "overlay"; shares: "ro" | "rw"
+    path: str = "/"  # mount point in the guest (shares)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class GuestConfig:
+    """What the guest init needs to know; PROTOCOL.md says how each field is written."""
+
+    argv: tuple[str, ...]
+    env: tuple[tuple[str, str], ...]
+    cwd: str
+    hostname: str
+    root: GuestMount
+    shares: tuple[GuestMount, ...] = ()
+    debug: bool = False
+
+
+def guest_params(config: GuestConfig) -> tuple[tuple[str, str], ...]:
+    """The MVMC_* parameters (name, encoded value) for a guest configuration, in a fixed order."""
+    params: list[tuple[str, str]] = [
+        ("MVMC_ROOT", f"{config.root.fs}:{config.root.tag}:{config.root.mode}"),
+        ("MVMC_HOSTNAME", encode(config.hostname)),
+        ("MVMC_CWD", encode(config.cwd)),
+    ]
+    params += [(f"MVMC_S{i}", f"{s.fs}:{s.tag}:{s.mode}:{encode(s.path)}") for i, s in enumerate(config.shares)]
+    params += [(f"MVMC_A{i}", encode(arg)) for i, arg in enumerate(config.argv)]
+    params += [(f"MVMC_E{i}", f"{encode(name)}={encode(value)}") for i, (name, value) in enumerate(config.env)]
+    return tuple(params)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class KernelCmdline:
+    params: tuple[str, ...]  # one token per parameter, in order
+    spill: bytes | None  # the contents of /microvmc/config, when the configuration spilled
+
+    def __str__(self) -> str:
+        return " ".join(self.params)
+
+    @property
+    def spilled(self) -> bool:
+        return self.spill is not None
+
+
+def _init_envs(params: Sequence[str]) -> int:
+    """How many of `params` may reach init as environment entries (any name=value without a dot
+    in the name; known kernel parameters are counted too, to stay on the safe side)."""
+    return sum(1 for p in params if "=" in p and "." not in p.split("=", 1)[0])
+
+
+def _init_args(params: Sequence[str]) -> int:
+    return sum(1 for p in params if "=" not in p)
+
+
+def compose(base: Sequence[str], extra: Sequence[str], config: GuestConfig, *, reserve: int = 0) -> KernelCmdline:
+    """The command line: microvmc's `base` parameters, the manifest's `extra` ones, then the guest
+    configuration, spilled to the initramfs when it does not fit. `reserve` bytes are kept free for
+    what QEMU appends itself."""
+    fixed = (*base, *extra)
+    limit = COMMAND_LINE_MAX - reserve
+    marker = ("MVMC_DEBUG=1",) if config.debug else ()
+    if _init_args(fixed) > INIT_ARG_BUDGET:
+        raise CmdlineError(f"{_init_args(fixed)} bare words would reach init, which takes at most {INIT_ARG_BUDGET}")
+    ours = tuple(f"{name}={value}" for name, value in guest_params(config))
+    inline = (*fixed, *ours, *marker)
+    if len(" ".join(inline)) <= limit and _init_envs(inline) <= INIT_ENV_BUDGET:
+        return KernelCmdline(params=inline, spill=None)
+    spilled = (*fixed, "MVMC_SPILL=1", *marker)
+    if len(" ".join(spilled)) > limit:
+        raise CmdlineError(f"{len(' '.join(spilled))} bytes exceed the kernel's {limit}-byte command line")
+    if _init_envs(spilled) > INIT_ENV_BUDGET:
+        raise CmdlineError(f"{_init_envs(spilled)} parameters would reach init, which takes at most {INIT_ENV_BUDGET}")
+    return KernelCmdline(params=spilled, spill="".join(p + "\n" for p in ours).encode("ascii"))

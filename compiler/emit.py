@@ -1,0 +1,190 @@
+"""emit: a LaunchPlan → the files of a build output, as bytes (written by backends/build.py).
+
+`launch.sh` is rendered from the very argv the backend runs, quoted with shlex, each group of
+options under a comment naming the manifest keys it came from, so the script a person reviews is
+exactly what runs. Runtime-only paths (sockets, logs) live in a directory the script creates.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from dataclasses import dataclass
+from typing import Any
+
+from microvmc import __version__
+from microvmc.compiler.graph import Graph
+from microvmc.compiler.launch import Fd, LaunchPlan
+from microvmc.compiler.status import EXEC_ERRNO_STATUS
+from microvmc.compiler.store import digest, store_path
+from microvmc.errors import ExitStatus
+
+__all__ = ["Output", "emit", "to_json"]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Output:
+    path: str  # the store path the files go to, derived from their contents
+    files: tuple[tuple[str, bytes, int], ...]  # (name, content, mode), sorted by name
+
+
+def to_json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, indent=2, ensure_ascii=False) + "\n"
+
+
+def _comment(text: str) -> str:
+    return "# " + " ".join(text.split())
+
+
+def _q(args: tuple[str, ...] | list[str]) -> str:
+    return shlex.join(args)
+
+
+def _option_lines(args: tuple[str, ...]) -> list[str]:
+    """One option and its value per line: ("-m", "256M", "-no-reboot") → ["-m 256M", "-no-reboot"]."""
+    lines: list[str] = []
+    i = 0
+    while i < len(args):
+        if args[i].startswith("-") and i + 1 < len(args) and not args[i + 1].startswith("-"):
+            lines.append(_q(args[i : i + 2]))
+            i += 2
+        else:
+            lines.append(_q(args[i : i + 1]))
+            i += 1
+    return lines
+
+
+def launch_script(plan: LaunchPlan) -> str:
+    s = ExitStatus
+    lines = [
+        "#!/bin/sh",
+        f"# microvmc {__version__} launch script for {plan.name!r}, compiled from:",
+        *[f"#   {src}" for src in plan.sources],
+        "# Runs the VM on its own: starts virtiofsd, boots QEMU, connects the program's stdin, stdout",
+        "# and stderr to this script's, and exits with the program's exit status. Generated: rebuild, don't edit.",
+        "set -u",
+        "",
+        'rundir=$(mktemp -d "${TMPDIR:-/tmp}/microvmc.XXXXXX") || exit ' + str(int(s.HOST)),
+        'pids=""',
+        "cleanup() {",
+        '    for pid in $pids; do kill "$pid" 2>/dev/null; done',
+        "    wait 2>/dev/null",
+        '    rm -rf "$rundir"',
+        "}",
+        "trap cleanup EXIT",
+        "trap 'exit 129' HUP",
+        f"trap 'exit {int(s.INTERRUPTED)}' INT",
+        "trap 'exit 143' TERM",
+        'exec 6<&0  # the program\'s stdin, kept for QEMU (a background job would get /dev/null)',
+        'cd "$rundir" || exit ' + str(int(s.HOST)),
+        "",
+        "wait_for_socket() {  # socket, pid, description, log: wait at most 10 s",
+        "    tries=0",
+        '    until [ -S "$1" ]; do',
+        "        tries=$((tries + 1))",
+        '        if [ "$tries" -gt 1000 ] || ! kill -0 "$2" 2>/dev/null; then',
+        f'            echo "microvmc: $3 did not start: $(tail -n 1 "$4")" >&2; exit {int(s.HOST)}',
+        "        fi",
+        "        sleep 0.01",
+        "    done",
+        "}",
+    ]
+    for v in plan.virtiofsd:
+        lines += [
+            "",
+            _comment(f"{', '.join(v.keys)}: share {v.tag!r}, {v.shared_dir}" + (" (read-only)" if v.read_only else "")),
+            f'{_q(v.argv)} "--socket-path=$rundir/{v.socket}" 2>{shlex.quote(f"virtiofsd-{v.tag}.log")} &',
+            'pids="$pids $!"',
+            f"wait_for_socket {shlex.quote(v.socket)} $! {shlex.quote(f'virtiofsd for share {v.tag}')} "
+            + shlex.quote(f"virtiofsd-{v.tag}.log"),
+        ]
+    lines.append("")
+    for i, group in enumerate(plan.qemu):
+        keys = f"{', '.join(group.keys)}: " if group.keys else ""
+        lines.append(_comment(keys + group.comment))
+        options = _option_lines(group.args)
+        head = "set --" if i == 0 else 'set -- "$@"'
+        lines.append(" \\\n    ".join([head, *options]))
+    fds = f"0<&6 1>stdout.pipe {int(Fd.STDERR)}>stderr.pipe {int(Fd.STATUS)}>status {int(Fd.CONSOLE)}>console.log {int(Fd.QEMU_LOG)}>qemu.log"
+    exec_case = "\n".join(
+        f"                {errno}) code={int(status)} ;;" for errno, status in sorted(EXEC_ERRNO_STATUS.items())
+    )
+    lines += [
+        "",
+        "# The program's output goes through pipes, so that a regular file as this script's stdout keeps",
+        "# one shared offset (QEMU reopening /dev/fd/1 would write at its own).",
+        "mkfifo stdout.pipe stderr.pipe || exit " + str(int(s.HOST)),
+        "cat stdout.pipe &",
+        'relays="$!"',
+        "cat stderr.pipe >&2 &",
+        'relays="$relays $!"',
+        f'"$@" {fds} &',
+        "qemu=$!",
+        'pids="$pids $qemu"',
+        f"# resources.boot_timeout: the program must start within {plan.boot_timeout:g} s",
+        "(",
+        f"    left={int(plan.boot_timeout + 0.999)}",
+        '    while [ "$left" -gt 0 ]; do',
+        "        grep -q '^started' status 2>/dev/null && exit 0",
+        "        sleep 1; left=$((left - 1))",
+        "    done",
+        '    : > timed-out; kill "$qemu" 2>/dev/null',
+        ") &",
+        'pids="$pids $!"',
+    ]
+    if plan.timeout:
+        lines += [
+            f"# resources.timeout: the whole run may take {plan.timeout:g} s",
+            f'( sleep {int(plan.timeout + 0.999)}; : > timed-out; kill "$qemu" 2>/dev/null ) &',
+            'pids="$pids $!"',
+        ]
+    lines += [
+        'wait "$qemu"',
+        "qemu_status=$?",
+        'wait $relays  # all output is delivered before the status',
+        "",
+        "# init's report on the status port (init/PROTOCOL.md) → the exit status",
+        f"code={int(s.GUEST_CRASHED)}",
+        "message=\"the VM stopped without reporting the program's status\"",
+        "while read -r kind a b; do",
+        '    case "$kind" in',
+        '        exit) code=$a; message=""; break ;;',
+        '        signal) code=$((128 + a)); message=""; break ;;',
+        "        error)",
+        f'            code={int(s.INIT_FAILED)}; message="guest init failed at $a: ${{b#* }}"',
+        '            if [ "$a" = exec ]; then',
+        f"                code={int(s.NOT_EXECUTABLE)}",
+        '                case "${b%% *}" in',
+        exec_case,
+        "                esac",
+        "            fi",
+        "            break ;;",
+        "    esac",
+        "done < status",
+        "if [ -e timed-out ]; then",
+        f"    code={int(s.TIMEOUT)}; message=\"the program did not start or finish in time\"",
+        f'elif [ "$code" = {int(s.GUEST_CRASHED)} ] && [ "$qemu_status" != 0 ] && [ -s qemu.log ]; then',
+        f'    code={int(s.HOST)}; message="QEMU failed: $(head -n 1 qemu.log)"',
+        "fi",
+        'if [ -n "$message" ]; then',
+        '    echo "microvmc: $message" >&2',
+        "    tail -n 20 console.log >&2",
+        "fi",
+        'exit "$code"',
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def emit(plan: LaunchPlan, graph: Graph, store: str) -> Output:
+    virtiofsd = [dict(v.to_dict(), argv_script=list(v.argv_with_socket_path("$rundir"))) for v in plan.virtiofsd]
+    files = {
+        "launch.sh": (launch_script(plan).encode("utf-8"), 0o755),
+        "plan.json": (to_json({"microvmc": __version__, "plan": plan.to_dict(), "graph": graph.to_dict()}).encode("utf-8"), 0o644),
+        "cmdline": ((plan.cmdline + "\n").encode("utf-8"), 0o644),
+        "virtiofsd.json": (to_json(virtiofsd).encode("utf-8"), 0o644),
+        "graph.dot": (graph.to_dot().encode("utf-8"), 0o644),
+    }
+    content = {name: digest(data.decode("utf-8")) for name, (data, _) in files.items()}
+    inputs = {n.id: n.digest for n in graph.nodes if n.id != "plan"}
+    path = store_path(store, digest({"files": content, "inputs": inputs}), plan.name)
+    return Output(path=path, files=tuple((name, data, mode) for name, (data, mode) in sorted(files.items())))

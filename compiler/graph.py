@@ -1,0 +1,293 @@
+"""resolve: a Manifest (+ host facts) → the dependency graph of everything the VM is built from.
+
+Nodes are sources (an existing file or directory) or derivations (built into the store, named by
+the hash of their builder, parameters and inputs); edges say what is built from what. The graph gives
+the build order and is what `microvmc graph` prints.
+
+    busybox ─▶ rootfs ─▶ share:root ─▶ virtiofsd:root ─┐
+    kernel ─▶ boot-kernel ─────────────────────────────┤
+    kernel ─▶ modules ─┐                               ├─▶ plan
+    init.c ─▶ init ────┴─▶ initramfs ──────────────────┘
+    share:<tag> ─▶ virtiofsd:<tag> ─────────────────────┘
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from microvmc.compiler.cmdline import CmdlineError, GuestConfig, GuestMount, KernelCmdline, compose
+from microvmc.compiler.host import HostFacts
+from microvmc.compiler.manifest import (
+    ROOT_TAG,
+    Accel,
+    ImageSource,
+    KernelSource,
+    Manifest,
+    RootMode,
+    Transport,
+)
+from microvmc.compiler.store import digest, file_digest, store_path
+from microvmc.errors import HostError, KernelError, ManifestError, Problem
+
+__all__ = ["Builder", "Node", "Graph", "Sources", "resolve", "base_kernel_params", "INIT_CFLAGS"]
+
+# Bumped when a builder's output changes for the same inputs, so old store paths are not reused.
+BUILDER_VERSION = 1
+INIT_CFLAGS = ("-static", "-Os", "-s", "-Wall", "-Wextra", "-Werror")
+
+MODULES_FOR_PORTS = ("virtio_mmio", "virtio_console")
+MODULES_FOR_TRANSPORT = {Transport.VIRTIOFS: ("virtiofs",), Transport.NINEP: ("9pnet_virtio", "9p")}
+MODULES_FOR_OVERLAY = ("overlay",)
+
+ROOT_MODE_FLAG = {RootMode.READ_ONLY: "ro", RootMode.OVERLAY: "overlay", RootMode.READ_WRITE: "rw"}
+
+
+class Builder(StrEnum):
+    SOURCE = "source"  # an existing file or directory
+    BUSYBOX_ROOTFS = "busybox-rootfs"  # the built-in image
+    BOOT_KERNEL = "boot-kernel"  # the ELF vmlinux when it has a PVH entry, else the image as is
+    MODULES = "modules"  # the module closure the plan needs (a choice, not an output)
+    INIT = "init"  # init/init.c compiled static
+    INITRAMFS = "initramfs"  # init + modules + spilled configuration, a deterministic cpio
+    VIRTIOFSD = "virtiofsd"  # a process at run time, not a store path
+    PLAN = "plan"  # the build output: launch.sh, plan.json, ...
+
+
+STORE_BUILDERS = frozenset({Builder.BUSYBOX_ROOTFS, Builder.BOOT_KERNEL, Builder.INIT, Builder.INITRAMFS})
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Node:
+    id: str
+    builder: Builder
+    digest: str
+    path: str  # the source path, the store path, or "" (run-time and plan nodes)
+    keys: tuple[str, ...] = ()  # the manifest keys this node comes from
+    params: tuple[tuple[str, Any], ...] = ()
+
+    def param(self, name: str) -> Any:
+        return dict(self.params)[name]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "builder": str(self.builder),
+            "digest": self.digest,
+            "path": self.path,
+            "keys": list(self.keys),
+            "params": {k: v for k, v in self.params},
+        }
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Graph:
+    nodes: tuple[Node, ...]  # in build order (topological, ties broken by id)
+    edges: tuple[tuple[str, str], ...]  # (input, output), sorted
+    cmdline: KernelCmdline
+    accel: str
+    accel_reason: str
+
+    def node(self, node_id: str) -> Node:
+        for node in self.nodes:
+            if node.id == node_id:
+                return node
+        raise KeyError(node_id)
+
+    def inputs(self, node_id: str) -> tuple[str, ...]:
+        return tuple(a for a, b in self.edges if b == node_id)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"nodes": [n.to_dict() for n in self.nodes], "edges": [list(e) for e in self.edges]}
+
+    def to_dot(self) -> str:
+        lines = ["digraph microvmc {", "  rankdir=LR;", "  node [shape=box, fontname=monospace];"]
+        for n in self.nodes:
+            label = f"{n.id}\\n{n.builder}" + (f"\\n{os.path.basename(n.path)}" if n.path else "")
+            shape = ", style=dashed" if n.builder in (Builder.SOURCE, Builder.VIRTIOFSD) else ""
+            lines.append(f'  "{n.id}" [label="{label}"{shape}];')
+        lines += [f'  "{a}" -> "{b}";' for a, b in self.edges]
+        lines.append("}")
+        return "\n".join(lines) + "\n"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Sources:
+    """How resolve reads the files it depends on (injectable for tests)."""
+
+    digest: Callable[[str], str] = file_digest
+    read: Callable[[str], bytes] = lambda p: Path(p).read_bytes()
+    init_source: str = field(default_factory=lambda: str(Path(__file__).resolve().parent.parent / "init" / "init.c"))
+
+
+def base_kernel_params(accel: str, facts: HostFacts) -> tuple[str, ...]:
+    """The parameters microvmc itself puts on every kernel command line."""
+    params = ["console=ttyS0", "reboot=t", "panic=-1", "quiet"]
+    if accel == "tcg" and facts.tsc_khz:
+        # A busy host can hang a TCG guest calibrating against the PIT; the TSC rate avoids it.
+        params += [f"tsc_early_khz={facts.tsc_khz}", "tsc=reliable"]
+    return tuple(params)
+
+
+def choose_accel(manifest: Manifest, facts: HostFacts) -> tuple[str, str]:
+    wanted = manifest.resources.accel
+    if wanted is Accel.TCG:
+        return "tcg", "resources.accel is \"tcg\""
+    if wanted is Accel.KVM:
+        if not facts.kvm_usable:
+            raise HostError(
+                f"{manifest.name}: resources.accel: \"kvm\" is not usable here: {facts.kvm_reason}",
+                hint="use \"auto\" or \"tcg\"",
+            )
+        return "kvm", "resources.accel is \"kvm\""
+    if facts.kvm_usable:
+        return "kvm", f"auto: {facts.kvm_reason}"
+    return "tcg", f"auto: KVM is not usable ({facts.kvm_reason})"
+
+
+def _kernel_location(manifest: Manifest, facts: HostFacts) -> tuple[str, str]:
+    kernel = manifest.kernel
+    if kernel.source is KernelSource.PATH:
+        assert kernel.image and kernel.modules
+        return kernel.image, kernel.modules
+    if kernel.source is KernelSource.HOST:
+        release = facts.host_kernel_release
+        image, modules = f"/boot/vmlinuz-{release}", f"/lib/modules/{release}"
+        what = "the host's kernel"
+    else:
+        base = facts.default_kernel_dir
+        image, modules = os.path.join(base, "vmlinuz"), os.path.join(base, "modules")
+        what = "the default kernel"
+    if not os.path.isfile(image) or not os.path.isdir(modules):
+        missing = image if not os.path.isfile(image) else modules
+        hint = "run scripts/setup, or set kernel.source = \"path\"" if kernel.source is KernelSource.DEFAULT else "set kernel.source = \"path\""
+        raise ManifestError([Problem(manifest.name, "kernel.source", f"{what} is not installed: {missing} is missing", hint)])
+    return image, modules
+
+
+def _needed_modules(manifest: Manifest) -> tuple[str, ...]:
+    transports = {manifest.image.transport, *(s.transport for s in manifest.shares)}
+    wanted = list(MODULES_FOR_PORTS)
+    for transport in sorted(transports):
+        wanted += MODULES_FOR_TRANSPORT[transport]
+    if manifest.image.mode is RootMode.OVERLAY:
+        wanted += MODULES_FOR_OVERLAY
+    return tuple(wanted)
+
+
+def guest_config(manifest: Manifest) -> GuestConfig:
+    return GuestConfig(
+        argv=manifest.process.argv,
+        env=manifest.process.env,
+        cwd=manifest.process.cwd,
+        hostname=manifest.hostname,
+        root=GuestMount(fs=str(manifest.image.transport), tag=ROOT_TAG, mode=ROOT_MODE_FLAG[manifest.image.mode]),
+        shares=tuple(
+            GuestMount(fs=str(s.transport), tag=s.tag, mode="ro" if s.read_only else "rw", path=s.guest)
+            for s in manifest.shares
+        ),
+    )
+
+
+def resolve(manifest: Manifest, facts: HostFacts, store: str, sources: Sources = Sources()) -> Graph:
+    """The dependency graph of a manifest. Reads source files (to hash them and to read kernel
+    module metadata) but builds nothing."""
+    from microvmc.kernel.image import inspect_kernel
+    from microvmc.kernel.modules import resolve_modules, scan_modules
+
+    nodes: dict[str, Node] = {}
+    edges: list[tuple[str, str]] = []
+
+    def add(node: Node, *inputs: str) -> Node:
+        nodes[node.id] = node
+        edges.extend((i, node.id) for i in inputs)
+        return node
+
+    def derive(node_id: str, builder: Builder, name: str, inputs: tuple[str, ...], params: dict[str, Any], keys: tuple[str, ...]) -> Node:
+        d = digest({"builder": str(builder), "version": BUILDER_VERSION, "params": params,
+                    "inputs": {i: nodes[i].digest for i in inputs}})
+        path = store_path(store, d, name) if builder in STORE_BUILDERS else ""
+        return add(Node(id=node_id, builder=builder, digest=d, path=path, keys=keys,
+                        params=tuple(sorted(params.items()))), *inputs)
+
+    def source(node_id: str, path: str, keys: tuple[str, ...], *, content: bool) -> Node:
+        # Files are identified by their content; shared directories by their path, because the
+        # guest sees them live, not a copy.
+        d = sources.digest(path) if content else digest({"directory": path})
+        return add(Node(id=node_id, builder=Builder.SOURCE, digest=d, path=path, keys=keys))
+
+    accel, accel_reason = choose_accel(manifest, facts)
+
+    # The root filesystem.
+    image = manifest.image
+    if image.source is ImageSource.BUILTIN:
+        if not facts.busybox or not os.path.isfile(facts.busybox):
+            raise ManifestError([Problem(manifest.name, "image.source", "the built-in image needs a static busybox, which is not installed",
+                                         "run scripts/setup (Debian: apt-get install busybox-static)")])
+        source("busybox", facts.busybox, ("image.name",), content=True)
+        derive("rootfs", Builder.BUSYBOX_ROOTFS, f"{image.name}-rootfs", ("busybox",), {"name": image.name}, ("image.source", "image.name"))
+    else:
+        assert image.path
+        source("rootfs", image.path, ("image.path",), content=False)
+
+    # The kernel, what QEMU boots of it, and the modules the plan needs.
+    kernel_image, modules_dir = _kernel_location(manifest, facts)
+    kernel_keys = ("kernel.source", "kernel.image") if manifest.kernel.source is KernelSource.PATH else ("kernel.source",)
+    source("kernel", kernel_image, kernel_keys, content=True)
+    info = inspect_kernel(sources.read(kernel_image)[:0x10000], path=kernel_image)
+    release = info.release or os.path.basename(os.path.normpath(modules_dir))
+    derive("boot-kernel", Builder.BOOT_KERNEL, "kernel", ("kernel",), {"release": release}, kernel_keys)
+    tree = scan_modules(Path(modules_dir))
+    resolved = resolve_modules(tree, _needed_modules(manifest), release=release, read=lambda p: sources.read(str(p)))
+    module_files = [
+        {"name": m.name, "source": os.path.join(modules_dir, str(m.path)), "digest": sources.digest(os.path.join(modules_dir, str(m.path)))}
+        for m in resolved
+    ]
+    derive("modules", Builder.MODULES, "modules", ("kernel",), {"modules_dir": modules_dir, "modules": module_files},
+           ("kernel.source", "image.transport", "image.mode", "shares"))
+
+    # The guest's configuration travels on the kernel command line, or spills into the initramfs.
+    config = guest_config(manifest)
+    try:
+        cmdline = compose(base_kernel_params(accel, facts), manifest.kernel.cmdline, config)
+    except CmdlineError as err:
+        raise ManifestError([Problem(manifest.name, "kernel.cmdline", str(err))]) from None
+
+    source("init.c", sources.init_source, (), content=True)
+    derive("init", Builder.INIT, "init", ("init.c",), {"cc": facts.cc or "cc", "cflags": list(INIT_CFLAGS)}, ())
+    spill = cmdline.spill.decode("ascii") if cmdline.spill else None
+    derive("initramfs", Builder.INITRAMFS, "initramfs", ("init", "modules"), {"spill": spill},
+           ("process", "hostname") if spill else ())
+
+    # One virtiofsd per virtiofs share, the root filesystem first.
+    add(Node(id="share:root", builder=Builder.SOURCE, digest=nodes["rootfs"].digest, path=nodes["rootfs"].path,
+             keys=("image",)), "rootfs")
+    for share in manifest.shares:
+        source(f"share:{share.tag}", share.host, (f"shares.{share.tag}",), content=False)
+    shares = [(ROOT_TAG, image.transport, image.mode is not RootMode.READ_WRITE)] + [
+        (s.tag, s.transport, s.read_only) for s in manifest.shares
+    ]
+    for tag, transport, read_only in shares:
+        if transport is Transport.VIRTIOFS:
+            derive(f"virtiofsd:{tag}", Builder.VIRTIOFSD, f"virtiofsd-{tag}", (f"share:{tag}",),
+                   {"read_only": read_only}, ("image.transport",) if tag == ROOT_TAG else (f"shares.{tag}",))
+
+    plan_inputs = tuple(sorted(i for i in nodes if nodes[i].builder in (Builder.BOOT_KERNEL, Builder.INITRAMFS, Builder.VIRTIOFSD)
+                               or (i.startswith("share:") and not any(e == (i, f"virtiofsd:{i[6:]}") for e in edges))))
+    derive("plan", Builder.PLAN, "plan", plan_inputs, {"manifest": manifest.to_dict(), "accel": accel,
+                                                         "cmdline": str(cmdline), "host": facts.to_dict()}, ())
+    return Graph(nodes=tuple(_build_order(nodes, edges)), edges=tuple(sorted(set(edges))), cmdline=cmdline,
+                 accel=accel, accel_reason=accel_reason)
+
+
+def _build_order(nodes: dict[str, Node], edges: list[tuple[str, str]]) -> Iterator[Node]:
+    import networkx as nx
+
+    g = nx.DiGraph()
+    g.add_nodes_from(nodes)
+    g.add_edges_from(edges)
+    for node_id in nx.lexicographical_topological_sort(g):
+        yield nodes[node_id]

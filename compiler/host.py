@@ -1,0 +1,49 @@
+"""Facts about the host, as a value.
+
+They are probed in one place (`microvmc.backends.host.probe_host`) and passed to the planner, so a
+plan can be computed and tested for any host without touching this one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+__all__ = ["HostFacts", "VirtiofsdFlavour"]
+
+
+class VirtiofsdFlavour(StrEnum):
+    C = "c"  # QEMU's C virtiofsd (Debian 12: /usr/lib/qemu/virtiofsd), -o options
+    RUST = "rust"  # the Rust virtiofsd, --long-options
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class HostFacts:
+    arch: str = "x86_64"
+    qemu: str = "qemu-system-x86_64"
+    qemu_version: tuple[int, int, int] = (7, 2, 0)
+    virtiofsd: str | None = "/usr/lib/qemu/virtiofsd"
+    virtiofsd_flavour: VirtiofsdFlavour | None = VirtiofsdFlavour.C
+    kvm_usable: bool = False
+    kvm_reason: str = "not probed"  # why KVM is or is not usable, for --verbose and errors
+    tsc_khz: int | None = None  # host TSC frequency; helps a TCG guest skip PIT calibration
+    default_kernel_dir: str = ""  # where the set-up command put the default kernel
+    host_kernel_release: str = ""  # uname -r, for kernel.source = "host"
+    busybox: str | None = "/bin/busybox"  # static busybox for the built-in image
+    cc: str | None = "gcc"  # compiles the guest init
+
+    def to_dict(self) -> dict:
+        return {
+            "arch": self.arch,
+            "qemu": self.qemu,
+            "qemu_version": ".".join(map(str, self.qemu_version)),
+            "virtiofsd": self.virtiofsd,
+            "virtiofsd_flavour": str(self.virtiofsd_flavour) if self.virtiofsd_flavour else None,
+            "kvm_usable": self.kvm_usable,
+            "kvm_reason": self.kvm_reason,
+            "tsc_khz": self.tsc_khz,
+            "default_kernel_dir": self.default_kernel_dir,
+            "host_kernel_release": self.host_kernel_release,
+            "busybox": self.busybox,
+            "cc": self.cc,
+        }

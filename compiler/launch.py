@@ -1,0 +1,141 @@
+"""The launch plan: everything a backend needs to run one VM, as frozen data.
+
+The same plan renders as `launch.sh` (compiler/emit.py) and runs in the QEMU backend
+(backends/qemu.py); both give QEMU the identical argv and the identical file descriptors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import IntEnum
+
+from microvmc.compiler.host import VirtiofsdFlavour
+
+__all__ = ["Fd", "ArgGroup", "VirtiofsdPlan", "LaunchPlan"]
+
+
+class Fd(IntEnum):
+    """File descriptors QEMU is started with. QEMU runs with the run directory as its
+    working directory, so sockets are relative paths and no runtime path is baked in."""
+
+    STDIN = 0  # the program's stdin (a `stdio` chardev: its EOF is the program's EOF)
+    STDOUT = 1  # the program's stdout
+    QEMU_LOG = 2  # QEMU's own messages
+    STDERR = 3  # the program's stderr
+    STATUS = 4  # init's reports (init/PROTOCOL.md)
+    CONSOLE = 5  # the guest console: kernel messages, kept in the run's console log
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ArgGroup:
+    """A group of QEMU options and the manifest keys it came from (a comment in launch.sh)."""
+
+    keys: tuple[str, ...]
+    comment: str
+    args: tuple[str, ...]
+
+    def to_dict(self) -> dict:
+        return {"keys": list(self.keys), "comment": self.comment, "args": list(self.args)}
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class VirtiofsdPlan:
+    """One virtiofsd serving one share. `argv` lacks only the socket option, which differs:
+    the backend binds the socket itself and passes it as a file descriptor (no start-up race),
+    launch.sh names a path and waits for it."""
+
+    tag: str
+    keys: tuple[str, ...]
+    shared_dir: str
+    socket: str  # relative to the run directory
+    read_only: bool
+    flavour: VirtiofsdFlavour
+    argv: tuple[str, ...]
+
+    def argv_with_socket_path(self, run_dir: str) -> tuple[str, ...]:
+        # An absolute path: the C virtiofsd derives its pid-file name from it, so two runs naming
+        # the same relative path would lock each other out ("Cannot lock pid file").
+        return (*self.argv, f"--socket-path={run_dir}/{self.socket}")
+
+    def argv_with_fd(self, fd: int) -> tuple[str, ...]:
+        return (*self.argv, f"--fd={fd}")
+
+    def to_dict(self) -> dict:
+        return {
+            "tag": self.tag,
+            "keys": list(self.keys),
+            "shared_dir": self.shared_dir,
+            "socket": self.socket,
+            "read_only": self.read_only,
+            "flavour": str(self.flavour),
+            "argv": list(self.argv),
+        }
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class LaunchPlan:
+    name: str  # a short name for the VM (the hostname)
+    accel: str  # "kvm" or "tcg", decided at plan time
+    accel_reason: str  # why, for --verbose
+    qemu: tuple[ArgGroup, ...]
+    virtiofsd: tuple[VirtiofsdPlan, ...]
+    cmdline: str  # the kernel command line, exactly as passed to -append
+    spilled: bool  # the guest configuration is in the initramfs, not the command line
+    kernel: str  # store path of the kernel QEMU boots
+    initramfs: str  # store path of the initramfs
+    boot_timeout: float  # seconds until init must report `started`
+    timeout: float  # seconds the whole run may take, 0 for no limit
+    sources: tuple[str, ...]  # the manifest files it was compiled from
+
+    @property
+    def qemu_argv(self) -> tuple[str, ...]:
+        return tuple(arg for group in self.qemu for arg in group.args)
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "accel": self.accel,
+            "accel_reason": self.accel_reason,
+            "qemu": [g.to_dict() for g in self.qemu],
+            "qemu_argv": list(self.qemu_argv),
+            "virtiofsd": [v.to_dict() for v in self.virtiofsd],
+            "cmdline": self.cmdline,
+            "spilled": self.spilled,
+            "kernel": self.kernel,
+            "initramfs": self.initramfs,
+            "boot_timeout": self.boot_timeout,
+            "timeout": self.timeout,
+            "sources": list(self.sources),
+            "fds": {fd.name.lower(): int(fd) for fd in Fd},
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LaunchPlan":
+        return cls(
+            name=d["name"],
+            accel=d["accel"],
+            accel_reason=d["accel_reason"],
+            qemu=tuple(
+                ArgGroup(keys=tuple(g["keys"]), comment=g["comment"], args=tuple(g["args"]))
+                for g in d["qemu"]
+            ),
+            virtiofsd=tuple(
+                VirtiofsdPlan(
+                    tag=v["tag"],
+                    keys=tuple(v["keys"]),
+                    shared_dir=v["shared_dir"],
+                    socket=v["socket"],
+                    read_only=v["read_only"],
+                    flavour=VirtiofsdFlavour(v["flavour"]),
+                    argv=tuple(v["argv"]),
+                )
+                for v in d["virtiofsd"]
+            ),
+            cmdline=d["cmdline"],
+            spilled=d["spilled"],
+            kernel=d["kernel"],
+            initramfs=d["initramfs"],
+            boot_timeout=d["boot_timeout"],
+            timeout=d["timeout"],
+            sources=tuple(d["sources"]),
+        )

@@ -1,0 +1,167 @@
+"""load: manifest files → one merged document, with the file each value came from.
+
+Composition, in the Nix spirit: `imports = [...]` names manifests (relative to the importing file)
+that are merged in order, then the importing file on top. Tables merge key by key, recursively;
+every other value (strings, numbers, arrays) is replaced whole by the later file. Relative paths are
+resolved against the file that wrote them, before merging, so an imported manifest means the same
+thing wherever it is imported from. An import cycle is an error that shows the cycle.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from microvmc.errors import ManifestError, Problem
+
+__all__ = ["Loaded", "load", "display_path", "key_path"]
+
+# Keys whose values are host paths, relative to the file they are written in. "*" matches any key.
+PATH_KEYS: tuple[tuple[str, ...], ...] = (
+    ("image", "path"),
+    ("kernel", "image"),
+    ("kernel", "modules"),
+    ("shares", "*", "host"),
+)
+
+KeyPath = tuple[str | int, ...]
+
+
+def key_path(path: KeyPath) -> str:
+    """("shares", "data", "host") → "shares.data.host"; list indexes as [i]."""
+    out = ""
+    for part in path:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + part
+    return out
+
+
+def display_path(path: str | os.PathLike[str], cwd: str | None = None) -> str:
+    """A path as a person wants to read it in a message: relative when under the working directory."""
+    path = os.fspath(path)
+    try:
+        rel = os.path.relpath(path, cwd or os.getcwd())
+    except ValueError:
+        return path
+    return path if rel.startswith("..") else rel
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Loaded:
+    data: dict[str, Any]  # the merged document; treat as read-only
+    origins: dict[KeyPath, str]  # key path of every value → display path of the file that set it
+    files: tuple[str, ...]  # absolute paths of every file read, in merge order
+    root: str  # display path of the manifest asked for
+
+    def origin(self, path: KeyPath) -> str:
+        """The file that set `path`, or the closest enclosing value, or the root manifest."""
+        for n in range(len(path), 0, -1):
+            found = self.origins.get(tuple(path[:n]))
+            if found:
+                return found
+        return self.root
+
+
+def _read_toml(path: Path, shown: str) -> dict[str, Any]:
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib  # type: ignore[no-redef]
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ManifestError([Problem(shown, "", "the file does not exist")]) from None
+    except OSError as err:
+        raise ManifestError([Problem(shown, "", f"cannot be read: {err.strerror}")]) from None
+    try:
+        return tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise ManifestError([Problem(shown, "", f"is not UTF-8 (byte {err.start})")]) from None
+    except tomllib.TOMLDecodeError as err:
+        raise ManifestError([Problem(shown, "", f"is not valid TOML: {err}")]) from None
+
+
+def _resolve_paths(doc: dict[str, Any], base: Path) -> None:
+    def walk(node: Any, pattern: tuple[str, ...]) -> None:
+        if not isinstance(node, dict) or not pattern:
+            return
+        head, rest = pattern[0], pattern[1:]
+        keys = list(node) if head == "*" else [head] if head in node else []
+        for key in keys:
+            if rest:
+                walk(node[key], rest)
+            elif isinstance(node[key], str) and node[key]:
+                node[key] = os.path.normpath(os.path.join(base, os.path.expanduser(node[key])))
+
+    for pattern in PATH_KEYS:
+        walk(doc, pattern)
+
+
+def _leaves(node: Any, prefix: KeyPath) -> list[KeyPath]:
+    if isinstance(node, dict) and node:
+        out: list[KeyPath] = [prefix] if prefix else []
+        for key, value in node.items():
+            out.extend(_leaves(value, (*prefix, key)))
+        return out
+    return [prefix]
+
+
+def _merge(
+    base: dict[str, Any],
+    origins: dict[KeyPath, str],
+    top: dict[str, Any],
+    top_origins: dict[KeyPath, str],
+    prefix: KeyPath = (),
+) -> dict[str, Any]:
+    """Merge `top` over `base`; `origins` (of base) is updated in place from `top_origins`."""
+    merged = dict(base)
+    for key, value in top.items():
+        path = (*prefix, key)
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], origins, value, top_origins, path)
+            continue
+        for stale in [p for p in origins if p[: len(path)] == path]:
+            del origins[stale]
+        merged[key] = value
+        origins.update((p, f) for p, f in top_origins.items() if p[: len(path)] == path)
+    return merged
+
+
+def load(path: str | os.PathLike[str], *, cwd: str | None = None) -> Loaded:
+    """Read a manifest and everything it imports; raise ManifestError on any problem."""
+    cwd = cwd or os.getcwd()
+    root = Path(os.path.normpath(os.path.join(cwd, os.fspath(path))))
+    files: list[str] = []
+
+    def visit(
+        file: Path, stack: tuple[Path, ...], importer: tuple[str, KeyPath] | None
+    ) -> tuple[dict[str, Any], dict[KeyPath, str]]:
+        shown = display_path(file, cwd)
+        if file in stack:
+            cycle = " → ".join(display_path(p, cwd) for p in (*stack[stack.index(file):], file))
+            where, key = importer or (shown, ())
+            raise ManifestError([Problem(where, key_path(key), f"import cycle: {cycle}")])
+        if importer and not file.is_file():
+            where, key = importer
+            raise ManifestError([Problem(where, key_path(key), f"'{shown}' does not exist")])
+        doc = _read_toml(file, shown)
+        imports = doc.pop("imports", [])
+        if not isinstance(imports, list) or not all(isinstance(i, str) and i for i in imports):
+            raise ManifestError([Problem(shown, "imports", f"{imports!r} is not a list of file names")])
+        _resolve_paths(doc, file.parent)
+        merged: dict[str, Any] = {}
+        origins: dict[KeyPath, str] = {}
+        for index, name in enumerate(imports):
+            target = Path(os.path.normpath(file.parent / os.path.expanduser(name)))
+            sub, sub_origins = visit(target, (*stack, file), (shown, ("imports", index)))
+            merged = _merge(merged, origins, sub, sub_origins)
+        files.append(str(file))
+        own = {leaf: shown for leaf in _leaves(doc, ())}
+        return _merge(merged, origins, doc, own), origins
+
+    data, origins = visit(root, (), None)
+    return Loaded(data=data, origins=origins, files=tuple(files), root=display_path(root, cwd))

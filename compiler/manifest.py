@@ -1,0 +1,447 @@
+"""validate: a loaded document → a frozen Manifest, or every problem with it at once.
+
+Two passes over the same document: the JSON Schema (schemas/manifest.schema.json) for shape and
+types, then the checks a schema cannot express (hostname syntax, paths that must exist, duplicate
+mount points, kernel parameters that would break the boot, ...). Each problem is one sentence naming
+the file, the key path and the value.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, replace
+from enum import StrEnum
+from functools import cache
+from typing import Any
+
+from microvmc.compiler.load import KeyPath, Loaded, key_path
+from microvmc.errors import ManifestError, Problem
+
+__all__ = [
+    "ImageSource",
+    "RootMode",
+    "Transport",
+    "Accel",
+    "KernelSource",
+    "NetworkMode",
+    "Image",
+    "Process",
+    "Kernel",
+    "Resources",
+    "Share",
+    "Network",
+    "Manifest",
+    "validate",
+    "schema",
+    "DEFAULT_PATH",
+]
+
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+MIN_MEMORY_MIB = 64
+MAX_MEMORY_MIB = 1024 * 1024
+MAX_CPUS = 64
+MAX_BOOT_TIMEOUT = 3600
+MAX_TAG = 31  # 9p mount tags are limited to 31 bytes; virtiofs to 36: use the smaller for both
+ROOT_TAG = "root"
+# Kernel parameters microvmc sets or relies on: a manifest changing them would break the boot or the
+# guest protocol.
+RESERVED_KERNEL_PARAMS = ("init", "rdinit", "console", "reboot", "panic")
+
+_HOSTNAME_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+_TAG = re.compile(r"[A-Za-z0-9_-]+")
+
+
+class ImageSource(StrEnum):
+    BUILTIN = "builtin"
+    DIRECTORY = "directory"
+    REGISTRY = "registry"
+    OCI_LAYOUT = "oci-layout"
+    DOCKER_ARCHIVE = "docker-archive"
+    OCI_BUNDLE = "oci-bundle"
+
+
+class RootMode(StrEnum):
+    READ_ONLY = "read-only"
+    OVERLAY = "overlay"
+    READ_WRITE = "read-write"
+
+
+class Transport(StrEnum):
+    VIRTIOFS = "virtiofs"
+    NINEP = "9p"
+
+
+class Accel(StrEnum):
+    AUTO = "auto"
+    KVM = "kvm"
+    TCG = "tcg"
+
+
+class KernelSource(StrEnum):
+    DEFAULT = "default"
+    HOST = "host"
+    PATH = "path"
+
+
+class NetworkMode(StrEnum):
+    NONE = "none"
+    USER = "user"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Image:
+    source: ImageSource = ImageSource.BUILTIN
+    name: str = "busybox"
+    path: str | None = None
+    reference: str | None = None
+    mode: RootMode = RootMode.READ_ONLY
+    transport: Transport = Transport.VIRTIOFS
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Process:
+    argv: tuple[str, ...]
+    env: tuple[tuple[str, str], ...] = ()  # sorted by name
+    cwd: str = "/"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Kernel:
+    source: KernelSource = KernelSource.DEFAULT
+    image: str | None = None
+    modules: str | None = None
+    cmdline: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Resources:
+    cpus: int = 1
+    memory: int = 256  # MiB
+    accel: Accel = Accel.AUTO
+    boot_timeout: float = 60
+    timeout: float = 0
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Share:
+    tag: str
+    host: str
+    guest: str
+    read_only: bool = False
+    transport: Transport = Transport.VIRTIOFS
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Network:
+    mode: NetworkMode = NetworkMode.NONE
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Manifest:
+    version: int
+    hostname: str
+    image: Image
+    process: Process
+    kernel: Kernel
+    resources: Resources
+    shares: tuple[Share, ...]  # sorted by tag
+    network: Network
+    files: tuple[str, ...]  # every manifest file it was loaded from, absolute
+    name: str  # the root manifest's display path, for messages
+
+    def with_overrides(
+        self, *, argv: tuple[str, ...] | None = None, env: dict[str, str] | None = None
+    ) -> "Manifest":
+        """The manifest with a command-line override of argv and/or environment entries."""
+        process = self.process
+        if argv:
+            process = replace(process, argv=tuple(argv))
+        if env:
+            process = replace(process, env=tuple(sorted({**dict(process.env), **env}.items())))
+        return replace(self, process=process)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "hostname": self.hostname,
+            "image": _fields(self.image),
+            "process": {
+                "argv": list(self.process.argv),
+                "env": dict(self.process.env),
+                "cwd": self.process.cwd,
+            },
+            "kernel": {**_fields(self.kernel), "cmdline": list(self.kernel.cmdline)},
+            "resources": _fields(self.resources),
+            "shares": {s.tag: {k: v for k, v in _fields(s).items() if k != "tag"} for s in self.shares},
+            "network": _fields(self.network),
+        }
+
+
+def _fields(obj: Any) -> dict[str, Any]:
+    return {name: (str(v) if isinstance(v, StrEnum) else v) for name in obj.__slots__ if (v := getattr(obj, name)) is not None}
+
+
+@cache
+def schema() -> dict[str, Any]:
+    from importlib.resources import files
+
+    return json.loads(files("microvmc.schemas").joinpath("manifest.schema.json").read_text("utf-8"))
+
+
+def show(value: Any) -> str:
+    """A value as it would be written in TOML, for messages."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, (list, dict)):
+        text = json.dumps(value, ensure_ascii=False)
+        return text if len(text) <= 60 else text[:57] + "..."
+    return str(value)
+
+
+def _schema_problems(loaded: Loaded) -> list[Problem]:
+    from jsonschema import Draft202012Validator
+
+    problems = []
+    validator = Draft202012Validator(schema())
+    for err in sorted(validator.iter_errors(loaded.data), key=lambda e: [str(p) for p in e.absolute_path]):
+        path: KeyPath = tuple(err.absolute_path)
+        message = _schema_message(err)
+        if err.validator == "additionalProperties":
+            extra = sorted(set(err.instance) - set(err.schema.get("properties", {})))
+            for key in extra:
+                where = (*path, key)
+                problems.append(Problem(loaded.origin(where), key_path(where), "unknown key"))
+            continue
+        if err.validator == "required":
+            missing = err.message.split("'")[1]
+            where = (*path, missing)
+            problems.append(Problem(loaded.origin(path), key_path(where), "is required"))
+            continue
+        problems.append(Problem(loaded.origin(path), key_path(path), message))
+    return problems
+
+
+def _schema_message(err: Any) -> str:
+    kind = err.validator
+    value = show(err.instance)
+    if kind == "type":
+        expected = err.validator_value
+        names = {"integer": "an integer", "number": "a number", "string": "a string", "boolean": "true or false",
+                 "array": "a list", "object": "a table"}
+        want = names.get(expected, expected) if isinstance(expected, str) else " or ".join(names.get(e, e) for e in expected)
+        return f"{value} is not {want}"
+    if kind == "enum":
+        return f"{value} is not one of " + ", ".join(show(v) for v in err.validator_value)
+    if kind == "const":
+        return f"{value} is not supported; this microvmc reads version {show(err.validator_value)}"
+    if kind == "minItems":
+        return f"{value} must have at least {err.validator_value} item" + ("s" if err.validator_value != 1 else "")
+    if kind == "minLength":
+        return f"{value} must not be empty"
+    return f"{value}: {err.message}"
+
+
+def _get(data: dict[str, Any], *path: str) -> Any:
+    node: Any = data
+    for part in path:
+        if not isinstance(node, dict):
+            return None
+        node = node.get(part)
+    return node
+
+
+def _semantic_problems(loaded: Loaded) -> list[Problem]:
+    data = loaded.data
+    problems: list[Problem] = []
+
+    def add(path: KeyPath, message: str, hint: str = "") -> None:
+        problems.append(Problem(loaded.origin(path), key_path(path), message, hint))
+
+    hostname = data.get("hostname")
+    if isinstance(hostname, str):
+        labels = hostname.split(".")
+        if len(hostname) > 64 or not all(_HOSTNAME_LABEL.fullmatch(label) for label in labels):
+            add(("hostname",), f"{show(hostname)} is not a valid hostname",
+                "letters, digits and '-', at most 63 per dot-separated label")
+
+    process = data.get("process") if isinstance(data.get("process"), dict) else {}
+    argv = process.get("argv")
+    if isinstance(argv, list):
+        for i, arg in enumerate(argv):
+            if isinstance(arg, str) and "\0" in arg:
+                add(("process", "argv", i), f"{show(arg)} contains a NUL character, which no program can receive")
+        if argv and argv[0] == "":
+            add(("process", "argv", 0), "\"\" is not a program")
+    env = process.get("env")
+    if isinstance(env, dict):
+        for name, value in env.items():
+            if name == "" or "=" in name or "\0" in name:
+                add(("process", "env", name), f"{show(name)} is not a valid environment variable name",
+                    "a name must be non-empty and contain neither '=' nor NUL")
+            elif isinstance(value, str) and "\0" in value:
+                add(("process", "env", name), f"{show(value)} contains a NUL character")
+    cwd = process.get("cwd")
+    if isinstance(cwd, str) and (not cwd.startswith("/") or "\0" in cwd):
+        add(("process", "cwd"), f"{show(cwd)} is not an absolute path")
+
+    image = data.get("image") if isinstance(data.get("image"), dict) else {}
+    source = image.get("source", "builtin")
+    if source in ("registry", "oci-layout", "docker-archive", "oci-bundle"):
+        add(("image", "source"), f"{show(source)} is not supported yet",
+            "use source = \"builtin\" or \"directory\"")
+    if source == "directory":
+        path = image.get("path")
+        if path is None:
+            add(("image", "path"), "is required when image.source is \"directory\"")
+        elif isinstance(path, str) and not os.path.isdir(path):
+            add(("image", "path"), f"{show(path)} is not a directory")
+    elif source == "builtin":
+        for key in ("path", "reference"):
+            if key in image:
+                add(("image", key), f"is not used when image.source is \"builtin\"")
+        if image.get("mode") == "read-write":
+            add(("image", "mode"), "\"read-write\" would modify the built-in image",
+                "use \"overlay\" for a writable root whose changes are discarded")
+
+    kernel = data.get("kernel") if isinstance(data.get("kernel"), dict) else {}
+    ksource = kernel.get("source", "default")
+    for key in ("image", "modules"):
+        value = kernel.get(key)
+        if ksource == "path":
+            if value is None:
+                add(("kernel", key), "is required when kernel.source is \"path\"")
+            elif isinstance(value, str):
+                ok = os.path.isfile(value) if key == "image" else os.path.isdir(value)
+                if not ok:
+                    add(("kernel", key), f"{show(value)} is not a {'file' if key == 'image' else 'directory'}")
+        elif value is not None:
+            add(("kernel", key), f"is not used when kernel.source is {show(ksource)}")
+    cmdline = kernel.get("cmdline")
+    if isinstance(cmdline, list):
+        for i, param in enumerate(cmdline):
+            if not isinstance(param, str):
+                continue
+            name = param.split("=", 1)[0]
+            if any(c.isspace() for c in param) or '"' in param or not param.isascii() or not param.isprintable():
+                add(("kernel", "cmdline", i), f"{show(param)} is not a single kernel parameter",
+                    "one parameter per item, without spaces, quotes or control characters")
+            elif param == "--":
+                add(("kernel", "cmdline", i), "\"--\" would hand the rest of the command line to init")
+            elif name in RESERVED_KERNEL_PARAMS or name.startswith("MVMC_"):
+                add(("kernel", "cmdline", i), f"{show(param)} sets {show(name)}, which microvmc sets itself")
+
+    resources = data.get("resources") if isinstance(data.get("resources"), dict) else {}
+    bounds = {
+        "cpus": (1, MAX_CPUS, ""),
+        "memory": (MIN_MEMORY_MIB, MAX_MEMORY_MIB, " MiB"),
+        "boot_timeout": (1, MAX_BOOT_TIMEOUT, " seconds"),
+        "timeout": (0, 7 * 24 * 3600, " seconds"),
+    }
+    for key, (low, high, unit) in bounds.items():
+        value = resources.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if value < low:
+            add(("resources", key), f"{show(value)} is below the minimum of {low}{unit}")
+        elif value > high:
+            add(("resources", key), f"{show(value)} is above the maximum of {high}{unit}")
+
+    shares = data.get("shares") if isinstance(data.get("shares"), dict) else {}
+    seen_guest: dict[str, str] = {}
+    for tag, share in shares.items():
+        if not (_TAG.fullmatch(tag) and len(tag) <= MAX_TAG):
+            add(("shares", tag), f"{show(tag)} is not a valid share tag",
+                f"letters, digits, '-' and '_', at most {MAX_TAG} characters")
+        elif tag == ROOT_TAG:
+            add(("shares", tag), f"{show(tag)} is the root filesystem's tag")
+        if not isinstance(share, dict):
+            continue
+        host = share.get("host")
+        if isinstance(host, str) and not os.path.isdir(host):
+            add(("shares", tag, "host"), f"{show(host)} is not a directory")
+        guest = share.get("guest")
+        if isinstance(guest, str):
+            normal = os.path.normpath(guest)
+            if not guest.startswith("/") or "\0" in guest:
+                add(("shares", tag, "guest"), f"{show(guest)} is not an absolute path")
+            elif normal in ("/", "/proc", "/sys", "/dev"):
+                add(("shares", tag, "guest"), f"{show(guest)} would hide the guest's {normal}")
+            elif normal in seen_guest:
+                add(("shares", tag, "guest"), f"{show(guest)} is already the mount point of share {show(seen_guest[normal])}")
+            else:
+                seen_guest[normal] = tag
+
+    network = data.get("network") if isinstance(data.get("network"), dict) else {}
+    if network.get("mode") == "user":
+        add(("network", "mode"), "\"user\" is not supported yet", "use \"none\"")
+    if network.get("forwards") and network.get("mode", "none") == "none":
+        add(("network", "forwards"), "need network.mode = \"user\"")
+    return problems
+
+
+def validate(loaded: Loaded) -> Manifest:
+    """The Manifest a loaded document describes; ManifestError with every problem otherwise."""
+    problems = _schema_problems(loaded) + _semantic_problems(loaded)
+    if problems:
+        # The same value can fail both passes; report it once, in file/key order.
+        unique = list(dict.fromkeys(problems))
+        raise ManifestError(unique)
+    return _build(loaded)
+
+
+def _build(loaded: Loaded) -> Manifest:
+    data = loaded.data
+    image = data.get("image", {})
+    process = data["process"]
+    kernel = data.get("kernel", {})
+    resources = data.get("resources", {})
+    env = dict(process.get("env", {}))
+    env.setdefault("PATH", DEFAULT_PATH)
+    return Manifest(
+        version=data["version"],
+        hostname=data.get("hostname", "microvm"),
+        image=Image(
+            source=ImageSource(image.get("source", "builtin")),
+            name=image.get("name", "busybox"),
+            path=image.get("path"),
+            reference=image.get("reference"),
+            mode=RootMode(image.get("mode", "read-only")),
+            transport=Transport(image.get("transport", "virtiofs")),
+        ),
+        process=Process(
+            argv=tuple(process["argv"]),
+            env=tuple(sorted(env.items())),
+            cwd=process.get("cwd", "/"),
+        ),
+        kernel=Kernel(
+            source=KernelSource(kernel.get("source", "default")),
+            image=kernel.get("image"),
+            modules=kernel.get("modules"),
+            cmdline=tuple(kernel.get("cmdline", ())),
+        ),
+        resources=Resources(
+            cpus=resources.get("cpus", 1),
+            memory=resources.get("memory", 256),
+            accel=Accel(resources.get("accel", "auto")),
+            boot_timeout=resources.get("boot_timeout", 60),
+            timeout=resources.get("timeout", 0),
+        ),
+        shares=tuple(
+            Share(
+                tag=tag,
+                host=share["host"],
+                guest=os.path.normpath(share["guest"]),
+                read_only=share.get("read_only", False),
+                transport=Transport(share.get("transport", "virtiofs")),
+            )
+            for tag, share in sorted(data.get("shares", {}).items())
+        ),
+        network=Network(mode=NetworkMode(data.get("network", {}).get("mode", "none"))),
+        files=loaded.files,
+        name=loaded.root,
+    )

@@ -1,0 +1,47 @@
+"""The compiler's stages in order: load → validate → resolve → plan → emit."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+from microvmc.compiler.emit import Output, emit
+from microvmc.compiler.graph import Graph, Sources, resolve
+from microvmc.compiler.host import HostFacts
+from microvmc.compiler.launch import LaunchPlan
+from microvmc.compiler.load import load
+from microvmc.compiler.manifest import Manifest, validate
+from microvmc.compiler.plan import plan
+
+__all__ = ["Compiled", "compile_manifest", "read_manifest"]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Compiled:
+    manifest: Manifest
+    graph: Graph
+    plan: LaunchPlan
+    output: Output
+
+
+def read_manifest(
+    path: str | os.PathLike[str],
+    *,
+    argv: Sequence[str] | None = None,
+    env: Mapping[str, str] | None = None,
+    cwd: str | None = None,
+) -> Manifest:
+    """load + validate, with command-line overrides applied."""
+    manifest = validate(load(path, cwd=cwd))
+    if argv or env:
+        manifest = manifest.with_overrides(argv=tuple(argv) if argv else None, env=dict(env) if env else None)
+    return manifest
+
+
+def compile_manifest(
+    manifest: Manifest, *, facts: HostFacts, store: str, sources: Sources = Sources()
+) -> Compiled:
+    graph = resolve(manifest, facts, store, sources)
+    launch = plan(manifest, graph, facts)
+    return Compiled(manifest=manifest, graph=graph, plan=launch, output=emit(launch, graph, store))

@@ -1,0 +1,3 @@
+from microvmc.cli import main
+
+raise SystemExit(main())

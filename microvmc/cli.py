@@ -1,0 +1,195 @@
+"""The command line. The only place that turns errors into messages and exit statuses.
+
+Heavy libraries (jsonschema, networkx, elftools) are imported by the stages that need them, never
+here, so `microvmc --help` and a cached build stay fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Sequence
+
+from microvmc import __version__
+from microvmc.errors import ExitStatus, MicrovmcError
+
+__all__ = ["main"]
+
+EPILOG = """exit statuses:
+  0          success (run: the program's own status, 128+N if it died of signal N)
+  2          bad command line
+  120        the guest init failed before the program started (mount, modules, ports)
+  121        QEMU or virtiofsd could not start, or the accelerator is unusable
+  122        a virtiofsd died while the VM ran
+  123        the VM stopped without reporting a status (e.g. a kernel panic)
+  124        boot or run timeout
+  125        invalid manifest or failed build: nothing was started
+  126, 127   the program could not be executed / was not found in the guest
+  130, 143   microvmc was interrupted (SIGINT, SIGTERM); the VM was stopped
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    common.add_argument("-v", "--verbose", action="store_true", help="say what is decided and why")
+    common.add_argument("--store", metavar="DIR", help="the store (default: $MICROVMC_STORE or ~/.cache/microvmc/store)")
+
+    parser = argparse.ArgumentParser(
+        prog="microvmc",
+        description="Compile a TOML manifest into a QEMU microVM, and run a program in it.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[common],
+    )
+    parser.add_argument("--version", action="version", version=f"microvmc {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def manifest_cmd(name: str, help: str, *, overrides: bool = False) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help, parents=[common], epilog=EPILOG,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.add_argument("manifest", help="the manifest (TOML)")
+        if overrides:
+            p.add_argument("-e", "--env", action="append", default=[], metavar="KEY=VALUE",
+                           help="set an environment variable of the program (repeatable)")
+            p.add_argument("argv", nargs="*", metavar="-- ARGV", help="run this argv instead of process.argv")
+        return p
+
+    p = sub.add_parser("validate", help="check manifests; report every problem, one per line", parents=[common])
+    p.add_argument("manifests", nargs="+", metavar="manifest")
+    p = manifest_cmd("build", "validate, resolve and write the launch script and plan into the store", overrides=True)
+    p.add_argument("-o", "--out-link", default="result", metavar="PATH", help="symlink to the output (default: ./result)")
+    p.add_argument("--no-link", action="store_true", help="do not create the symlink")
+    p = manifest_cmd("plan", "print the QEMU argv, virtiofsd argv and kernel command line", overrides=True)
+    p.add_argument("--json", action="store_true", help="print the whole plan as JSON")
+    p = manifest_cmd("graph", "print the resolved dependency graph (Graphviz dot)")
+    p.add_argument("--json", action="store_true", help="print it as JSON")
+    manifest_cmd("run", "build, boot the VM, run the program; exit with its status", overrides=True)
+    return parser
+
+
+def _env_overrides(items: Sequence[str]) -> dict[str, str]:
+    env = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise MicrovmcError(f"-e {item!r}: expected KEY=VALUE", status=ExitStatus.USAGE)
+        env[name] = value
+    return env
+
+
+def _compile(args: argparse.Namespace, *, overrides: bool = True):
+    from microvmc.backends.host import probe_host
+    from microvmc.compiler.pipeline import compile_manifest, read_manifest
+    from microvmc.compiler.store import default_store_root
+
+    manifest = read_manifest(
+        args.manifest,
+        argv=getattr(args, "argv", None) if overrides else None,
+        env=_env_overrides(getattr(args, "env", [])) if overrides else None,
+    )
+    facts = probe_host()
+    store = os.path.abspath(args.store) if args.store else str(default_store_root())
+    return compile_manifest(manifest, facts=facts, store=store)
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from microvmc.compiler.load import load
+    from microvmc.compiler.manifest import validate
+    from microvmc.errors import ManifestError
+
+    status = 0
+    for path in args.manifests:
+        try:
+            validate(load(path))
+        except ManifestError as err:
+            for line in err.lines():
+                print(line, file=sys.stderr)
+            status = int(ExitStatus.INVALID)
+        else:
+            print(f"{path}: valid")
+    return status
+
+
+def _cmd_build(args: argparse.Namespace) -> int:
+    from microvmc.backends.build import link_result, realize
+
+    compiled = _compile(args)
+    out = realize(compiled)
+    if not args.no_link:
+        link_result(out, args.out_link)
+    print(out)
+    return 0
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    import shlex
+
+    from microvmc.compiler.emit import to_json
+
+    compiled = _compile(args)
+    plan = compiled.plan
+    if args.json:
+        sys.stdout.write(to_json(plan.to_dict()))
+        return 0
+    print("# virtiofsd")
+    for v in plan.virtiofsd:
+        print(shlex.join(v.argv_with_socket_path("$rundir")))
+    print("# qemu")
+    print(" \\\n    ".join(shlex.join(g.args) for g in plan.qemu))
+    print("# kernel command line" + (" (guest configuration spilled to /microvmc/config)" if plan.spilled else ""))
+    print(plan.cmdline)
+    return 0
+
+
+def _cmd_graph(args: argparse.Namespace) -> int:
+    from microvmc.compiler.emit import to_json
+
+    graph = _compile(args, overrides=False).graph
+    sys.stdout.write(to_json(graph.to_dict()) if args.json else graph.to_dot())
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from microvmc.backends.build import realize
+    from microvmc.backends.qemu import run_plan
+    from microvmc.backends.runs import new_run_dir
+
+    compiled = _compile(args)
+    realize(compiled)
+    log_dir = new_run_dir(compiled.plan.name)
+    if args.verbose:
+        print(f"microvmc: build output {compiled.output.path}", file=sys.stderr)
+    return run_plan(compiled.plan, log_dir=log_dir, verbose=args.verbose)
+
+
+COMMANDS = {
+    "validate": _cmd_validate,
+    "build": _cmd_build,
+    "plan": _cmd_plan,
+    "graph": _cmd_graph,
+    "run": _cmd_run,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except MicrovmcError as err:
+        if args.debug:
+            raise
+        from microvmc.errors import ManifestError
+
+        # A manifest problem already starts with its file name; anything else is microvmc's.
+        prefix = "" if isinstance(err, ManifestError) else "microvmc: "
+        for line in err.lines():
+            print(prefix + line, file=sys.stderr)
+        return int(err.status)
+    except KeyboardInterrupt:
+        return int(ExitStatus.INTERRUPTED)
+    except BrokenPipeError:
+        # Our stdout was closed (e.g. `microvmc plan x.toml | head -1`): not an error of ours.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
