@@ -103,10 +103,12 @@ def _initramfs(node: Node, graph: Graph, out: Path) -> None:
 
     entries = [Entry(path="init", kind=EntryKind.FILE, mode=0o755, data=(Path(graph.node("init").path) / "init").read_bytes())]
     order = []
-    for module in graph.node("modules").param("modules"):
+    modules = graph.node("modules")
+    for module in modules.param("modules"):
         name = f"lib/modules/{module['name']}.ko"
-        raw = Path(module["source"]).read_bytes()
-        entries.append(Entry(path=name, kind=EntryKind.FILE, mode=0o644, data=decompress_module(raw, path=module["source"])))
+        source = os.path.join(modules.location("modules_dir"), module["path"])
+        entries.append(Entry(path=name, kind=EntryKind.FILE, mode=0o644,
+                             data=decompress_module(Path(source).read_bytes(), path=source)))
         order.append("/" + name)
     entries.append(Entry(path="microvmc/modules", kind=EntryKind.FILE, mode=0o644, data="".join(p + "\n" for p in order).encode()))
     spill = node.param("spill")

@@ -138,12 +138,15 @@ def compose(base: Sequence[str], extra: Sequence[str], config: GuestConfig, *, r
     if _init_args(fixed) > INIT_ARG_BUDGET:
         raise CmdlineError(f"{_init_args(fixed)} bare words would reach init, which takes at most {INIT_ARG_BUDGET}")
     ours = tuple(f"{name}={value}" for name, value in guest_params(config))
+    # `base` holds only parameters the kernel consumes (console=, reboot=, ...); the manifest's
+    # extra ones might reach init, so they count against its budget.
     inline = (*fixed, *ours, *marker)
-    if len(" ".join(inline)) <= limit and _init_envs(inline) <= INIT_ENV_BUDGET:
+    if len(" ".join(inline)) <= limit and _init_envs((*extra, *ours, *marker)) <= INIT_ENV_BUDGET:
         return KernelCmdline(params=inline, spill=None)
     spilled = (*fixed, "MVMC_SPILL=1", *marker)
     if len(" ".join(spilled)) > limit:
         raise CmdlineError(f"{len(' '.join(spilled))} bytes exceed the kernel's {limit}-byte command line")
-    if _init_envs(spilled) > INIT_ENV_BUDGET:
-        raise CmdlineError(f"{_init_envs(spilled)} parameters would reach init, which takes at most {INIT_ENV_BUDGET}")
+    if _init_envs((*extra, "MVMC_SPILL=1", *marker)) > INIT_ENV_BUDGET:
+        count = _init_envs((*extra, "MVMC_SPILL=1", *marker))
+        raise CmdlineError(f"{count} parameters would reach init, which takes at most {INIT_ENV_BUDGET}")
     return KernelCmdline(params=spilled, spill="".join(p + "\n" for p in ours).encode("ascii"))

@@ -67,10 +67,14 @@ class Node:
     digest: str
     path: str  # the source path, the store path, or "" (run-time and plan nodes)
     keys: tuple[str, ...] = ()  # the manifest keys this node comes from
-    params: tuple[tuple[str, Any], ...] = ()
+    params: tuple[tuple[str, Any], ...] = ()  # what defines the output (hashed)
+    locations: tuple[tuple[str, str], ...] = ()  # where a builder finds its sources (not hashed)
 
     def param(self, name: str) -> Any:
         return dict(self.params)[name]
+
+    def location(self, name: str) -> str:
+        return dict(self.locations)[name]
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -80,6 +84,7 @@ class Node:
             "path": self.path,
             "keys": list(self.keys),
             "params": {k: v for k, v in self.params},
+            "locations": {k: v for k, v in self.locations},
         }
 
 
@@ -206,12 +211,14 @@ def resolve(manifest: Manifest, facts: HostFacts, store: str, sources: Sources =
         edges.extend((i, node.id) for i in inputs)
         return node
 
-    def derive(node_id: str, builder: Builder, name: str, inputs: tuple[str, ...], params: dict[str, Any], keys: tuple[str, ...]) -> Node:
+    def derive(node_id: str, builder: Builder, name: str, inputs: tuple[str, ...], params: dict[str, Any],
+               keys: tuple[str, ...], locations: dict[str, str] | None = None) -> Node:
         d = digest({"builder": str(builder), "version": BUILDER_VERSION, "params": params,
                     "inputs": {i: nodes[i].digest for i in inputs}})
         path = store_path(store, d, name) if builder in STORE_BUILDERS else ""
         return add(Node(id=node_id, builder=builder, digest=d, path=path, keys=keys,
-                        params=tuple(sorted(params.items()))), *inputs)
+                        params=tuple(sorted(params.items())),
+                        locations=tuple(sorted((locations or {}).items()))), *inputs)
 
     def source(node_id: str, path: str, keys: tuple[str, ...], *, content: bool) -> Node:
         # Files are identified by their content; shared directories by their path, because the
@@ -242,12 +249,13 @@ def resolve(manifest: Manifest, facts: HostFacts, store: str, sources: Sources =
     derive("boot-kernel", Builder.BOOT_KERNEL, "kernel", ("kernel",), {"release": release}, kernel_keys)
     tree = scan_modules(Path(modules_dir))
     resolved = resolve_modules(tree, _needed_modules(manifest), release=release, read=lambda p: sources.read(str(p)))
+    # Modules are identified by content, so the same modules elsewhere give the same initramfs.
     module_files = [
-        {"name": m.name, "source": os.path.join(modules_dir, str(m.path)), "digest": sources.digest(os.path.join(modules_dir, str(m.path)))}
+        {"name": m.name, "path": str(m.path), "digest": sources.digest(os.path.join(modules_dir, str(m.path)))}
         for m in resolved
     ]
-    derive("modules", Builder.MODULES, "modules", ("kernel",), {"modules_dir": modules_dir, "modules": module_files},
-           ("kernel.source", "image.transport", "image.mode", "shares"))
+    derive("modules", Builder.MODULES, "modules", ("kernel",), {"release": release, "modules": module_files},
+           ("kernel.source", "image.transport", "image.mode", "shares"), {"modules_dir": modules_dir})
 
     # The guest's configuration travels on the kernel command line, or spills into the initramfs.
     config = guest_config(manifest)

@@ -9,7 +9,9 @@ thing wherever it is imported from. An import cycle is an error that shows the c
 
 from __future__ import annotations
 
+import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,14 +31,19 @@ PATH_KEYS: tuple[tuple[str, ...], ...] = (
 KeyPath = tuple[str | int, ...]
 
 
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
 def key_path(path: KeyPath) -> str:
-    """("shares", "data", "host") → "shares.data.host"; list indexes as [i]."""
+    """("shares", "data", "host") → "shares.data.host", as TOML writes it: list indexes as [i],
+    keys that are not bare quoted ("process.env.\"A=B\"")."""
     out = ""
     for part in path:
         if isinstance(part, int):
             out += f"[{part}]"
         else:
-            out += ("." if out else "") + part
+            text = part if _BARE_KEY.fullmatch(part) else json.dumps(part, ensure_ascii=False)
+            out += ("." if out else "") + text
     return out
 
 
@@ -147,7 +154,7 @@ def load(path: str | os.PathLike[str], *, cwd: str | None = None) -> Loaded:
             raise ManifestError([Problem(where, key_path(key), f"import cycle: {cycle}")])
         if importer and not file.is_file():
             where, key = importer
-            raise ManifestError([Problem(where, key_path(key), f"'{shown}' does not exist")])
+            raise ManifestError([Problem(where, key_path(key), f"{json.dumps(shown)} does not exist")])
         doc = _read_toml(file, shown)
         imports = doc.pop("imports", [])
         if not isinstance(imports, list) or not all(isinstance(i, str) and i for i in imports):

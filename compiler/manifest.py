@@ -16,7 +16,7 @@ from enum import StrEnum
 from functools import cache
 from typing import Any
 
-from microvmc.compiler.load import KeyPath, Loaded, key_path
+from microvmc.compiler.load import KeyPath, Loaded, display_path, key_path
 from microvmc.errors import ManifestError, Problem
 
 __all__ = [
@@ -299,7 +299,7 @@ def _semantic_problems(loaded: Loaded) -> list[Problem]:
         if path is None:
             add(("image", "path"), "is required when image.source is \"directory\"")
         elif isinstance(path, str) and not os.path.isdir(path):
-            add(("image", "path"), f"{show(path)} is not a directory")
+            add(("image", "path"), f"{show(display_path(path))} is not a directory")
     elif source == "builtin":
         for key in ("path", "reference"):
             if key in image:
@@ -318,7 +318,7 @@ def _semantic_problems(loaded: Loaded) -> list[Problem]:
             elif isinstance(value, str):
                 ok = os.path.isfile(value) if key == "image" else os.path.isdir(value)
                 if not ok:
-                    add(("kernel", key), f"{show(value)} is not a {'file' if key == 'image' else 'directory'}")
+                    add(("kernel", key), f"{show(display_path(value))} is not a {'file' if key == 'image' else 'directory'}")
         elif value is not None:
             add(("kernel", key), f"is not used when kernel.source is {show(ksource)}")
     cmdline = kernel.get("cmdline")
@@ -363,7 +363,7 @@ def _semantic_problems(loaded: Loaded) -> list[Problem]:
             continue
         host = share.get("host")
         if isinstance(host, str) and not os.path.isdir(host):
-            add(("shares", tag, "host"), f"{show(host)} is not a directory")
+            add(("shares", tag, "host"), f"{show(display_path(host))} is not a directory")
         guest = share.get("guest")
         if isinstance(guest, str):
             normal = os.path.normpath(guest)

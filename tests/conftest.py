@@ -1,0 +1,63 @@
+"""Shared fixtures: a host described as a value, a fixture kernel, the real kernel for boots."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from microvmc.compiler.graph import Sources
+from microvmc.compiler.host import HostFacts, VirtiofsdFlavour
+
+REPO = Path(__file__).resolve().parent.parent
+FIXTURES = REPO / "tests" / "fixtures"
+EXAMPLES = REPO / "examples"
+
+
+def fake_facts(**changes) -> HostFacts:
+    """A fixed host, so plans do not depend on the machine the tests run on."""
+    base = dict(
+        qemu="qemu-system-x86_64",
+        qemu_version=(7, 2, 0),
+        virtiofsd="/usr/lib/qemu/virtiofsd",
+        virtiofsd_flavour=VirtiofsdFlavour.C,
+        kvm_usable=False,
+        kvm_reason="/dev/kvm is missing",
+        tsc_khz=2_000_000,
+        default_kernel_dir=str(FIXTURES / "kernel"),
+        host_kernel_release="6.1.0-fixture-amd64",
+        busybox=str(FIXTURES / "busybox"),
+        cc="gcc",
+    )
+    base.update(changes)
+    return HostFacts(**base)
+
+
+FIXTURE_SOURCES = Sources(init_source=str(FIXTURES / "init.c"))
+
+
+@pytest.fixture
+def facts() -> HostFacts:
+    return fake_facts()
+
+
+def real_kernel_dir() -> Path:
+    return Path(os.environ.get("MICROVMC_KERNEL_DIR", Path.home() / ".local/share/microvmc/kernel/default"))
+
+
+@pytest.fixture(scope="session")
+def boot_env(tmp_path_factory) -> dict[str, str]:
+    """Environment for real boots: a private store and state dir, the real default kernel."""
+    missing = [tool for tool in ("qemu-system-x86_64", "busybox", "gcc") if not shutil.which(tool)]
+    assert not missing, f"real boots need {missing}: run scripts/setup"
+    assert (real_kernel_dir() / "vmlinuz").is_file(), f"no kernel at {real_kernel_dir()}: run scripts/setup"
+    root = tmp_path_factory.mktemp("boot")
+    env = dict(os.environ)
+    env.update(
+        MICROVMC_STORE=str(root / "store"),
+        XDG_STATE_HOME=str(root / "state"),
+        XDG_CACHE_HOME=str(root / "cache"),
+    )
+    return env

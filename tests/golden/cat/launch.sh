@@ -1,0 +1,138 @@
+#!/bin/sh
+# microvmc 0.1.0 launch script for 'cat', compiled from:
+#   /tmp/microvmc-golden/examples/cat.toml
+# Runs the VM on its own: starts virtiofsd, boots QEMU, connects the program's stdin, stdout
+# and stderr to this script's, and exits with the program's exit status. Generated: rebuild, don't edit.
+set -u
+
+rundir=$(mktemp -d "${TMPDIR:-/tmp}/microvmc.XXXXXX") || exit 121
+pids=""
+cleanup() {
+    for pid in $pids; do kill "$pid" 2>/dev/null; done
+    wait 2>/dev/null
+    rm -rf "$rundir"
+}
+trap cleanup EXIT
+trap 'exit 129' HUP
+trap 'exit 130' INT
+trap 'exit 143' TERM
+exec 6<&0  # the program's stdin, kept for QEMU (a background job would get /dev/null)
+cd "$rundir" || exit 121
+
+wait_for_socket() {  # socket, pid, description, log: wait at most 10 s
+    tries=0
+    until [ -S "$1" ]; do
+        tries=$((tries + 1))
+        if [ "$tries" -gt 1000 ] || ! kill -0 "$2" 2>/dev/null; then
+            echo "microvmc: $3 did not start: $(tail -n 1 "$4")" >&2; exit 121
+        fi
+        sleep 0.01
+    done
+}
+
+# image.path, image.transport, image.mode: share 'root', /microvmc/store/7illbsd6rxc2cfvtxjafugckbea7ghko-busybox-rootfs (read-only)
+/usr/lib/qemu/virtiofsd -o source=/microvmc/store/7illbsd6rxc2cfvtxjafugckbea7ghko-busybox-rootfs -o cache=auto -o sandbox=chroot "--socket-path=$rundir/fs-root.sock" 2>virtiofsd-root.log &
+pids="$pids $!"
+wait_for_socket fs-root.sock $! 'virtiofsd for share root' virtiofsd-root.log
+
+# the microvm machine: no firmware, no PCI, no default devices
+set -- \
+    qemu-system-x86_64 \
+    -M microvm,memory-backend=mem \
+    -nodefaults \
+    -no-user-config \
+    -display none \
+    -no-reboot
+# resources.accel: accelerator: auto: KVM is not usable (/dev/kvm is missing)
+set -- "$@" \
+    -accel tcg \
+    -cpu max
+# resources.cpus, resources.memory: CPUs and memory; a shared memfd so virtiofsd can map guest memory
+set -- "$@" \
+    -smp 1 \
+    -m 256M \
+    -object memory-backend-memfd,id=mem,size=256M,share=on
+# vhost-user-fs needs modern (non-legacy) virtio-mmio
+set -- "$@" \
+    -global virtio-mmio.force-legacy=false
+# kernel.source, kernel.cmdline, process, hostname: kernel, initramfs (init + modules), and the command line that configures init
+set -- "$@" \
+    -kernel /microvmc/store/f5rhunnrvv6p53ivm4gkgd46ao5qzwp6-kernel/kernel \
+    -initrd /microvmc/store/jphimcxs3xv5mebs2qqobyq7qjsmj726-initramfs/initramfs.cpio.gz \
+    -append 'console=ttyS0 reboot=t panic=-1 quiet tsc_early_khz=2000000 tsc=reliable MVMC_ROOT=virtiofs:root:ro MVMC_HOSTNAME=cat MVMC_CWD=/ MVMC_A0=cat MVMC_E0=PATH=/usr/local/sbin%3A/usr/local/bin%3A/usr/sbin%3A/usr/bin%3A/sbin%3A/bin'
+# guest console (kernel messages) to fd 5, the run's console log
+set -- "$@" \
+    -serial chardev:console \
+    -chardev file,id=console,path=/dev/fd/5,append=on
+# process: the program's stdin, stdout and stderr and init's status reports: separate virtio-serial ports
+set -- "$@" \
+    -device virtio-serial-device \
+    -chardev stdio,id=stdin,signal=off \
+    -device virtserialport,chardev=stdin,name=stdin \
+    -chardev file,id=stdout,path=/dev/fd/1,append=on \
+    -device virtserialport,chardev=stdout,name=stdout \
+    -chardev file,id=stderr,path=/dev/fd/3,append=on \
+    -device virtserialport,chardev=stderr,name=stderr \
+    -chardev file,id=status,path=/dev/fd/4,append=on \
+    -device virtserialport,chardev=status,name=status
+# image.path, image.transport, image.mode: share 'root': /microvmc/store/7illbsd6rxc2cfvtxjafugckbea7ghko-busybox-rootfs over virtiofs (read-only)
+set -- "$@" \
+    -chardev socket,id=fs-root,path=fs-root.sock \
+    -device vhost-user-fs-device,chardev=fs-root,tag=root
+
+# The program's output goes through pipes, so that a regular file as this script's stdout keeps
+# one shared offset (QEMU reopening /dev/fd/1 would write at its own).
+mkfifo stdout.pipe stderr.pipe || exit 121
+cat stdout.pipe &
+relays="$!"
+cat stderr.pipe >&2 &
+relays="$relays $!"
+"$@" 0<&6 1>stdout.pipe 3>stderr.pipe 4>status 5>console.log 2>qemu.log &
+qemu=$!
+pids="$pids $qemu"
+# resources.boot_timeout: the program must start within 60 s
+(
+    left=60
+    while [ "$left" -gt 0 ]; do
+        grep -q '^started' status 2>/dev/null && exit 0
+        sleep 1; left=$((left - 1))
+    done
+    : > timed-out; kill "$qemu" 2>/dev/null
+) &
+pids="$pids $!"
+wait "$qemu"
+qemu_status=$?
+wait $relays  # all output is delivered before the status
+
+# init's report on the status port (init/PROTOCOL.md) → the exit status
+code=123
+message="the VM stopped without reporting the program's status"
+while read -r kind a b; do
+    case "$kind" in
+        exit) code=$a; message=""; break ;;
+        signal) code=$((128 + a)); message=""; break ;;
+        error)
+            code=120; message="guest init failed at $a: ${b#* }"
+            if [ "$a" = exec ]; then
+                code=126
+                case "${b%% *}" in
+                1) code=126 ;;
+                2) code=127 ;;
+                8) code=126 ;;
+                13) code=126 ;;
+                20) code=127 ;;
+                esac
+            fi
+            break ;;
+    esac
+done < status
+if [ -e timed-out ]; then
+    code=124; message="the program did not start or finish in time"
+elif [ "$code" = 123 ] && [ "$qemu_status" != 0 ] && [ -s qemu.log ]; then
+    code=121; message="QEMU failed: $(head -n 1 qemu.log)"
+fi
+if [ -n "$message" ]; then
+    echo "microvmc: $message" >&2
+    tail -n 20 console.log >&2
+fi
+exit "$code"

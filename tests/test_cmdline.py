@@ -1,0 +1,110 @@
+"""The kernel command line: encoding, budgets, spilling, and that nothing can be injected."""
+
+from __future__ import annotations
+
+import re
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from microvmc.compiler.cmdline import (
+    COMMAND_LINE_MAX,
+    INIT_ENV_BUDGET,
+    GuestConfig,
+    GuestMount,
+    compose,
+    decode,
+    encode,
+)
+
+BASE = ("console=ttyS0", "reboot=t", "panic=-1", "quiet")
+ROOT = GuestMount(fs="virtiofs", tag="root", mode="ro")
+# What the kernel treats as a separator: C isspace() plus 0xA0, which its ctype marks as a space.
+KERNEL_SPACE = re.compile(rb"[\t\n\v\f\r \xa0]")
+
+text = st.text(st.characters(codec="utf-8", exclude_characters="\0"), max_size=200)
+
+
+def config(**changes) -> GuestConfig:
+    base = dict(argv=("/bin/true",), env=(("PATH", "/bin"),), cwd="/", hostname="vm", root=ROOT)
+    base.update(changes)
+    return GuestConfig(**base)
+
+
+def kernel_split(cmdline: str) -> list[bytes]:
+    return [t for t in KERNEL_SPACE.split(cmdline.encode("utf-8")) if t]
+
+
+@given(text)
+def test_encode_round_trips_and_is_kernel_safe(value: str) -> None:
+    encoded = encode(value)
+    assert decode(encoded) == value
+    assert re.fullmatch(r"[A-Za-z0-9\-_./,@+%]*", encoded)
+
+
+def test_encode_examples() -> None:
+    assert encode("hello world") == "hello%20world"
+    assert encode('a"b=c:d') == "a%22b%3Dc%3Ad"
+    assert encode("é") == "%C3%A9"
+    assert encode("à") == "%C3%A0"  # 0xA0 is a space to the kernel: never raw
+    assert encode("") == ""
+
+
+@settings(max_examples=200)
+@given(st.lists(text, min_size=1, max_size=8), st.dictionaries(st.from_regex(r"[A-Za-z_][A-Za-z0-9_]{0,20}", fullmatch=True), text, max_size=8))
+def test_values_never_add_kernel_parameters(argv: list[str], env: dict[str, str]) -> None:
+    cfg = config(argv=tuple(argv), env=tuple(sorted(env.items())))
+    line = compose(BASE, (), cfg)
+    tokens = kernel_split(str(line))
+    # One token per parameter: no value split into two, none invented.
+    assert [t.decode() for t in tokens] == list(line.params)
+    assert len(str(line)) <= COMMAND_LINE_MAX
+    for token in tokens:
+        name = token.split(b"=", 1)[0]
+        assert b"." not in name and b'"' not in token
+    if line.spill is None:
+        params = dict(p.split("=", 1) for p in line.params if p.startswith("MVMC_"))
+        assert [decode(params[f"MVMC_A{i}"]) for i in range(len(argv))] == argv
+    else:
+        assert line.params[-1] == "MVMC_SPILL=1"
+
+
+def test_small_config_stays_on_the_command_line() -> None:
+    line = compose(BASE, ("loglevel=7",), config(argv=("/bin/echo", "a b", ""), hostname="h"))
+    assert str(line) == (
+        "console=ttyS0 reboot=t panic=-1 quiet loglevel=7 MVMC_ROOT=virtiofs:root:ro MVMC_HOSTNAME=h "
+        "MVMC_CWD=/ MVMC_A0=/bin/echo MVMC_A1=a%20b MVMC_A2= MVMC_E0=PATH=/bin"
+    )
+    assert line.spill is None
+
+
+def test_forty_variables_spill_to_the_initramfs() -> None:
+    env = tuple((f"VAR{i:02d}", f"value {i}") for i in range(40))
+    line = compose(BASE, (), config(env=env))
+    assert line.params == (*BASE, "MVMC_SPILL=1")
+    spill = line.spill.decode().splitlines()
+    assert spill[:3] == ["MVMC_ROOT=virtiofs:root:ro", "MVMC_HOSTNAME=vm", "MVMC_CWD=/"]
+    assert spill[-1] == "MVMC_E39=VAR39=value%2039"
+    assert len(spill) == 3 + 1 + 40
+
+
+def test_env_entry_budget_is_the_kernels() -> None:
+    # 3 fixed + 1 argv + N env entries: exactly the budget fits, one more spills.
+    fits = config(env=tuple((f"V{i}", "x") for i in range(INIT_ENV_BUDGET - 4)))
+    assert compose(BASE, (), fits).spill is None
+    over = config(env=tuple((f"V{i}", "x") for i in range(INIT_ENV_BUDGET - 3)))
+    assert compose(BASE, (), over).spill is not None
+
+
+def test_byte_budget_spills_long_values() -> None:
+    line = compose(BASE, (), config(env=(("BIG", "x" * 1024), ("BIG2", "y" * 1024))))
+    assert line.spilled and len(str(line)) < 100
+
+
+def test_extra_parameters_that_cannot_fit_are_an_error() -> None:
+    import pytest
+
+    from microvmc.compiler.cmdline import CmdlineError
+
+    with pytest.raises(CmdlineError, match="exceed the kernel's 2047-byte command line"):
+        compose(BASE, tuple(f"opt{i}=" + "z" * 100 for i in range(25)), config())
