@@ -1,0 +1,126 @@
+"""`microvmc build`: content-addressed, reproducible, nothing rebuilt, safe under concurrency.
+
+These build for real (the default kernel, gcc, busybox) but boot nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import EXAMPLES
+
+MICROVMC = [sys.executable, "-m", "microvmc"]
+
+
+def build(env: dict[str, str], cwd: Path, manifest: str, *extra: str) -> str:
+    result = subprocess.run([*MICROVMC, "build", manifest, *extra], cwd=cwd, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+def tree_bytes(path: str) -> dict[str, bytes]:
+    out = {}
+    for root, _, files in os.walk(path):
+        for f in files:
+            p = os.path.join(root, f)
+            out[os.path.relpath(p, path)] = Path(p).read_bytes()
+    return out
+
+
+@pytest.fixture
+def env(boot_env, tmp_path: Path) -> dict[str, str]:
+    env = dict(boot_env)
+    env["MICROVMC_STORE"] = str(tmp_path / "store")
+    return env
+
+
+def plan_inputs(out: str) -> list[str]:
+    import json
+
+    plan = json.loads(Path(out, "plan.json").read_text())["plan"]
+    return [os.path.dirname(plan["kernel"]), os.path.dirname(plan["initramfs"])]
+
+
+def test_same_inputs_same_bytes_from_anywhere(env, tmp_path: Path) -> None:
+    a, b = tmp_path / "a", tmp_path / "b" / "deeper"
+    a.mkdir()
+    b.mkdir(parents=True)
+    first = build(env, a, str(EXAMPLES / "hello.toml"))
+    assert Path(a, "result").resolve() == Path(first)
+    before = {p: tree_bytes(p) for p in [first, *plan_inputs(first)]}
+    for p in before:
+        shutil.rmtree(p)
+    second = build(env, b, os.path.relpath(EXAMPLES / "hello.toml", b))
+    assert second == first
+    assert {p: tree_bytes(p) for p in [second, *plan_inputs(second)]} == before
+    assert sorted(os.listdir(first)) == ["cmdline", "graph.dot", "launch.sh", "plan.json", "virtiofsd.json"]
+
+
+def test_unchanged_manifest_rebuilds_nothing(env, tmp_path: Path) -> None:
+    out = build(env, tmp_path, str(EXAMPLES / "hello.toml"), "--no-link")
+    store = Path(env["MICROVMC_STORE"])
+    stamps = {p: p.stat().st_mtime_ns for p in store.iterdir()}
+    assert build(env, tmp_path, str(EXAMPLES / "hello.toml"), "--no-link") == out
+    assert {p: p.stat().st_mtime_ns for p in store.iterdir()} == stamps
+    assert not (tmp_path / "result").exists()
+
+
+def test_concurrent_builds_do_not_corrupt_the_store(env, tmp_path: Path) -> None:
+    procs = [
+        subprocess.Popen([*MICROVMC, "build", "--no-link", str(EXAMPLES / "shares.toml")], cwd=tmp_path, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(4)
+    ]
+    results = [p.communicate() + (p.returncode,) for p in procs]
+    assert all(code == 0 for _, _, code in results), results
+    assert len({out for out, _, _ in results}) == 1
+    store = Path(env["MICROVMC_STORE"])
+    assert not [p for p in store.iterdir() if p.name.startswith(".tmp")]
+    initramfs = Path(plan_inputs(results[0][0].strip())[1], "initramfs.cpio.gz")
+    listing = subprocess.run(f"gzip -dc {initramfs} | cpio -t --quiet", shell=True, capture_output=True, text=True, check=True)
+    names = listing.stdout.split()
+    assert {"init", "microvmc/modules", "lib/modules/overlay.ko", "lib/modules/virtiofs.ko"} <= set(names)
+
+
+def test_initramfs_extracts_identically_with_gnu_cpio(env, tmp_path: Path) -> None:
+    out = build(env, tmp_path, str(EXAMPLES / "hello.toml"), "--no-link")
+    initramfs = Path(plan_inputs(out)[1], "initramfs.cpio.gz")
+    dest = tmp_path / "x"
+    dest.mkdir()
+    subprocess.run(f"gzip -dc {initramfs} | cpio -idm --quiet", shell=True, cwd=dest, check=True)
+    order = (dest / "microvmc" / "modules").read_text().split()
+    assert order[-1] in ("/lib/modules/virtiofs.ko", "/lib/modules/virtio_console.ko")
+    assert all((dest / m.lstrip("/")).read_bytes()[:4] == b"\x7fELF" for m in order)
+    init = dest / "init"
+    assert init.stat().st_mode & 0o777 == 0o755 and init.read_bytes()[:4] == b"\x7fELF"
+    # Dependencies come before the modules that need them.
+    names = [Path(m).stem for m in order]
+    assert names.index("virtio_ring") < names.index("virtio") < names.index("virtio_mmio")
+    assert names.index("fuse") < names.index("virtiofs")
+
+
+def test_spilled_configuration_goes_into_the_initramfs(env, tmp_path: Path) -> None:
+    manifest = tmp_path / "many.toml"
+    env_lines = "".join(f'V{i:02d} = "value {i}"\n' for i in range(40))
+    manifest.write_text(f'version = 1\n[process]\nargv = ["env"]\n[process.env]\n{env_lines}')
+    out = build(env, tmp_path, str(manifest), "--no-link")
+    cmdline = Path(out, "cmdline").read_text()
+    assert "MVMC_SPILL=1" in cmdline and "MVMC_E" not in cmdline
+    initramfs = Path(plan_inputs(out)[1], "initramfs.cpio.gz")
+    config = subprocess.run(f"gzip -dc {initramfs} | cpio -i --to-stdout --quiet microvmc/config", shell=True,
+                            capture_output=True, text=True, check=True).stdout
+    assert "MVMC_E40=V39=value%2039\n" in config  # MVMC_E0 is PATH
+
+
+def test_result_link_must_not_clobber_a_file(env, tmp_path: Path) -> None:
+    (tmp_path / "result").write_text("mine")
+    r = subprocess.run([*MICROVMC, "build", str(EXAMPLES / "hello.toml")], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert r.returncode == 125
+    assert r.stderr == "microvmc: result exists and is not a symbolic link; not replacing it (use -o to choose another name)\n"
+    assert (tmp_path / "result").read_text() == "mine"

@@ -1,0 +1,78 @@
+"""Composition: imports, merge rules, relative paths, cycles, and where values came from."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from microvmc.compiler.load import load
+from microvmc.compiler.manifest import validate
+from microvmc.errors import ManifestError
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def test_tables_merge_key_by_key_and_later_files_win(tmp_path: Path) -> None:
+    write(tmp_path / "a.toml", 'version = 1\nhostname = "a"\n[process]\nargv = ["a"]\nenv = { X = "1", Y = "a" }\n[resources]\nmemory = 128\ncpus = 2\n')
+    write(tmp_path / "b.toml", 'version = 1\n[process]\nenv = { Y = "b", Z = "b" }\n[resources]\nmemory = 512\n')
+    top = write(tmp_path / "top.toml", 'version = 1\nimports = ["a.toml", "b.toml"]\n[process]\nargv = ["top", "x"]\n')
+    m = validate(load(top, cwd=str(tmp_path)))
+    assert m.hostname == "a"
+    assert m.process.argv == ("top", "x")  # arrays are replaced whole
+    assert dict(m.process.env) == {"X": "1", "Y": "b", "Z": "b", "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
+    assert (m.resources.memory, m.resources.cpus) == (512, 2)
+    assert m.files == (str(tmp_path / "a.toml"), str(tmp_path / "b.toml"), str(top))
+
+
+def test_paths_are_relative_to_the_file_that_wrote_them(tmp_path: Path) -> None:
+    (tmp_path / "lib" / "data").mkdir(parents=True)
+    write(tmp_path / "lib" / "base.toml", 'version = 1\n[shares.data]\nhost = "data"\nguest = "/data"\n')
+    top = write(tmp_path / "app" / "app.toml", 'version = 1\nimports = ["../lib/base.toml"]\n[process]\nargv = ["true"]\n')
+    m = validate(load(top, cwd="/"))
+    assert m.shares[0].host == str(tmp_path / "lib" / "data")
+
+
+def test_an_import_cycle_shows_the_cycle(tmp_path: Path) -> None:
+    write(tmp_path / "a.toml", 'version = 1\nimports = ["b.toml"]\n')
+    write(tmp_path / "b.toml", 'version = 1\nimports = ["c.toml"]\n')
+    write(tmp_path / "c.toml", 'version = 1\nimports = ["a.toml"]\n')
+    with pytest.raises(ManifestError) as err:
+        load(tmp_path / "a.toml", cwd=str(tmp_path))
+    assert str(err.value) == "c.toml: imports[0]: import cycle: a.toml → b.toml → c.toml → a.toml"
+
+
+def test_a_file_imported_twice_is_not_a_cycle(tmp_path: Path) -> None:
+    write(tmp_path / "common.toml", 'version = 1\n[resources]\ncpus = 2\n')
+    write(tmp_path / "x.toml", 'version = 1\nimports = ["common.toml"]\n')
+    top = write(tmp_path / "top.toml", 'version = 1\nimports = ["common.toml", "x.toml"]\n[process]\nargv = ["true"]\n')
+    assert validate(load(top, cwd=str(tmp_path))).resources.cpus == 2
+
+
+def test_problems_name_the_file_that_set_the_value(tmp_path: Path) -> None:
+    write(tmp_path / "base.toml", 'version = 1\nhostname = "bad_name"\n[resources]\nmemory = 32\n')
+    top = write(tmp_path / "top.toml", 'version = 1\nimports = ["base.toml"]\n[process]\nargv = ["true"]\n[resources]\ncpus = 0\n')
+    with pytest.raises(ManifestError) as err:
+        validate(load(top, cwd=str(tmp_path)))
+    assert err.value.lines() == [
+        'base.toml: hostname: "bad_name" is not a valid hostname (letters, digits and \'-\', at most 63 per dot-separated label)',
+        "top.toml: resources.cpus: 0 is below the minimum of 1",
+        "base.toml: resources.memory: 32 is below the minimum of 64 MiB",
+    ]
+
+
+def test_an_override_of_a_bad_value_fixes_it(tmp_path: Path) -> None:
+    write(tmp_path / "base.toml", 'version = 1\n[resources]\nmemory = 32\n')
+    top = write(tmp_path / "top.toml", 'version = 1\nimports = ["base.toml"]\n[process]\nargv = ["true"]\n[resources]\nmemory = 128\n')
+    assert validate(load(top, cwd=str(tmp_path))).resources.memory == 128
+
+
+def test_overrides_from_the_command_line(tmp_path: Path) -> None:
+    top = write(tmp_path / "m.toml", 'version = 1\n[process]\nargv = ["a"]\nenv = { K = "v" }\n')
+    m = validate(load(top, cwd=str(tmp_path))).with_overrides(argv=("/bin/sh", "-c", "exit 42"), env={"K": "w", "N": "1"})
+    assert m.process.argv == ("/bin/sh", "-c", "exit 42")
+    assert dict(m.process.env)["K"] == "w" and dict(m.process.env)["N"] == "1"
