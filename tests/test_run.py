@@ -1,0 +1,178 @@
+"""`microvmc run` end to end: real kernel, real QEMU (TCG), real virtiofsd; asserts what the guest
+printed and returned. Boots are grouped where one boot can honestly check several things."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import EXAMPLES
+
+pytestmark = pytest.mark.boot
+
+MICROVMC = [sys.executable, "-m", "microvmc"]
+TIMEOUT = 180
+
+
+@pytest.fixture(scope="module")
+def env(boot_env, tmp_path_factory) -> dict[str, str]:
+    env = dict(boot_env)
+    runtime = tmp_path_factory.mktemp("runtime")
+    env["XDG_RUNTIME_DIR"] = str(runtime)
+    env["TMPDIR"] = str(runtime)
+    return env
+
+
+def run(env, *args: str, input: bytes | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([*MICROVMC, "run", *args], env=env, input=input if input is not None else b"",
+                          capture_output=True, timeout=TIMEOUT, cwd=cwd)
+
+
+def leftovers(env) -> list[str]:
+    """Processes started for this test session's store, and runtime directories left behind."""
+    store = env["MICROVMC_STORE"]
+    procs = subprocess.run(["pgrep", "-a", "-f", store], capture_output=True, text=True).stdout.splitlines()
+    dirs = [str(p) for p in Path(env["XDG_RUNTIME_DIR"]).iterdir()]
+    return procs + dirs
+
+
+def test_hello(env) -> None:
+    r = run(env, str(EXAMPLES / "hello.toml"))
+    assert (r.returncode, r.stdout, r.stderr) == (0, b"hello from a microVM\n", b"")
+
+
+ARGS = ["plain", "with space", "", 'double"quote', "single'quote", "a=b", "dotted.name=x", "--flag=v", "tab\there",
+        "new\nline", "ünïcödé ✓", "%41", "$HOME", "back\\slash"]
+
+
+def test_argv_env_hostname_stderr_and_exit_status(env, tmp_path: Path) -> None:
+    manifest = tmp_path / "m.toml"
+    manifest.write_text('version = 1\nhostname = "exact-host"\n[process]\nargv = ["true"]\ncwd = "/tmp"\n'
+                        '[process.env]\nFROM_MANIFEST = "a b\\"c"\n')
+    script = 'for a in "$@"; do printf "[%s]" "$a"; done; echo; hostname; pwd; printf "%s|%s" "$FROM_MANIFEST" "$FROM_CLI"; echo err >&2; exit 42'
+    r = run(env, "-e", "FROM_CLI=x=y z", str(manifest), "--", "/bin/sh", "-c", script, "sh", *ARGS)
+    assert r.stderr == b"err\n"
+    assert r.returncode == 42
+    assert r.stdout.decode() == "".join(f"[{a}]" for a in ARGS) + '\nexact-host\n/tmp\na b"c|x=y z'
+
+
+def test_environment_spills_and_arrives_exactly_then_exit_1(env, tmp_path: Path) -> None:
+    values = {f"V{i:02d}": f"value {i}" for i in range(34)}
+    values.update({
+        "SPACES": "  leading and trailing  ",
+        "QUOTES": "'single' \"double\" `back`",
+        "NEWLINES": "one\ntwo\n\nthree\n",
+        "UNICODE": "héllo wörld ✓ 日本 \u00a0nbsp",
+        "KIB": "k" * 1024,
+        "EQUALS": "a=b=c",
+    })
+    body = "".join(f"{name} = {toml_string(value)}\n" for name, value in values.items())
+    manifest = tmp_path / "env.toml"
+    manifest.write_text(f'version = 1\n[process]\nargv = ["cat", "/proc/self/environ", "/no/such/file"]\n[process.env]\n{body}')
+    r = run(env, str(manifest))
+    got = dict(entry.split("=", 1) for entry in r.stdout.decode().split("\0") if entry)
+    expected = dict(values, PATH="/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+    assert got == expected
+    assert r.returncode == 1
+    assert b"/no/such/file" in r.stderr
+
+
+def toml_string(value: str) -> str:
+    import json
+
+    return json.dumps(value, ensure_ascii=False)
+
+
+def test_binary_stdin_to_stdout_and_eof(env) -> None:
+    data = os.urandom(1 << 20)
+    r = run(env, str(EXAMPLES / "cat.toml"), "--", "/bin/sh", "-c", "tee /tmp/copy | wc -c >&2; cat /tmp/copy", input=data)
+    assert r.returncode == 0
+    assert r.stderr.strip() == b"1048576"
+    assert r.stdout == data
+
+
+def test_killed_by_a_signal(env) -> None:
+    r = run(env, str(EXAMPLES / "hello.toml"), "--", "/bin/sh", "-c", "kill -KILL $$")
+    assert (r.returncode, r.stdout, r.stderr) == (128 + 9, b"", b"")
+
+
+def test_program_not_found(env) -> None:
+    r = run(env, str(EXAMPLES / "hello.toml"), "--", "/no/such/program")
+    assert r.returncode == 127
+    assert b"/no/such/program" in r.stderr and b"Traceback" not in r.stderr
+
+
+def test_pipeline_of_two_vms(env) -> None:
+    cmd = [*MICROVMC, "run", str(EXAMPLES / "source.toml")]
+    second = [*MICROVMC, "run", str(EXAMPLES / "head.toml")]
+    a = subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    b = subprocess.Popen(second, env=env, stdin=a.stdout, stdout=subprocess.PIPE)
+    a.stdout.close()
+    a.stdin.write(b"hello\n")
+    a.stdin.close()
+    out, _ = b.communicate(timeout=TIMEOUT)
+    a.wait(timeout=TIMEOUT)
+    assert out == b"hello\n" + b"".join(b"line %d\n" % i for i in range(1, 7))
+    assert b.returncode == 0
+
+
+def test_shares_overlay_and_9p(env) -> None:
+    r = run(env, str(EXAMPLES / "shares.toml"))
+    assert (r.returncode, r.stdout, r.stderr) == (0, b"shared from the host\nscratch\n", b"")
+    r = run(env, str(EXAMPLES / "ninep.toml"))
+    assert (r.returncode, r.stdout) == (0, b"9p\n")
+
+
+def test_launch_script_does_the_same_on_its_own(env, tmp_path: Path) -> None:
+    manifest = tmp_path / "m.toml"
+    manifest.write_text('version = 1\n[process]\nargv = ["/bin/sh", "-c", "read x; echo \\"got $x\\"; echo oops >&2; exit 7"]\n')
+    built = subprocess.run([*MICROVMC, "build", str(manifest)], env=env, cwd=tmp_path, capture_output=True, check=True)
+    script = subprocess.run(["sh", str(tmp_path / "result" / "launch.sh")], env=env, input=b"input\n",
+                            capture_output=True, timeout=TIMEOUT)
+    via_run = run(env, str(manifest), input=b"input\n")
+    assert (script.returncode, script.stdout, script.stderr) == (7, b"got input\n", b"oops\n")
+    assert (via_run.returncode, via_run.stdout, via_run.stderr) == (7, b"got input\n", b"oops\n")
+    assert built.stdout.decode().strip() == str((tmp_path / "result").resolve())
+
+
+def test_boot_timeout(env, tmp_path: Path) -> None:
+    manifest = tmp_path / "slow.toml"
+    manifest.write_text('version = 1\n[process]\nargv = ["true"]\n[resources]\nboot_timeout = 1\n')
+    r = run(env, str(manifest))
+    assert r.returncode == 124
+    assert r.stderr.startswith(b"microvmc: ") and b"console log" in r.stderr
+    assert not leftovers(env)
+
+
+def _start_and_wait_ready(env, manifest: str) -> subprocess.Popen:
+    p = subprocess.Popen([*MICROVMC, "run", manifest, "--", "/bin/sh", "-c", "echo ready; exec sleep 600"],
+                         env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert p.stdout.readline() == b"ready\n"
+    return p
+
+
+def test_sigterm_stops_everything(env) -> None:
+    p = _start_and_wait_ready(env, str(EXAMPLES / "hello.toml"))
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(timeout=30) == 143
+    assert not leftovers(env)
+
+
+def test_a_dead_virtiofsd_stops_the_run(env) -> None:
+    p = _start_and_wait_ready(env, str(EXAMPLES / "hello.toml"))
+    pids = subprocess.run(["pgrep", "-f", f"virtiofsd.*{env['MICROVMC_STORE']}"], capture_output=True, text=True).stdout.split()
+    assert pids
+    for pid in pids:
+        os.kill(int(pid), signal.SIGKILL)
+    assert p.wait(timeout=60) == 122
+    assert b"virtiofsd" in p.stderr.read()
+    deadline = time.monotonic() + 5
+    while leftovers(env) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not leftovers(env)
