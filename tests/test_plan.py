@@ -1,0 +1,99 @@
+"""The planner on a fake host: accelerator choice, virtiofsd flavours, escaping, host errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from conftest import FIXTURE_SOURCES, fake_facts
+from microvmc.compiler.host import VirtiofsdFlavour
+from microvmc.compiler.load import load
+from microvmc.compiler.manifest import validate
+from microvmc.compiler.pipeline import compile_manifest
+from microvmc.errors import HostError, ManifestError
+
+
+def compiled(tmp_path: Path, text: str, **facts):
+    path = tmp_path / "m.toml"
+    path.write_text("version = 1\n" + text)
+    manifest = validate(load(path, cwd=str(tmp_path)))
+    return compile_manifest(manifest, facts=fake_facts(**facts), store="/s", sources=FIXTURE_SOURCES)
+
+
+def test_auto_uses_kvm_when_usable(tmp_path: Path) -> None:
+    c = compiled(tmp_path, '[process]\nargv = ["true"]\n', kvm_usable=True, kvm_reason="/dev/kvm works")
+    argv = c.plan.qemu_argv
+    assert argv[argv.index("-accel") + 1] == "kvm" and argv[argv.index("-cpu") + 1] == "host"
+    assert "tsc_early_khz" not in c.plan.cmdline
+    assert c.plan.accel_reason == "auto: /dev/kvm works"
+
+
+def test_auto_falls_back_to_tcg_and_says_why(tmp_path: Path) -> None:
+    c = compiled(tmp_path, '[process]\nargv = ["true"]\n', kvm_reason="/dev/kvm is kvm_pvm, a nested hypervisor that cannot run a normal guest")
+    argv = c.plan.qemu_argv
+    assert argv[argv.index("-accel") + 1] == "tcg" and argv[argv.index("-cpu") + 1] == "max"
+    assert "tsc_early_khz=2000000 tsc=reliable" in c.plan.cmdline
+    assert c.plan.accel_reason == "auto: KVM is not usable (/dev/kvm is kvm_pvm, a nested hypervisor that cannot run a normal guest)"
+
+
+def test_explicit_kvm_that_cannot_work_fails_fast(tmp_path: Path) -> None:
+    with pytest.raises(HostError) as err:
+        compiled(tmp_path, '[process]\nargv = ["true"]\n[resources]\naccel = "kvm"\n', kvm_reason="/dev/kvm is missing")
+    assert err.value.lines() == ['m.toml: resources.accel: "kvm" is not usable here: /dev/kvm is missing (use "auto" or "tcg")']
+    assert err.value.status == 121
+
+
+def test_virtiofsd_flavours(tmp_path: Path) -> None:
+    (tmp_path / "d,ata").mkdir()
+    text = '[process]\nargv = ["true"]\n[shares.data]\nhost = "d,ata"\nguest = "/data"\nread_only = true\n'
+    c = compiled(tmp_path, text)
+    share = c.plan.virtiofsd[1]
+    assert share.argv == ("/usr/lib/qemu/virtiofsd", "-o", f"source={tmp_path}/d\\,ata", "-o", "cache=auto", "-o", "sandbox=chroot")
+    assert share.argv_with_fd(7)[-1] == "--fd=7"
+    rust = compiled(tmp_path, text, virtiofsd="/usr/libexec/virtiofsd", virtiofsd_flavour=VirtiofsdFlavour.RUST)
+    assert rust.plan.virtiofsd[1].argv == ("/usr/libexec/virtiofsd", "--shared-dir", f"{tmp_path}/d,ata",
+                                           "--cache", "auto", "--sandbox", "chroot", "--readonly")
+    assert rust.plan.virtiofsd[0].argv[-1] != "--readonly" or rust.plan.virtiofsd[0].read_only
+
+
+def test_a_comma_in_a_path_cannot_split_a_qemu_option(tmp_path: Path) -> None:
+    (tmp_path / "x,id=evil").mkdir()
+    c = compiled(tmp_path, '[process]\nargv = ["true"]\n[shares.data]\nhost = "x,id=evil"\nguest = "/data"\ntransport = "9p"\n')
+    argv = c.plan.qemu_argv
+    fsdev = argv[argv.index("-fsdev") + 1]
+    assert fsdev == f"local,id=fs-data,path={tmp_path}/x,,id=evil,security_model=none,readonly=off"
+
+
+def test_missing_qemu_or_virtiofsd(tmp_path: Path) -> None:
+    with pytest.raises(HostError, match="QEMU is not installed"):
+        compiled(tmp_path, '[process]\nargv = ["true"]\n', qemu="")
+    with pytest.raises(HostError, match="virtiofsd is not installed"):
+        compiled(tmp_path, '[process]\nargv = ["true"]\n', virtiofsd=None, virtiofsd_flavour=None)
+    # 9p needs no virtiofsd.
+    c = compiled(tmp_path, '[image]\ntransport = "9p"\n[process]\nargv = ["true"]\n', virtiofsd=None, virtiofsd_flavour=None)
+    assert c.plan.virtiofsd == () and "virtio-mmio.force-legacy=false" not in c.plan.qemu_argv
+
+
+def test_missing_default_kernel_says_how_to_get_one(tmp_path: Path) -> None:
+    with pytest.raises(ManifestError) as err:
+        compiled(tmp_path, '[process]\nargv = ["true"]\n', default_kernel_dir=str(tmp_path / "none"))
+    assert err.value.lines() == [
+        f"m.toml: kernel.source: the default kernel is not installed: {tmp_path}/none/vmlinuz is missing "
+        '(run scripts/setup, or set kernel.source = "path")'
+    ]
+
+
+def test_the_graph_says_what_is_built_from_what(tmp_path: Path) -> None:
+    (tmp_path / "data").mkdir()
+    c = compiled(tmp_path, '[image]\nmode = "overlay"\n[process]\nargv = ["true"]\n[shares.data]\nhost = "data"\nguest = "/data"\n')
+    edges = set(c.graph.edges)
+    assert {("busybox", "rootfs"), ("rootfs", "share:root"), ("share:root", "virtiofsd:root"),
+            ("share:data", "virtiofsd:data"), ("kernel", "boot-kernel"), ("kernel", "modules"),
+            ("init.c", "init"), ("init", "initramfs"), ("modules", "initramfs"),
+            ("initramfs", "plan"), ("boot-kernel", "plan"), ("virtiofsd:root", "plan"), ("virtiofsd:data", "plan")} <= edges
+    order = [n.id for n in c.graph.nodes]
+    assert order.index("init") < order.index("initramfs") < order.index("plan")
+    modules = [m["name"] for m in c.graph.node("modules").param("modules")]
+    # Dependencies first; ties broken by name, so the order (and the initramfs) is deterministic.
+    assert modules == ["fuse", "overlay", "virtio_ring", "virtio", "virtio_console", "virtio_mmio", "virtiofs"]
