@@ -1,0 +1,151 @@
+"""Child processes started with an exact file descriptor layout, and stopped for sure.
+
+A `Child` is watched through its pidfd (it can sit in a selector next to pipes) and is not reaped
+until it is stopped, so its process group stays valid for the final kill of stragglers.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import select
+import signal
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+__all__ = ["Child", "spawn", "running", "KILL_WAIT"]
+
+KILL_WAIT = 5.0  # seconds a SIGKILLed process gets to disappear before we give up on it
+_FIRST_FREE_FD = 10  # sources are moved above the target numbers so dup2 actions never collide
+# Python ignores these; a child must not inherit that (subprocess resets them too).
+_RESET_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ)
+
+
+@dataclass(eq=False, slots=True)
+class Child:
+    name: str  # for messages: "qemu", "virtiofsd for share 'root'"
+    pid: int
+    pidfd: int
+    own_group: bool  # the child leads its own process group
+    returncode: int | None = field(default=None)  # like subprocess: -N for signal N
+
+    def exited(self) -> int | None:
+        """The exit status if the child has ended, without reaping it."""
+        if self.returncode is None:
+            info = os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+            if info is not None and info.si_pid == self.pid:
+                if info.si_code == os.CLD_EXITED:
+                    self.returncode = info.si_status
+                else:
+                    self.returncode = -info.si_status
+        return self.returncode
+
+    def wait(self, timeout: float) -> int | None:
+        """The exit status, waiting at most `timeout` seconds for it."""
+        if self.exited() is None and self.pidfd >= 0:
+            poller = select.poll()
+            poller.register(self.pidfd, select.POLLIN)
+            poller.poll(max(0, int(timeout * 1000)))
+        return self.exited()
+
+    def signal(self, signum: int) -> None:
+        try:
+            if self.own_group:
+                os.killpg(self.pid, signum)
+            else:
+                os.kill(self.pid, signum)
+        except ProcessLookupError:
+            pass
+
+    def stop(self, grace: float) -> int:
+        """SIGTERM, up to `grace` seconds, then SIGKILL; kill what is left of its group; reap."""
+        try:
+            if self.exited() is None:
+                self.signal(signal.SIGTERM)
+                if self.wait(grace) is None:
+                    self.signal(signal.SIGKILL)
+                    if self.wait(KILL_WAIT) is None:
+                        raise OSError(f"{self.name} (pid {self.pid}) survived SIGKILL")
+            if self.own_group:
+                # The leader is a zombie, not reaped, so the group id is still ours.
+                self.signal(signal.SIGKILL)
+            os.waitpid(self.pid, 0)
+            assert self.returncode is not None
+            return self.returncode
+        finally:
+            if self.pidfd >= 0:
+                os.close(self.pidfd)
+                self.pidfd = -1
+
+
+def _stray_inheritable_fds(keep: set[int]) -> list[int]:
+    """Inheritable descriptors this process got from its own parent, which a child must not get."""
+    stray = []
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd in keep:
+            continue
+        try:
+            if os.get_inheritable(fd):
+                stray.append(fd)
+        except OSError:  # the directory listing's own descriptor, now closed
+            pass
+    return stray
+
+
+def spawn(
+    argv: Sequence[str],
+    *,
+    fds: Mapping[int, int],
+    name: str,
+    own_group: bool = True,
+    env: Mapping[str, str] | None = None,
+) -> Child:
+    """Start argv (searched in PATH) with exactly `fds` (child fd → parent fd) open.
+
+    Raises OSError if it cannot be executed (glibc's posix_spawn reports exec failures).
+    """
+    high: dict[int, int] = {}
+    try:
+        for target, source in fds.items():
+            high[target] = fcntl.fcntl(source, fcntl.F_DUPFD_CLOEXEC, _FIRST_FREE_FD)
+        actions: list[tuple] = [(os.POSIX_SPAWN_DUP2, src, dst) for dst, src in high.items()]
+        keep = set(fds) | set(high.values())
+        actions += [(os.POSIX_SPAWN_CLOSE, fd) for fd in _stray_inheritable_fds(keep)]
+        group = {"setpgroup": 0} if own_group else {}
+        pid = os.posix_spawnp(
+            argv[0],
+            list(argv),
+            dict(os.environ if env is None else env),
+            file_actions=actions,
+            setsigdef=_RESET_SIGNALS,
+            **group,
+        )
+    finally:
+        for fd in high.values():
+            os.close(fd)
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        raise
+    return Child(name=name, pid=pid, pidfd=pidfd, own_group=own_group)
+
+
+@contextmanager
+def running(
+    argv: Sequence[str],
+    *,
+    fds: Mapping[int, int],
+    name: str,
+    grace: float,
+    own_group: bool = True,
+) -> Iterator[Child]:
+    """A child process for the duration of the block; stopped (see `Child.stop`) on the way out."""
+    child = spawn(argv, fds=fds, name=name, own_group=own_group)
+    try:
+        yield child
+    finally:
+        child.stop(grace)

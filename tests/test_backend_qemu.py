@@ -1,0 +1,676 @@
+"""backends/qemu.py: running a LaunchPlan.
+
+Most tests run the backend against a fake QEMU (a script that uses the descriptors of `Fd` the
+way QEMU does): they check the descriptor layout, the relays, timeouts, signals and cleanup in
+milliseconds. The tests marked `boot` run a real kernel under QEMU with a busybox init that
+speaks init/PROTOCOL.md, to check the real argv shape end to end.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import lzma
+import os
+import pty
+import select
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import termios
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from microvmc.backends import qemu as qemu_backend
+from microvmc.backends.host import tsc_khz
+from microvmc.backends.qemu import run_plan
+from microvmc.compiler.host import VirtiofsdFlavour
+from microvmc.compiler.launch import ArgGroup, LaunchPlan, VirtiofsdPlan
+from microvmc.errors import ExitStatus, HostError
+
+# --- helpers shared by both kinds of test ------------------------------------------------------
+
+
+def make_plan(
+    qemu_argv: list[str],
+    *,
+    shares: tuple[tuple[str, str, tuple[str, ...]], ...] = (),  # (tag, dir, virtiofsd argv)
+    boot_timeout: float = 30,
+    timeout: float = 0,
+) -> LaunchPlan:
+    return LaunchPlan(
+        name="test",
+        accel="tcg",
+        accel_reason="a test",
+        qemu=(ArgGroup(keys=(), comment="", args=tuple(qemu_argv)),),
+        virtiofsd=tuple(
+            VirtiofsdPlan(
+                tag=tag,
+                keys=(),
+                shared_dir=directory,
+                socket=f"fs-{tag}.sock",
+                read_only=False,
+                flavour=VirtiofsdFlavour.C,
+                argv=argv,
+            )
+            for tag, directory, argv in shares
+        ),
+        cmdline="",
+        spilled=False,
+        kernel="",
+        initramfs="",
+        boot_timeout=boot_timeout,
+        timeout=timeout,
+        sources=(),
+    )
+
+
+class Run:
+    """Runs a plan with files for the caller's descriptors and a private runtime directory."""
+
+    def __init__(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+        self.tmp = tmp_path
+        self.logs = tmp_path / "logs"
+        self.logs.mkdir()
+        self.runtime = tmp_path / "runtime"
+        self.runtime.mkdir()
+        monkeypatch.setenv("XDG_RUNTIME_DIR", str(self.runtime))
+
+    def __call__(self, plan: LaunchPlan, input: bytes = b"", **kwargs) -> tuple[int, bytes, bytes]:
+        """Status, stdout and stderr; kwargs (stdin=, stdout=, ...) go to run_plan."""
+        (self.tmp / "stdin").write_bytes(input)
+        with (
+            open(self.tmp / "stdin", "rb") as i,
+            open(self.tmp / "stdout", "wb") as o,
+            open(self.tmp / "stderr", "wb") as e,
+        ):
+            kwargs = dict(stdin=i.fileno(), stdout=o.fileno(), stderr=e.fileno()) | kwargs
+            status = run_plan(plan, log_dir=self.logs, **kwargs)
+        return status, (self.tmp / "stdout").read_bytes(), (self.tmp / "stderr").read_bytes()
+
+    def log(self, name: str) -> str:
+        return (self.logs / name).read_text(errors="replace")
+
+    def assert_clean(self, marker: str) -> None:
+        assert list(self.runtime.iterdir()) == []
+        assert leftovers(marker) == []
+
+
+def leftovers(marker: str) -> list[str]:
+    done = subprocess.run(["pgrep", "-af", marker], capture_output=True, text=True)
+    return done.stdout.splitlines()
+
+
+def executable(path: Path, text: str) -> str:
+    path.write_text(text)
+    path.chmod(path.stat().st_mode | stat.S_IXUSR)
+    return str(path)
+
+
+def read_until(fd: int, needle: bytes, timeout: float) -> bytes:
+    """Read from a pipe until `needle` shows up, or fail after `timeout` seconds."""
+    data = b""
+    deadline = time.monotonic() + timeout
+    while needle not in data:
+        left = deadline - time.monotonic()
+        assert left > 0, f"no {needle!r} within {timeout} s; got {data!r}"
+        if select.select([fd], [], [], left)[0]:
+            chunk = os.read(fd, 4096)
+            assert chunk, f"EOF before {needle!r}; got {data!r}"
+            data += chunk
+    return data
+
+
+HELPER = """
+import json, sys
+from pathlib import Path
+from microvmc.backends.qemu import run_plan
+from microvmc.compiler.launch import LaunchPlan
+plan = LaunchPlan.from_dict(json.loads(Path(sys.argv[1]).read_text()))
+sys.exit(run_plan(plan, log_dir=Path(sys.argv[2]), stdin=0, stdout=1, stderr=2))
+"""
+
+
+def run_in_helper(plan: LaunchPlan, run: Run) -> subprocess.Popen:
+    """run_plan in its own process (so it can be signalled), stdout on a pipe."""
+    (run.tmp / "plan.json").write_text(json.dumps(plan.to_dict()))
+    return subprocess.Popen(
+        [sys.executable, "-c", HELPER, str(run.tmp / "plan.json"), str(run.logs)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=open(run.tmp / "stderr", "wb"),
+        env=dict(os.environ, XDG_RUNTIME_DIR=str(run.runtime)),
+    )
+
+
+@pytest.fixture
+def run(tmp_path, monkeypatch) -> Run:
+    return Run(tmp_path, monkeypatch)
+
+
+@pytest.fixture
+def marker() -> str:
+    """A sleep duration no other process uses: `pgrep -f` finds what a test left behind."""
+    return f"1000.{uuid.uuid4().int % 10**9:09d}"
+
+
+# --- a fake QEMU -------------------------------------------------------------------------------
+
+LAYOUT_QEMU = """#!{python}
+import os, sys
+fds = sorted(int(fd) for fd in os.listdir("/proc/self/fd"))
+os.write(5, f"cwd {{os.getcwd()}}\\nfds {{fds}}\\nls {{sorted(os.listdir('.'))}}\\n".encode())
+os.write(2, b"a qemu message\\n")
+os.write(4, b"started\\n")
+data = sys.stdin.buffer.read()
+os.write(1, data)
+os.write(3, b"to stderr\\n")
+os.write(4, b"exit 7\\n")
+"""
+
+FAKE_VIRTIOFSD = """#!/bin/sh
+echo "$@" > "$(dirname "$0")/virtiofsd-args"
+readlink /proc/$$/fd/3 > "$(dirname "$0")/virtiofsd-fd3"
+{body}
+"""
+
+
+def test_descriptor_layout_cwd_and_relay(run, tmp_path):
+    qemu = executable(tmp_path / "qemu", LAYOUT_QEMU.format(python=sys.executable))
+    vfsd = executable(tmp_path / "virtiofsd", FAKE_VIRTIOFSD.format(body="sleep 30"))
+    plan = make_plan([qemu], shares=(("root", "/srv", (vfsd, "-o", "source=/srv")),))
+    status, out, err = run(plan, input=b"\x00binary\xff" * 1000)
+    assert status == 7
+    assert out == b"\x00binary\xff" * 1000
+    assert err == b"to stderr\n"
+    console = run.log("console.log").splitlines()
+    assert console[0].startswith(f"cwd {run.runtime}/microvmc-")
+    assert console[1] == "fds [0, 1, 2, 3, 4, 5, 6]"  # 6: the listing's own descriptor
+    assert console[2] == "ls ['fs-root.sock']"
+    assert run.log("qemu.log") == "a qemu message\n"
+    assert run.log("status") == "started\nexit 7\n"
+    assert (tmp_path / "virtiofsd-args").read_text() == "-o source=/srv --fd=3\n"
+    assert (tmp_path / "virtiofsd-fd3").read_text().startswith("socket:[")
+    run.assert_clean(str(tmp_path / "virtiofsd"))
+
+
+def sh_qemu(tmp_path: Path, body: str) -> str:
+    return executable(tmp_path / "qemu", f"#!/bin/sh\n{body}\n")
+
+
+@pytest.mark.parametrize(
+    "body, expected_status, expected_message",
+    [
+        (
+            "echo 'qemu-system-x86_64: warning: TCG does not support x' >&2\n"
+            "echo 'qemu-system-x86_64: -device foo: no such device' >&2; exit 1",
+            ExitStatus.HOST,
+            "QEMU failed: qemu-system-x86_64: -device foo: no such device; QEMU log: {logs}/qemu.log",
+        ),
+        (
+            "exit 0",
+            ExitStatus.GUEST_CRASHED,
+            "the VM stopped without reporting the program's status; console log: {logs}/console.log",
+        ),
+        (
+            "printf 'error mount 19 no such device\\n' >&4",
+            ExitStatus.INIT_FAILED,
+            "guest init failed at mount: no such device; console log: {logs}/console.log",
+        ),
+        ("printf 'started\\nsignal 9\\n' >&4", 137, ""),
+        ("printf 'started\\nexit 0\\n' >&4; exit 1", 0, ""),
+    ],
+)
+def test_outcomes(run, tmp_path, body, expected_status, expected_message):
+    status, _, err = run(make_plan([sh_qemu(tmp_path, body)]))
+    assert status == expected_status
+    message = expected_message.format(logs=run.logs)
+    assert err.decode() == (f"microvmc: {message}\n" if message else "")
+
+
+def test_boot_timeout(run, tmp_path, marker):
+    plan = make_plan([sh_qemu(tmp_path, f"sleep {marker}")], boot_timeout=0.5)
+    start = time.monotonic()
+    status, _, err = run(plan)
+    assert time.monotonic() - start < 5
+    assert status == ExitStatus.TIMEOUT
+    assert err.decode() == (
+        "microvmc: the guest did not start the program within 0.5 s; "
+        f"console log: {run.logs}/console.log\n"
+    )
+    run.assert_clean(marker)
+
+
+def test_run_timeout(run, tmp_path, marker):
+    plan = make_plan([sh_qemu(tmp_path, f"echo started >&4; sleep {marker}")], timeout=1)
+    status, _, err = run(plan)
+    assert status == ExitStatus.TIMEOUT
+    assert err.decode() == (
+        f"microvmc: the program did not finish within 1 s; console log: {run.logs}/console.log\n"
+    )
+    run.assert_clean(marker)
+
+
+def test_closed_stdout_pipe_is_drained(run, tmp_path):
+    """EPIPE on the caller's stdout: the run goes on and the program's status comes back."""
+    qemu = sh_qemu(
+        tmp_path, "echo started >&4; head -c 1000000 /dev/zero; echo ok >&3; echo 'exit 5' >&4"
+    )
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        status, _, err = run(make_plan([qemu]), stdout=write_end)
+    finally:
+        os.close(write_end)
+    assert (status, err) == (5, b"ok\n")
+
+
+def test_slow_reader_gets_everything(run, tmp_path):
+    """A reader slower than the guest: the relay holds back, loses nothing, and blocks no one."""
+    qemu = sh_qemu(
+        tmp_path,
+        "echo started >&4; head -c 3000000 /dev/urandom | tee /dev/fd/5; echo 'exit 0' >&4",
+    )
+    read_end, write_end = os.pipe()
+    received = bytearray()
+
+    def slow_reader():
+        while chunk := os.read(read_end, 65536):
+            received.extend(chunk)
+            time.sleep(0.001)
+
+    reader = threading.Thread(target=slow_reader)
+    reader.start()
+    try:
+        status, _, _ = run(make_plan([qemu]), stdout=write_end)
+    finally:
+        os.close(write_end)
+        reader.join(10)
+        os.close(read_end)
+    assert status == 0
+    assert bytes(received) == (run.logs / "console.log").read_bytes()
+    assert len(received) == 3000000
+
+
+def test_same_descriptor_for_stdout_and_stderr(run, tmp_path):
+    qemu = sh_qemu(tmp_path, "echo started >&4; echo one; echo two >&3; echo 'exit 0' >&4")
+    with open(tmp_path / "both", "wb") as both:
+        status, _, _ = run(make_plan([qemu]), stdout=both.fileno(), stderr=both.fileno())
+    assert status == 0
+    assert sorted((tmp_path / "both").read_text().splitlines()) == ["one", "two"]
+
+
+def test_virtiofsd_dies(run, tmp_path, marker):
+    qemu = sh_qemu(tmp_path, f"echo started >&4; sleep {marker}")
+    vfsd = executable(tmp_path / "virtiofsd", FAKE_VIRTIOFSD.format(body="sleep 0.3; kill -9 $$"))
+    plan = make_plan([qemu], shares=(("data", "/srv", (vfsd,)),))
+    status, _, err = run(plan)
+    assert status == ExitStatus.VIRTIOFSD_DIED
+    assert err.decode() == (
+        "microvmc: virtiofsd for share 'data' died while the VM ran (killed by signal 9); "
+        f"log: {run.logs}/virtiofsd-data.log\n"
+    )
+    run.assert_clean(marker)
+
+
+def test_virtiofsd_cannot_start(run, tmp_path, marker):
+    """QEMU cannot connect to a virtiofsd that failed: the daemon's reason is the message."""
+    qemu = sh_qemu(
+        tmp_path, "sleep 0.5; echo \"qemu: Failed to connect to 'fs-root.sock'\" >&2; exit 1"
+    )
+    vfsd = executable(
+        tmp_path / "virtiofsd",
+        FAKE_VIRTIOFSD.format(body="echo 'failed to stat source' >&2; exit 1"),
+    )
+    status, _, err = run(make_plan([qemu], shares=(("root", "/nowhere", (vfsd,)),)))
+    assert status == ExitStatus.HOST
+    assert err.decode() == (
+        "microvmc: virtiofsd for share 'root' could not start: failed to stat source; "
+        f"log: {run.logs}/virtiofsd-root.log\n"
+    )
+
+
+def test_missing_qemu_raises_before_starting_anything(run):
+    with pytest.raises(HostError, match="QEMU not found: 'no-such-qemu-binary'"):
+        run(make_plan(["no-such-qemu-binary"]))
+    assert list(run.runtime.iterdir()) == []
+
+
+def test_unexecutable_virtiofsd_raises_and_cleans_up(run, tmp_path):
+    qemu = sh_qemu(tmp_path, "exit 0")
+    plan = make_plan([qemu], shares=(("root", "/srv", (str(tmp_path / "missing"),)),))
+    with pytest.raises(HostError, match="cannot run virtiofsd"):
+        run(plan)
+    assert list(run.runtime.iterdir()) == []
+
+
+def test_verbose_line(run, tmp_path):
+    qemu = sh_qemu(tmp_path, "printf 'started\\nexit 0\\n' >&4")
+    status, _, err = run(make_plan([qemu]), verbose=True)
+    assert err.decode() == f"microvmc: accel tcg (a test); logs in {run.logs}\n"
+
+
+def test_runs_outside_the_main_thread(run, tmp_path):
+    """Without signal handling (only the main thread may catch signals), but it runs."""
+    qemu = sh_qemu(tmp_path, "printf 'started\\nexit 4\\n' >&4")
+    result = []
+    thread = threading.Thread(target=lambda: result.append(run(make_plan([qemu]))[0]))
+    thread.start()
+    thread.join(20)
+    assert result == [4]
+
+
+def test_signal_handlers_are_restored(run, tmp_path):
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    run(make_plan([sh_qemu(tmp_path, "exit 0")]))
+    assert {s: signal.getsignal(s) for s in before} == before
+    assert signal.set_wakeup_fd(-1) == -1
+
+
+def test_nonblocking_stdin_flag_is_restored(run, tmp_path):
+    """QEMU's stdio chardev sets O_NONBLOCK on the open file it shares with the caller."""
+    qemu = executable(
+        tmp_path / "qemu",
+        f"#!{sys.executable}\nimport os\nos.set_blocking(0, False)\nos.write(4, b'started\\nexit 0\\n')\n",
+    )
+    (tmp_path / "in").write_bytes(b"")
+    with open(tmp_path / "in", "rb") as stdin:
+        run(make_plan([qemu]), stdin=stdin.fileno())
+        assert os.get_blocking(stdin.fileno())
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
+def test_signal_stops_everything(run, tmp_path, marker, signum):
+    qemu = sh_qemu(tmp_path, f"echo started >&4; echo ready; sleep {marker}")
+    vfsd = executable(tmp_path / "virtiofsd", FAKE_VIRTIOFSD.format(body=f"sleep {marker}"))
+    helper = run_in_helper(make_plan([qemu], shares=(("root", "/srv", (vfsd,)),)), run)
+    try:
+        read_until(helper.stdout.fileno(), b"ready", 20)
+        helper.send_signal(signum)
+        assert helper.wait(20) == 128 + signum
+    finally:
+        helper.kill()
+        helper.wait()
+        helper.stdout.close()
+    run.assert_clean(marker)
+
+
+def test_qemu_failure_beside_a_healthy_virtiofsd(run, tmp_path, marker):
+    qemu = sh_qemu(tmp_path, "echo 'qemu-system-x86_64: -device foo: no such device' >&2; exit 1")
+    vfsd = executable(tmp_path / "virtiofsd", FAKE_VIRTIOFSD.format(body=f"sleep {marker}"))
+    status, _, err = run(make_plan([qemu], shares=(("root", "/srv", (vfsd,)),)))
+    assert status == ExitStatus.HOST
+    assert err.decode().startswith("microvmc: QEMU failed: qemu-system-x86_64: -device foo")
+    run.assert_clean(marker)
+
+
+def test_qemu_that_does_not_end_after_the_report(run, tmp_path, marker, monkeypatch):
+    monkeypatch.setattr(qemu_backend, "SHUTDOWN_GRACE", 0.5)
+    qemu = sh_qemu(tmp_path, f"printf 'started\\nexit 3\\n' >&4; sleep {marker}")
+    assert run(make_plan([qemu]))[0] == 3
+    run.assert_clean(marker)
+
+
+def test_pipes_held_open_after_qemu_ended(run, tmp_path, marker, monkeypatch):
+    """A process QEMU left behind keeps the pipes open: the run still ends, and it is killed."""
+    monkeypatch.setattr(qemu_backend, "EOF_GRACE", 0.5)
+    qemu = sh_qemu(tmp_path, f"printf 'started\\nexit 0\\n' >&4; sleep {marker} & exit 0")
+    assert run(make_plan([qemu]))[0] == 0
+    run.assert_clean(marker)
+
+
+def test_terminal_stdin_mode_is_restored(run, tmp_path):
+    """QEMU's stdio chardev puts a terminal in raw mode; microvmc puts it back."""
+    qemu = executable(
+        tmp_path / "qemu",
+        f"#!{sys.executable}\nimport os, tty\ntty.setraw(0)\nos.set_blocking(0, False)\n"
+        "os.write(4, b'started\\nexit 0\\n')\n",
+    )
+    main, terminal = pty.openpty()
+    try:
+        before = termios.tcgetattr(terminal)
+        assert run(make_plan([qemu]), stdin=terminal)[0] == 0
+        assert termios.tcgetattr(terminal) == before
+        assert os.get_blocking(terminal)
+    finally:
+        os.close(main)
+        os.close(terminal)
+
+
+# --- real boots --------------------------------------------------------------------------------
+
+KERNEL_DIR = Path(
+    os.environ.get("MICROVMC_KERNEL_DIR")
+    or Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local/share")
+    / "microvmc/kernel/default"
+)
+QEMU = shutil.which("qemu-system-x86_64")
+VIRTIOFSD = next(
+    (p for p in ("/usr/lib/qemu/virtiofsd", "/usr/libexec/virtiofsd") if os.path.exists(p)), None
+)
+BUSYBOX = shutil.which("busybox")
+# Dependencies first (virtio needs virtio_ring).
+MODULES = (
+    "drivers/virtio/virtio_ring.ko",
+    "drivers/virtio/virtio.ko",
+    "drivers/virtio/virtio_mmio.ko",
+    "drivers/char/virtio_console.ko",
+    "fs/fuse/fuse.ko",
+    "fs/fuse/virtiofs.ko",
+)
+
+boot = pytest.mark.skipif(
+    not (QEMU and BUSYBOX and (KERNEL_DIR / "vmlinuz").exists()),
+    reason="needs qemu-system-x86_64, busybox and a kernel in " + str(KERNEL_DIR),
+)
+
+# PID 1: finds the named ports, reports as init/PROTOCOL.md says, runs /prog with the ports as
+# its stdio, reports its status, reboots (QEMU's -no-reboot then ends QEMU).
+INIT = """#!/bin/sh
+/bin/busybox --install -s /bin
+export PATH=/bin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+for m in /lib/modules/*.ko; do insmod "$m"; done
+i=0
+while [ $i -lt 200 ]; do
+  n=0
+  for p in /sys/class/virtio-ports/*; do [ -s "$p/name" ] && n=$((n+1)); done
+  [ $n -ge 4 ] && break
+  sleep 0.05; i=$((i+1))
+done
+for p in /sys/class/virtio-ports/*; do ln -s "/dev/${p##*/}" "/dev/port-$(cat "$p/name")"; done
+echo started > /dev/port-status
+sh /prog < /dev/port-stdin > /dev/port-stdout 2> /dev/port-stderr
+echo "exit $?" > /dev/port-status
+sync
+reboot -f
+"""
+
+SILENT_INIT = """#!/bin/sh
+exec /bin/busybox sleep 1000
+"""
+
+
+def cpio(entries: list[tuple[str, int, bytes]]) -> bytes:
+    """A gzip'd newc archive of (name, mode, data)."""
+    out = bytearray()
+    for ino, (name, mode, data) in enumerate([*entries, ("TRAILER!!!", 0, b"")], start=1):
+        encoded = name.encode() + b"\0"
+        fields = (ino, mode, 0, 0, 1, 0, len(data), 0, 0, 0, 0, len(encoded), 0)
+        out += b"070701" + b"".join(b"%08X" % f for f in fields) + encoded
+        out += b"\0" * (-len(out) % 4) + data
+        out += b"\0" * (-len(out) % 4)
+    return gzip.compress(bytes(out), compresslevel=1)
+
+
+def initramfs(path: Path, init: str, prog: str = "") -> str:
+    entries = [
+        (d, stat.S_IFDIR | 0o755, b"")
+        for d in ("bin", "dev", "proc", "sys", "mnt", "lib", "lib/modules")
+    ]
+    entries.append(("bin/busybox", stat.S_IFREG | 0o755, Path(BUSYBOX).read_bytes()))
+    entries.append(("bin/sh", stat.S_IFLNK | 0o777, b"busybox"))
+    for i, module in enumerate(MODULES):
+        data = (KERNEL_DIR / "modules/kernel" / module).read_bytes()
+        entries.append((f"lib/modules/{i}-{Path(module).name}", stat.S_IFREG | 0o644, data))
+    entries.append(("init", stat.S_IFREG | 0o755, init.encode()))
+    entries.append(("prog", stat.S_IFREG | 0o644, prog.encode()))
+    path.write_bytes(cpio(entries))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def vmlinux(tmp_path_factory) -> str:
+    """The ELF kernel inside the xz bzImage: booted directly (PVH) it skips decompression."""
+    image = (KERNEL_DIR / "vmlinuz").read_bytes()
+    path = tmp_path_factory.mktemp("kernel") / "vmlinux"
+    path.write_bytes(lzma.LZMADecompressor().decompress(image[image.index(b"\xfd7zXZ\x00") :]))
+    return str(path)
+
+
+def qemu_argv(kernel: str, initrd: str, shares: tuple[str, ...] = ()) -> list[str]:
+    tsc = tsc_khz()
+    append = "console=ttyS0 reboot=t panic=-1 quiet" + (
+        f" tsc_early_khz={tsc} tsc=reliable" if tsc else ""
+    )
+    argv = [
+        QEMU,
+        *("-M", "microvm,accel=tcg,memory-backend=mem"),
+        *("-cpu", "max"),
+        *("-smp", "1"),
+        *("-m", "256M"),
+        *("-object", "memory-backend-memfd,id=mem,size=256M,share=on"),
+        *("-global", "virtio-mmio.force-legacy=false"),
+        "-nodefaults",
+        "-no-user-config",
+        *("-display", "none"),
+        "-no-reboot",
+        *("-kernel", kernel),
+        *("-initrd", initrd),
+        *("-append", append),
+        *("-serial", "chardev:console"),
+        *("-chardev", "file,id=console,path=/dev/fd/5,append=on"),
+        *("-device", "virtio-serial-device,max_ports=8"),
+        *("-chardev", "stdio,id=stdin,signal=off"),
+        *("-device", "virtserialport,chardev=stdin,name=stdin"),
+    ]
+    for name, fd in (("stdout", 1), ("stderr", 3), ("status", 4)):
+        argv += ["-chardev", f"file,id={name},path=/dev/fd/{fd},append=on"]
+        argv += ["-device", f"virtserialport,chardev={name},name={name}"]
+    for tag in shares:
+        argv += ["-chardev", f"socket,id=fs-{tag},path=fs-{tag}.sock"]
+        argv += ["-device", f"vhost-user-fs-device,chardev=fs-{tag},tag={tag}"]
+    return argv
+
+
+def virtiofsd_argv(directory: Path) -> tuple[str, ...]:
+    return (VIRTIOFSD, "-o", f"source={directory}", "-o", "cache=auto", "-o", "sandbox=chroot")
+
+
+@pytest.mark.boot
+@boot
+def test_boot_status_streams_and_stdin_eof(run, tmp_path, vmlinux):
+    prog = "cat; echo out; echo err >&2; exit 7"
+    plan = make_plan(qemu_argv(vmlinux, initramfs(tmp_path / "initrd", INIT, prog)))
+    status, out, err = run(plan, input=b"line one\nline two\n")
+    assert (status, out, err) == (7, b"line one\nline two\nout\n", b"err\n")
+    assert run.log("status") == "started\nexit 7\n"
+    run.assert_clean(str(tmp_path))
+
+
+@pytest.mark.boot
+@boot
+def test_boot_binary_round_trip(run, tmp_path, vmlinux):
+    data = os.urandom(1 << 20)
+    plan = make_plan(qemu_argv(vmlinux, initramfs(tmp_path / "initrd", INIT, "cat")))
+    status, out, err = run(plan, input=data)
+    assert (status, err) == (0, b"")
+    assert out == data
+
+
+@pytest.mark.boot
+@boot
+def test_boot_timeout_real(run, tmp_path, vmlinux):
+    plan = make_plan(
+        qemu_argv(vmlinux, initramfs(tmp_path / "initrd", SILENT_INIT)), boot_timeout=3
+    )
+    start = time.monotonic()
+    status, _, err = run(plan)
+    assert status == ExitStatus.TIMEOUT
+    assert time.monotonic() - start < 3 + 5
+    assert err.decode().startswith("microvmc: the guest did not start the program within 3 s")
+    run.assert_clean(str(tmp_path))
+
+
+needs_virtiofsd = pytest.mark.skipif(
+    VIRTIOFSD is None or os.geteuid() != 0, reason="needs virtiofsd, run as root"
+)
+
+
+@pytest.mark.boot
+@boot
+@needs_virtiofsd
+def test_boot_sigterm_mid_run(run, tmp_path, vmlinux):
+    share = tmp_path / "share"
+    share.mkdir()
+    (share / "hello").write_text("from the host\n")
+    prog = "mount -t virtiofs root /mnt && cat /mnt/hello && echo ready && sleep 1000"
+    plan = make_plan(
+        qemu_argv(vmlinux, initramfs(tmp_path / "initrd", INIT, prog), shares=("root",)),
+        shares=(("root", str(share), virtiofsd_argv(share)),),
+    )
+    helper = run_in_helper(plan, run)
+    try:
+        output = read_until(helper.stdout.fileno(), b"ready", 60)
+        assert output.startswith(b"from the host\n")
+        assert leftovers(str(share)) != []  # virtiofsd runs: the check below means something
+        helper.send_signal(signal.SIGTERM)
+        assert helper.wait(20) == 143
+    finally:
+        helper.kill()
+        helper.wait()
+        helper.stdout.close()
+    run.assert_clean(str(tmp_path))
+
+
+@pytest.mark.boot
+@boot
+@needs_virtiofsd
+def test_boot_virtiofsd_killed(run, tmp_path, vmlinux):
+    share = tmp_path / "share"
+    share.mkdir()
+    prog = "mount -t virtiofs root /mnt && echo ready && sleep 1000"
+    plan = make_plan(
+        qemu_argv(vmlinux, initramfs(tmp_path / "initrd", INIT, prog), shares=("root",)),
+        shares=(("root", str(share), virtiofsd_argv(share)),),
+    )
+    read_end, write_end = os.pipe()
+
+    def kill_virtiofsd():
+        try:
+            read_until(read_end, b"ready", 60)
+        finally:
+            subprocess.run(["pkill", "-KILL", "-f", f"virtiofsd.*source={share}"])
+
+    killer = threading.Thread(target=kill_virtiofsd)
+    killer.start()
+    try:
+        status, _, err = run(plan, stdout=write_end)
+    finally:
+        os.close(write_end)
+        killer.join(60)
+        os.close(read_end)
+    assert status == ExitStatus.VIRTIOFSD_DIED
+    assert err.decode() == (
+        "microvmc: virtiofsd for share 'root' died while the VM ran (killed by signal 9); "
+        f"log: {run.logs}/virtiofsd-root.log\n"
+    )
+    run.assert_clean(str(tmp_path))
