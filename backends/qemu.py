@@ -16,7 +16,6 @@ import signal
 import socket
 import stat
 import tempfile
-import termios
 import threading
 import time
 from collections.abc import Iterator
@@ -41,6 +40,7 @@ EOF_GRACE = 5.0  # seconds after QEMU ended until its pipes must be at EOF
 SINK_LIMIT = 1 << 20  # bytes kept for a slow reader before we stop reading from QEMU
 READ_CHUNK = 1 << 16
 WRITE_CHUNK = select.PIPE_BUF  # what a pipe that polls writable takes without blocking
+RELAY_POLL = 0.1  # seconds the terminal relay waits before checking whether the run ended
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 FINAL_REPORTS = frozenset({"exit", "signal", "error"})  # init reboots after these
 QEMU_LOG_HEAD = 1 << 16  # bytes of qemu.log searched for the reason QEMU failed
@@ -95,7 +95,7 @@ def run_plan(
                 (vp, stack.enter_context(_virtiofsd(vp, rundir=rundir, log=logs.virtiofsd(vp.tag))))
                 for vp in plan.virtiofsd
             )
-            qemu_stdin = stack.enter_context(_stdin_restored(stdin))
+            qemu_stdin = stack.enter_context(_stdin_for_qemu(stdin))
             status_file = stack.enter_context(open(logs.status, "wb"))
             sinks = _sinks(stdout, stderr)
             qemu, readers = stack.enter_context(
@@ -503,27 +503,64 @@ def _virtiofsd(vp: VirtiofsdPlan, *, rundir: Path, log: Path) -> Iterator[Child]
 
 
 @contextmanager
-def _stdin_restored(stdin: int) -> Iterator[int]:
-    """The caller's stdin for QEMU; its O_NONBLOCK and terminal mode, which QEMU's stdio
-    chardev changes on the shared open file, are put back afterwards."""
+def _stdin_for_qemu(stdin: int) -> Iterator[int]:
+    """What QEMU reads as the program's stdin.
+
+    A terminal is not handed to QEMU: its stdio chardev would put it in raw mode, where Enter is
+    `\r`, Ctrl-D is a byte rather than the end of input and Ctrl-C never reaches microvmc. Instead
+    a thread copies the terminal, left in its normal mode, into a pipe: the user edits lines as
+    usual, Ctrl-D ends the program's input and Ctrl-C stops the run. Anything else (pipe, file,
+    socket, /dev/null) is passed as it is; its O_NONBLOCK, which QEMU sets on the shared open file,
+    is put back afterwards."""
     with ExitStack() as stack:
         try:
             os.fstat(stdin)
         except OSError:  # closed: the program gets an empty stdin
             stdin = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
             stack.callback(os.close, stdin)
+        if os.isatty(stdin):
+            yield stack.enter_context(_terminal_relay(stdin))
+            return
         flags = fcntl.fcntl(stdin, fcntl.F_GETFL)
-        mode = termios.tcgetattr(stdin) if os.isatty(stdin) else None
         try:
             yield stdin
         finally:
             try:
                 if fcntl.fcntl(stdin, fcntl.F_GETFL) != flags:
                     fcntl.fcntl(stdin, fcntl.F_SETFL, flags)
-                if mode is not None and termios.tcgetattr(stdin) != mode:
-                    termios.tcsetattr(stdin, termios.TCSANOW, mode)
-            except (OSError, termios.error):  # the terminal hung up: nothing to restore
+            except OSError:
                 pass
+
+
+@contextmanager
+def _terminal_relay(tty: int) -> Iterator[int]:
+    """The read end of a pipe fed from `tty` by a thread until end of input or the run's end."""
+    read_end, write_end = os.pipe2(os.O_CLOEXEC)
+    stop = threading.Event()
+
+    def copy() -> None:
+        try:
+            while not stop.is_set():
+                ready, _, _ = select.select([tty], [], [], RELAY_POLL)
+                if not ready:
+                    continue
+                data = os.read(tty, 65536)
+                if not data:  # Ctrl-D at the start of a line
+                    break
+                os.write(write_end, data)
+        except OSError:  # the terminal hung up, or QEMU is gone
+            pass
+        finally:
+            os.close(write_end)
+
+    thread = threading.Thread(target=copy, name="microvmc-stdin", daemon=True)
+    thread.start()
+    try:
+        yield read_end
+    finally:
+        stop.set()
+        os.close(read_end)  # unblocks a write to a full pipe with EPIPE
+        thread.join()
 
 
 class _Closer:
@@ -572,7 +609,7 @@ def _qemu(
                     name="qemu",
                     grace=QEMU_GRACE,
                     # QEMU puts a terminal stdin in raw mode: that needs the foreground group.
-                    own_group=not os.isatty(stdin),
+                    own_group=True,  # it never touches the terminal (see _stdin_for_qemu)
                 )
             )
         except OSError as e:

@@ -425,17 +425,20 @@ def test_pipes_held_open_after_qemu_ended(run, tmp_path, marker, monkeypatch):
     run.assert_clean(marker)
 
 
-def test_terminal_stdin_mode_is_restored(run, tmp_path):
-    """QEMU's stdio chardev puts a terminal in raw mode; microvmc puts it back."""
+def test_a_terminal_is_relayed_not_handed_to_qemu(run, tmp_path):
+    """QEMU gets a pipe fed from the terminal, so it can never put the terminal in raw mode; a
+    line typed arrives, Ctrl-D ends the input, and the terminal is as it was."""
     qemu = executable(
         tmp_path / "qemu",
-        f"#!{sys.executable}\nimport os, tty\ntty.setraw(0)\nos.set_blocking(0, False)\n"
-        "os.write(4, b'started\\nexit 0\\n')\n",
+        f"#!{sys.executable}\nimport os, sys\nassert not os.isatty(0)\n"
+        "data = sys.stdin.buffer.read()\nos.write(1, data)\nos.write(4, b'started\\nexit 0\\n')\n",
     )
     main, terminal = pty.openpty()
     try:
         before = termios.tcgetattr(terminal)
-        assert run(make_plan([qemu]), stdin=terminal)[0] == 0
+        os.write(main, b"one line\n\x04")
+        status, out, _ = run(make_plan([qemu]), stdin=terminal)
+        assert (status, out) == (0, b"one line\n")
         assert termios.tcgetattr(terminal) == before
         assert os.get_blocking(terminal)
     finally:

@@ -176,3 +176,28 @@ def test_a_dead_virtiofsd_stops_the_run(env) -> None:
     while leftovers(env) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not leftovers(env)
+
+
+def test_a_terminal_stays_a_terminal(env) -> None:
+    """On a terminal, input is line-edited as usual, Ctrl-D ends it and Ctrl-C stops the run."""
+    import fcntl
+    import termios
+
+    def controlling_tty() -> None:
+        os.setsid()
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    for keys, status, output in ((b"typed line\n\x04", 0, b"typed line\n"), (b"\x03", 130, b"")):
+        master, slave = os.openpty()
+        p = subprocess.Popen([*MICROVMC, "run", str(EXAMPLES / "cat.toml")], env=env, stdin=slave,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=controlling_tty)
+        os.close(slave)
+        before = termios.tcgetattr(master)
+        time.sleep(0.5)
+        os.write(master, keys)
+        out, _ = p.communicate(timeout=TIMEOUT)
+        assert (p.returncode, out) == (status, output)
+        assert termios.tcgetattr(master)[3] & termios.ICANON  # still in line mode
+        assert termios.tcgetattr(master) == before
+        os.close(master)
+    assert not leftovers(env)

@@ -83,6 +83,12 @@ set -- "$@" \
 # The program's output goes through pipes, so that a regular file as this script's stdout keeps
 # one shared offset (QEMU reopening /dev/fd/1 would write at its own).
 mkfifo stdout.pipe stderr.pipe || exit 121
+if [ -t 6 ]; then  # a terminal keeps its line mode (QEMU would make it raw): cat relays it
+    mkfifo stdin.pipe || exit 121
+    cat <&6 >stdin.pipe &
+    pids="$pids $!"
+    exec 6<stdin.pipe
+fi
 cat stdout.pipe &
 relays="$!"
 cat stderr.pipe >&2 &
@@ -91,11 +97,13 @@ relays="$relays $!"
 qemu=$!
 pids="$pids $qemu"
 # resources.boot_timeout: the program must start within 120 s
+# (a watcher's sleep runs in the background so that cleanup's kill stops it at once)
 (
+    trap 'kill "$nap" 2>/dev/null; exit 0' TERM
     left=120
     while [ "$left" -gt 0 ]; do
         grep -q '^started' status 2>/dev/null && exit 0
-        sleep 1; left=$((left - 1))
+        sleep 1 & nap=$!; wait "$nap"; left=$((left - 1))
     done
     : > timed-out; kill "$qemu" 2>/dev/null
 ) &
