@@ -1,0 +1,170 @@
+"""Running /bin/true in a VM: `microvmc run` against a minimal hand-written shell script that boots
+the identical VM (bench/baseline-true.sh), with the generated `launch.sh` as a third column.
+
+The manifest is written to a temporary directory:  version = 1 / [process] argv = ["/bin/true"].
+`microvmc plan --json` gives the kernel, initramfs, command line, root share, memory, CPUs and
+accelerator the baseline boots, so all three boot the same kernel with the same command line.
+A fourth column, `microvmc build` of the same manifest (cached, no VM), shows what `run` pays
+before it boots. The four alternate (ABCD, BCDA, ...), --reps rounds after --warmup untimed ones.
+Target: microvmc run / baseline ≤ 1.03 (ratio of medians).
+
+    python3 bench/run_true.py [-n 5] [--json] [--check]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _measure as m  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+BASELINE = os.path.join(HERE, "baseline-true.sh")
+TARGET = 1.03
+MANIFEST = 'version = 1\n\n[process]\nargv = ["/bin/true"]\n'
+# The QEMU options baseline-true.sh writes out; a plan with others boots a different VM.
+BASELINE_OPTIONS = frozenset({
+    "-M", "-nodefaults", "-no-user-config", "-display", "-no-reboot", "-accel", "-cpu", "-smp", "-m",
+    "-object", "-global", "-kernel", "-initrd", "-append", "-serial", "-chardev", "-device",
+})
+
+
+def _after(argv: list[str], option: str) -> str:
+    return argv[argv.index(option) + 1]
+
+
+def baseline_env(plan: dict) -> dict[str, str]:
+    """What baseline-true.sh needs, taken from the plan."""
+    argv = plan["qemu_argv"]
+    root = next(v for v in plan["virtiofsd"] if v["tag"] == "root")
+    return {
+        "QEMU": argv[0],
+        "VIRTIOFSD": root["argv"][0],
+        "ROOTFS": root["shared_dir"],
+        "KERNEL": plan["kernel"],
+        "INITRD": plan["initramfs"],
+        "APPEND": plan["cmdline"],
+        "MEMORY": _after(argv, "-m"),
+        "CPUS": _after(argv, "-smp"),
+        "ACCEL": _after(argv, "-accel"),
+        "CPU": _after(argv, "-cpu"),
+    }
+
+
+def differences(plan: dict) -> list[str]:
+    """Where the plan's VM differs from what baseline-true.sh boots (empty: the same VM)."""
+    found = []
+    extra = sorted({a for a in plan["qemu_argv"][1:] if a.startswith("-") and a not in BASELINE_OPTIONS})
+    if extra:
+        found.append(f"the plan has QEMU options the baseline lacks: {' '.join(extra)}")
+    if _after(plan["qemu_argv"], "-M").split(",")[0] != "microvm":
+        found.append("the plan's machine is not microvm")
+    shares = [v["tag"] for v in plan["virtiofsd"]]
+    if shares != ["root"]:
+        found.append(f"the plan has virtiofs shares {shares}, the baseline only 'root'")
+    else:
+        argv = plan["virtiofsd"][0]["argv"]
+        options = [argv[i + 1] for i, a in enumerate(argv) if a == "-o"]
+        if sorted(o for o in options if not o.startswith("source=")) != ["cache=auto", "sandbox=chroot"]:
+            found.append(f"the plan's virtiofsd options differ: {argv[1:]}")
+    return found
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    m.add_common_args(parser, reps=5)
+    parser.add_argument("--check", action="store_true", help=f"exit 1 if microvmc run / baseline > {TARGET}")
+    args = parser.parse_args(argv)
+    m.become_subreaper()
+
+    microvmc = m.microvmc_command(args.microvmc)
+    work = tempfile.mkdtemp(prefix="microvmc-bench-run-")
+    tmp = os.path.join(work, "tmp")  # TMPDIR of every run: whatever a run leaves there shows up
+    os.mkdir(tmp)
+    env = {"TMPDIR": tmp, "XDG_STATE_HOME": os.path.join(work, "state")}  # run records stay in here
+    manifest = os.path.join(work, "true.toml")
+    result: dict = {"benchmark": "run_true", "machine": m.machine(), "microvmc": list(microvmc), "target": TARGET}
+    try:
+        with open(manifest, "w") as f:
+            f.write(MANIFEST)
+        subprocess.run([*microvmc, "build", manifest], cwd=work, check=True, capture_output=True,
+                       env=dict(os.environ, **env), timeout=600)
+        plan_json = subprocess.run([*microvmc, "plan", "--json", manifest], cwd=work, check=True,
+                                   capture_output=True, text=True, env=dict(os.environ, **env), timeout=120).stdout
+        plan = json.loads(plan_json)
+        result["accel"] = plan["accel"]
+        result["cmdline"] = plan["cmdline"]
+        result["differences"] = differences(plan)
+        commands = [
+            m.Command(key="microvmc", label="microvmc run true.toml", argv=(*microvmc, "run", manifest),
+                      cwd=work, env=env, timeout=180),
+            m.Command(key="baseline", label="baseline-true.sh (baseline)", argv=("sh", BASELINE),
+                      cwd=work, env=dict(env, **baseline_env(plan)), timeout=180),
+            m.Command(key="launch", label="sh result/launch.sh", argv=("sh", os.path.join(work, "result", "launch.sh")),
+                      cwd=work, env=env, timeout=180),
+            # Not a VM: what `microvmc run` does before it boots (compile, realize), for attribution.
+            m.Command(key="build", label="(microvmc build true.toml, cached)", argv=(*microvmc, "build", manifest),
+                      cwd=work, env=env, timeout=180),
+        ]
+        samples = m.interleave(commands, args.reps, warmup=args.warmup, progress=not args.quiet)
+        result["commands"] = {c.key: dict(m.summarize(samples[c.key]), label=c.label) for c in commands}
+        result["ratios"] = {
+            "microvmc/baseline": m.ratio_block(samples, "microvmc", "baseline"),
+            "launch/baseline": m.ratio_block(samples, "launch", "baseline"),
+            "microvmc/launch": m.ratio_block(samples, "microvmc", "launch"),
+            "build/baseline": m.ratio_block(samples, "build", "baseline"),
+        }
+        result["left_in_tmpdir"] = sorted(os.listdir(tmp))
+    except (RuntimeError, subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
+        detail = getattr(exc, "stderr", None)
+        print(f"run_true: {exc}" + (f"\n{detail}" if detail else ""), file=sys.stderr)
+        return 2
+    finally:
+        result["left_running"] = list(m.sweep_leftovers())
+        shutil.rmtree(work, ignore_errors=True)
+
+    c, r = result["commands"], result["ratios"]
+    rows = []
+    for key, ratio in (("microvmc", "microvmc/baseline"), ("baseline", None), ("launch", "launch/baseline"),
+                       ("build", "build/baseline")):
+        s = c[key]
+        rows.append([s["label"], m.secs(s["wall_median_s"]), m.secs(s["wall_min_s"]), m.secs(s["wall_max_s"]),
+                     m.secs(s["cpu_median_s"]),
+                     f"{r[ratio]['of_medians']:.3f}x" if ratio else "1.000x",
+                     f"{r[ratio]['median_of_paired']:.3f}x" if ratio else "1.000x",
+                     f"{r[ratio]['delta_paired_median_s']:+.3f} s" if ratio else "",
+                     f"{r[ratio]['cpu_delta_paired_median_s']:+.3f} s" if ratio else ""])
+    ratio = r["microvmc/baseline"]["of_medians"]
+    paired = r["microvmc/baseline"]["median_of_paired"]
+    verdict = "met" if ratio <= TARGET else "NOT met"
+    if (ratio <= TARGET) != (paired <= TARGET):
+        verdict += f", but the paired ratio ({paired:.3f}) says otherwise: too noisy to tell, rerun with a larger -n"
+    leftovers = [f"after {c[k]['label']}: {', '.join(c[k]['leftovers'])}" for k in c if c[k]["leftovers"]]
+    if result["left_running"]:
+        leftovers.append(f"at the end: {', '.join(result['left_running'])}")
+    lines = [
+        f"run /bin/true in a VM ({result['accel']}): {args.reps} runs each, alternated; "
+        "ratio = median / median of the baseline; paired, delta, cpu delta = medians over rounds of "
+        "the per-round ratio and differences",
+        m.table(rows, ["command", "median", "min", "max", "cpu", "ratio", "paired", "delta", "cpu delta"]),
+        "",
+        f"microvmc run / baseline = {ratio:.3f} (target ≤ {TARGET}): {verdict}; "
+        f"microvmc run / launch.sh = {r['microvmc/launch']['of_medians']:.3f}",
+        f"microvmc run − baseline = {r['microvmc/baseline']['delta_paired_median_s']:+.3f} s; "
+        f"a cached microvmc build alone takes {m.secs(c['build']['wall_median_s'])}, which run pays before booting",
+        "same VM as the plan: " + ("yes" if not result["differences"] else "NO: " + "; ".join(result["differences"])),
+        "left running (stopped by the benchmark): " + ("; ".join(leftovers) if leftovers else "nothing")
+        + "; left in TMPDIR by the runs: " + (", ".join(result["left_in_tmpdir"]) or "nothing"),
+    ]
+    m.emit_report(result, "\n".join(lines), args.json)
+    return 1 if args.check and ratio > TARGET else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
