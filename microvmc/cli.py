@@ -112,11 +112,20 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     return status
 
 
-def _cmd_build(args: argparse.Namespace) -> int:
-    from microvmc.backends.build import link_result, realize
+def _built(args: argparse.Namespace):
+    """(output path, plan) of the manifest: from the evaluation cache, or compiled and built."""
+    from microvmc.backends.build import build
+    from microvmc.backends.host import probe_host
+    from microvmc.compiler.store import default_store_root
 
-    compiled = _compile(args)
-    out = realize(compiled)
+    store = os.path.abspath(args.store) if args.store else str(default_store_root())
+    return build(args.manifest, argv=args.argv, env=_env_overrides(args.env), store=store, facts=probe_host())
+
+
+def _cmd_build(args: argparse.Namespace) -> int:
+    from microvmc.backends.build import link_result
+
+    out, _ = _built(args)
     if not args.no_link:
         link_result(out, args.out_link)
     print(out)
@@ -152,16 +161,14 @@ def _cmd_graph(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from microvmc.backends.build import realize
     from microvmc.backends.qemu import run_plan
     from microvmc.backends.runs import new_run_dir
 
-    compiled = _compile(args)
-    realize(compiled)
-    log_dir = new_run_dir(compiled.plan.name)
+    out, plan = _built(args)
+    log_dir = new_run_dir(plan.name)
     if args.verbose:
-        print(f"microvmc: build output {compiled.output.path}", file=sys.stderr)
-    return run_plan(compiled.plan, log_dir=log_dir, verbose=args.verbose)
+        print(f"microvmc: build output {out}", file=sys.stderr)
+    return run_plan(plan, log_dir=log_dir, verbose=args.verbose)
 
 
 COMMANDS = {

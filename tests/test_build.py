@@ -124,3 +124,40 @@ def test_result_link_must_not_clobber_a_file(env, tmp_path: Path) -> None:
     assert r.returncode == 125
     assert r.stderr == "microvmc: result exists and is not a symbolic link; not replacing it (use -o to choose another name)\n"
     assert (tmp_path / "result").read_text() == "mine"
+
+
+def _build_in_process(env, cwd: Path, manifest: Path) -> tuple[int, str, str, bool]:
+    """A build in a fresh interpreter: status, stdout, stderr, and whether it compiled (imported jsonschema)."""
+    code = ("import sys; from microvmc.cli import main; status = main(['build', '--no-link', sys.argv[1]]); "
+            "print('COMPILED' if 'jsonschema' in sys.modules else 'CACHED', file=sys.stderr); sys.exit(status)")
+    r = subprocess.run([sys.executable, "-c", code, str(manifest)], cwd=cwd, env=env, capture_output=True, text=True)
+    lines = r.stderr.splitlines()
+    return r.returncode, r.stdout.strip(), "\n".join(lines[:-1]), lines[-1] == "COMPILED"
+
+
+def test_evaluation_cache_hits_only_while_every_input_is_unchanged(env, tmp_path: Path) -> None:
+    (tmp_path / "data").mkdir()
+    (tmp_path / "base.toml").write_text('version = 1\n[process]\nenv = { A = "1" }\n')
+    manifest = tmp_path / "m.toml"
+    manifest.write_text('version = 1\nimports = ["base.toml"]\n[process]\nargv = ["true"]\n'
+                        '[shares.data]\nhost = "data"\nguest = "/data"\n')
+    status, first, _, compiled = _build_in_process(env, tmp_path, manifest)
+    assert (status, compiled) == (0, True)
+    assert _build_in_process(env, tmp_path, manifest)[1:] == (first, "", False)  # a hit: nothing compiled
+
+    (tmp_path / "base.toml").write_text('version = 1\n[process]\nenv = { A = "2" }\n')  # an imported file changed
+    status, second, _, compiled = _build_in_process(env, tmp_path, manifest)
+    assert (status, compiled) == (0, True) and second != first
+
+    (tmp_path / "data").rmdir()  # a source the cache saw is gone: compile, and say what is wrong
+    status, _, err, compiled = _build_in_process(env, tmp_path, manifest)
+    assert (status, compiled) == (125, True)
+    assert err == 'm.toml: shares.data.host: "data" is not a directory'
+
+    (tmp_path / "data").mkdir()  # back: shared directories are identified by path, so the entry holds again
+    assert _build_in_process(env, tmp_path, manifest)[1:] == (second, "", False)
+    cache = Path(env["XDG_CACHE_HOME"], "microvmc", "eval")
+    for entry in cache.iterdir():
+        entry.write_text("{ not json")  # a damaged entry is a miss, never an error
+    status, again, _, compiled = _build_in_process(env, tmp_path, manifest)
+    assert (status, again, compiled) == (0, second, True)

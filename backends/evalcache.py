@@ -1,0 +1,131 @@
+"""A cache of compiled plans: `run` or `build` of an unchanged manifest skips compiling.
+
+Like Nix's evaluation cache. An entry is keyed by what the command asked for (the manifest's path,
+the command-line overrides, the store, the host facts, microvmc's own code) and records everything
+else the compiler read: every manifest file by content, and a fingerprint (size, mtime, inode) of
+every source file or directory the graph depends on. It is used only when all of these still match
+and the output and the store paths it needs are all present; otherwise the manifest is compiled
+afresh. A hit imports none of jsonschema, networkx and elftools, which is most of a cached build's
+time (bench/cached_build.py), and which a short `run` cannot afford (bench/run_true.py).
+
+An unreadable or stale entry is never an error, only a miss.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from microvmc.compiler.host import HostFacts
+from microvmc.compiler.launch import LaunchPlan
+
+__all__ = ["CacheKey", "Hit", "lookup", "record"]
+
+FORMAT = 1
+_CODE_PACKAGES = ("microvmc", "microvmc.compiler", "microvmc.backends", "microvmc.kernel", "microvmc.init",
+                  "microvmc.schemas")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class CacheKey:
+    manifest: str  # absolute path
+    argv: tuple[str, ...]
+    env: tuple[tuple[str, str], ...]
+    store: str
+    facts: HostFacts
+
+    def digest(self) -> str:
+        value = {
+            "format": FORMAT,
+            "manifest": self.manifest,
+            "argv": list(self.argv),
+            "env": [list(e) for e in self.env],
+            "store": self.store,
+            "facts": self.facts.to_dict(),
+            "code": _code_fingerprint(),
+        }
+        return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Hit:
+    output: str
+    plan: LaunchPlan
+
+
+def _cache_dir(environ: Mapping[str, str]) -> Path:
+    cache = environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(cache, "microvmc", "eval")
+
+
+def _code_fingerprint() -> list[Any]:
+    """microvmc's own files (sources, schema, init.c) by size and mtime: a new version, or an edit
+    in a development checkout, invalidates every entry."""
+    import importlib.util
+
+    out = []
+    for name in _CODE_PACKAGES:
+        spec = importlib.util.find_spec(name)
+        for location in (spec.submodule_search_locations or []) if spec else []:
+            for entry in sorted(os.scandir(location), key=lambda e: e.name):
+                if entry.is_file() and entry.name.endswith((".py", ".json", ".c")):
+                    st = entry.stat()
+                    out.append([name, entry.name, st.st_size, st.st_mtime_ns])
+    return out
+
+
+def _fingerprint(path: str) -> list[Any] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    if os.path.isdir(path):
+        return ["dir"]
+    return [st.st_size, st.st_mtime_ns, st.st_ino]
+
+
+def _file_sha(path: str) -> str | None:
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+def lookup(key: CacheKey, environ: Mapping[str, str] = os.environ) -> Hit | None:
+    entry_path = _cache_dir(environ) / f"{key.digest()}.json"
+    try:
+        entry = json.loads(entry_path.read_text())
+        if any(_file_sha(f) != sha for f, sha in entry["files"].items()):
+            return None
+        if any(_fingerprint(p) != fp for p, fp in entry["sources"].items()):
+            return None
+        if not all(os.path.isdir(p) for p in [entry["output"], *entry["requires"]]):
+            return None
+        plan = LaunchPlan.from_dict(json.loads(Path(entry["output"], "plan.json").read_text())["plan"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return Hit(output=entry["output"], plan=plan)
+
+
+def record(key: CacheKey, *, files: Sequence[str], sources: Sequence[str], requires: Sequence[str], output: str,
+           environ: Mapping[str, str] = os.environ) -> None:
+    """Remember a compiled output. Written aside and renamed, so a reader never sees half an entry."""
+    entry = {
+        "files": {f: _file_sha(f) for f in files},
+        "sources": {p: _fingerprint(p) for p in sources},
+        "requires": list(requires),
+        "output": output,
+    }
+    directory = _cache_dir(environ)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        target = directory / f"{key.digest()}.json"
+        tmp = target.with_suffix(f".tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(entry, sort_keys=True, indent=1))
+        os.replace(tmp, target)
+    except OSError:
+        pass  # a cache that cannot be written only costs time
