@@ -114,7 +114,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 def _built(args: argparse.Namespace):
     """(output path, plan) of the manifest: from the evaluation cache, or compiled and built."""
-    from microvmc.backends.build import build
+    from microvmc.backends.outputs import build
     from microvmc.backends.host import probe_host
     from microvmc.compiler.store import default_store_root
 
@@ -123,7 +123,7 @@ def _built(args: argparse.Namespace):
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
-    from microvmc.backends.build import link_result
+    from microvmc.backends.outputs import link_result
 
     out, _ = _built(args)
     if not args.no_link:
