@@ -188,7 +188,7 @@ def launch_script(plan: LaunchPlan) -> str:
 
 
 def emit(plan: LaunchPlan, graph: Graph, store: str) -> Output:
-    virtiofsd = [dict(v.to_dict(), argv_script=list(v.argv_with_socket_path("$rundir"))) for v in plan.virtiofsd]
+    virtiofsd = [dict(v.to_dict(), argv_script=list(v.argv_with_socket_path("<run-dir>"))) for v in plan.virtiofsd]
     files = {
         "launch.sh": (launch_script(plan).encode("utf-8"), 0o755),
         "plan.json": (to_json({"microvmc": __version__, "plan": plan.to_dict(), "graph": graph.to_dict()}).encode("utf-8"), 0o644),

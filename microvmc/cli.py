@@ -144,7 +144,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         return 0
     print("# virtiofsd")
     for v in plan.virtiofsd:
-        print(shlex.join(v.argv_with_socket_path("$rundir")))
+        print(shlex.join(v.argv_with_socket_path("<run-dir>")))
     print("# qemu")
     print(" \\\n    ".join(shlex.join(g.args) for g in plan.qemu))
     print("# kernel command line" + (" (guest configuration spilled to /microvmc/config)" if plan.spilled else ""))

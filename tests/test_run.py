@@ -97,9 +97,12 @@ def test_binary_stdin_to_stdout_and_eof(env) -> None:
     assert r.stdout == data
 
 
-def test_killed_by_a_signal(env) -> None:
-    r = run(env, str(EXAMPLES / "hello.toml"), "--", "/bin/sh", "-c", "kill -KILL $$")
-    assert (r.returncode, r.stdout, r.stderr) == (128 + 9, b"", b"")
+def test_killed_by_a_signal_and_verbose_says_which_accelerator(env) -> None:
+    import re
+
+    r = run(env, "-v", str(EXAMPLES / "hello.toml"), "--", "/bin/sh", "-c", "kill -KILL $$")
+    assert (r.returncode, r.stdout) == (128 + 9, b"")
+    assert re.fullmatch(rb"microvmc: build output \S+\nmicrovmc: accel (tcg|kvm) \((auto|resources)[^\n]*\); logs in \S+\n", r.stderr), r.stderr
 
 
 def test_program_not_found(env) -> None:
