@@ -99,16 +99,18 @@ def _init(node: Node, graph: Graph, out: Path) -> None:
 
 
 def _initramfs(node: Node, graph: Graph, out: Path) -> None:
-    from microvmc.kernel.modules import decompress_module
+    from microvmc.kernel.modules import decompress_module, strip_signature
 
     entries = [Entry(path="init", kind=EntryKind.FILE, mode=0o755, data=(Path(graph.node("init").path) / "init").read_bytes())]
     order = []
     modules = graph.node("modules")
+    strip = modules.param("strip_signatures")
     for module in modules.param("modules"):
         name = f"lib/modules/{module['name']}.ko"
         source = os.path.join(modules.location("modules_dir"), module["path"])
+        data = decompress_module(Path(source).read_bytes(), path=source)
         entries.append(Entry(path=name, kind=EntryKind.FILE, mode=0o644,
-                             data=decompress_module(Path(source).read_bytes(), path=source)))
+                             data=strip_signature(data, path=source) if strip else data))
         order.append("/" + name)
     entries.append(Entry(path="microvmc/modules", kind=EntryKind.FILE, mode=0o644, data="".join(p + "\n" for p in order).encode()))
     spill = node.param("spill")

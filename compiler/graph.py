@@ -173,6 +173,16 @@ def _kernel_location(manifest: Manifest, facts: HostFacts) -> tuple[str, str]:
     return image, modules
 
 
+def _kernel_config(image: str, modules_dir: str, release: str) -> str | None:
+    """The kernel's .config, where a kernel package or build tree keeps it, if anywhere."""
+    folder = os.path.dirname(image)
+    for candidate in (os.path.join(folder, "config"), os.path.join(folder, f"config-{release}"),
+                      os.path.join(modules_dir, "build", ".config")):
+        if os.path.isfile(candidate):
+            return candidate
+    return None
+
+
 def _needed_modules(manifest: Manifest) -> tuple[str, ...]:
     transports = {manifest.image.transport, *(s.transport for s in manifest.shares)}
     wanted = list(MODULES_FOR_PORTS)
@@ -201,7 +211,7 @@ def resolve(manifest: Manifest, facts: HostFacts, store: str, sources: Sources =
     """The dependency graph of a manifest. Reads source files (to hash them and to read kernel
     module metadata) but builds nothing."""
     from microvmc.kernel.image import inspect_kernel
-    from microvmc.kernel.modules import resolve_modules, scan_modules
+    from microvmc.kernel.modules import resolve_modules, scan_modules, signatures_optional
 
     nodes: dict[str, Node] = {}
     edges: list[tuple[str, str]] = []
@@ -254,7 +264,13 @@ def resolve(manifest: Manifest, facts: HostFacts, store: str, sources: Sources =
         {"name": m.name, "path": str(m.path), "digest": sources.digest(os.path.join(modules_dir, str(m.path)))}
         for m in resolved
     ]
-    derive("modules", Builder.MODULES, "modules", ("kernel",), {"release": release, "modules": module_files},
+    config_path = _kernel_config(kernel_image, modules_dir, release)
+    if config_path:
+        source("kernel-config", config_path, kernel_keys, content=True)
+    strip = signatures_optional(sources.read(config_path).decode("utf-8", "replace") if config_path else None,
+                                manifest.kernel.cmdline)
+    derive("modules", Builder.MODULES, "modules", ("kernel", *(("kernel-config",) if config_path else ())),
+           {"release": release, "modules": module_files, "strip_signatures": strip},
            ("kernel.source", "image.transport", "image.mode", "shares"), {"modules_dir": modules_dir})
 
     # The guest's configuration travels on the kernel command line, or spills into the initramfs.

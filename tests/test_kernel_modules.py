@@ -299,3 +299,24 @@ def test_scan_prefers_uncompressed_duplicates(tmp_path):
     tree = scan_modules(tmp_path)
     assert dict(tree.modules) == {"m": PurePosixPath("kernel/a/m.ko")}
     assert tree.builtin == frozenset()
+
+
+def test_strip_signature_of_a_real_module() -> None:
+    from microvmc.kernel.modules import SIGNATURE_MAGIC, read_modinfo, strip_signature
+
+    path = MODULES / "kernel" / "fs" / "fuse" / "fuse.ko"
+    signed = path.read_bytes()
+    assert signed.endswith(SIGNATURE_MAGIC)
+    stripped = strip_signature(signed, path=str(path))
+    assert signed.startswith(stripped) and len(signed) - len(stripped) > len(SIGNATURE_MAGIC) + 12
+    assert read_modinfo(stripped, path=str(path)).name == "fuse"
+    assert strip_signature(stripped, path=str(path)) == stripped  # unsigned: unchanged
+
+
+def test_signatures_are_kept_unless_the_kernel_surely_does_not_need_them() -> None:
+    from microvmc.kernel.modules import signatures_optional
+
+    assert signatures_optional("CONFIG_MODULE_SIG=y\n# CONFIG_MODULE_SIG_FORCE is not set\n")
+    assert not signatures_optional("CONFIG_MODULE_SIG=y\nCONFIG_MODULE_SIG_FORCE=y\n")
+    assert not signatures_optional(None)  # unknown kernel: keep them
+    assert not signatures_optional("# CONFIG_MODULE_SIG_FORCE is not set\n", ["module.sig_enforce=1"])
