@@ -165,6 +165,7 @@ def launch_script(plan: LaunchPlan) -> str:
         "        error)",
         f'            code={int(s.INIT_FAILED)}; message="guest init failed at $a: ${{b#* }}"',
         '            if [ "$a" = exec ]; then',
+        '                message="cannot run the program in the guest: ${b#* }"',
         f"                code={int(s.NOT_EXECUTABLE)}",
         '                case "${b%% *}" in',
         exec_case,

@@ -6,7 +6,7 @@ plan can be computed and tested for any host without touching this one.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import StrEnum
 
 __all__ = ["HostFacts", "VirtiofsdFlavour"]

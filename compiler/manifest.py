@@ -303,7 +303,7 @@ def _semantic_problems(loaded: Loaded) -> list[Problem]:
     elif source == "builtin":
         for key in ("path", "reference"):
             if key in image:
-                add(("image", key), f"is not used when image.source is \"builtin\"")
+                add(("image", key), "is not used when image.source is \"builtin\"")
         if image.get("mode") == "read-write":
             add(("image", "mode"), "\"read-write\" would modify the built-in image",
                 "use \"overlay\" for a writable root whose changes are discarded")

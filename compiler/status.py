@@ -48,13 +48,11 @@ def interpret_status(report: str) -> Outcome:
             number = int(code) if code.isdigit() else 0
             if stage == "exec":
                 status = EXEC_ERRNO_STATUS.get(number, ExitStatus.NOT_EXECUTABLE)
+                text = f"cannot run the program in the guest: {message or 'no message'}"
             else:
                 status = ExitStatus.INIT_FAILED
-            return Outcome(
-                status=int(status),
-                started=started,
-                message=f"guest init failed at {stage}: {message or 'no message'}",
-            )
+                text = f"guest init failed at {stage}: {message or 'no message'}"
+            return Outcome(status=int(status), started=started, message=text)
     return Outcome(
         status=int(ExitStatus.GUEST_CRASHED),
         started=started,

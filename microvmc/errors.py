@@ -6,7 +6,7 @@ A message is one sentence naming the file, the key path and the offending value.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import IntEnum
 
 __all__ = [

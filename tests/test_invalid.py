@@ -6,7 +6,6 @@ key path and the value. (cycle-b.toml and imported-error-base.toml are only impo
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest

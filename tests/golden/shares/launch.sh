@@ -131,6 +131,7 @@ while read -r kind a b; do
         error)
             code=120; message="guest init failed at $a: ${b#* }"
             if [ "$a" = exec ]; then
+                message="cannot run the program in the guest: ${b#* }"
                 code=126
                 case "${b%% *}" in
                 1) code=126 ;;
