@@ -20,7 +20,7 @@ from microvmc.compiler.host import HostFacts, VirtiofsdFlavour
 
 __all__ = ["probe_host", "facts_from_dict", "kvm_status", "virtiofsd_flavour", "qemu_version"]
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 QEMU_NAME = "qemu-system-x86_64"
 VIRTIOFSD_CANDIDATES = ("/usr/lib/qemu/virtiofsd", "/usr/libexec/virtiofsd")
 BUSYBOX_CANDIDATES = ("/bin/busybox",)
@@ -50,8 +50,11 @@ def probe_host(environ: Mapping[str, str] = os.environ, *, root: str = "/") -> H
         or _first_file([_under(root, p) for p in VIRTIOFSD_CANDIDATES])
         or shutil.which("virtiofsd", path=environ.get("PATH", os.defpath))
     )
+    path = environ.get("PATH", os.defpath)
+    cc = shutil.which("gcc", path=path) or shutil.which("cc", path=path)
     key = {
         "format": CACHE_FORMAT,
+        "cc": _file_id(cc),
         "root": root,
         "env": {k: environ.get(k) for k in ENV_KEYS},
         "qemu": _file_id(qemu),
@@ -62,7 +65,7 @@ def probe_host(environ: Mapping[str, str] = os.environ, *, root: str = "/") -> H
     cached = _load_cache(cache, key)
     if cached is not None:
         return cached
-    facts = _probe(environ, root=root, qemu=qemu, virtiofsd=virtiofsd)
+    facts = _probe(environ, root=root, qemu=qemu, virtiofsd=virtiofsd, cc=cc)
     _store_cache(cache, key, facts)
     return facts
 
@@ -83,13 +86,13 @@ def facts_from_dict(d: Mapping) -> HostFacts:
         host_kernel_release=d["host_kernel_release"],
         busybox=d["busybox"],
         cc=d["cc"],
+        cc_version=d.get("cc_version", ""),
     )
 
 
 def _probe(
-    environ: Mapping[str, str], *, root: str, qemu: str | None, virtiofsd: str | None
+    environ: Mapping[str, str], *, root: str, qemu: str | None, virtiofsd: str | None, cc: str | None
 ) -> HostFacts:
-    path = environ.get("PATH", os.defpath)
     kvm_usable, kvm_reason = kvm_status(root)
     busybox = environ.get("MICROVMC_BUSYBOX") or _first_file(
         [_under(root, p) for p in BUSYBOX_CANDIDATES]
@@ -106,7 +109,8 @@ def _probe(
         default_kernel_dir=default_kernel_dir(environ),
         host_kernel_release=os.uname().release,
         busybox=busybox,
-        cc=shutil.which("gcc", path=path) or shutil.which("cc", path=path),
+        cc=cc,
+        cc_version=_version_output(cc).partition("\n")[0].strip() if cc else "",
     )
 
 

@@ -254,8 +254,11 @@ def resolve(manifest: Manifest, facts: HostFacts, store: str, sources: Sources =
     kernel_image, modules_dir = _kernel_location(manifest, facts)
     kernel_keys = ("kernel.source", "kernel.image") if manifest.kernel.source is KernelSource.PATH else ("kernel.source",)
     source("kernel", kernel_image, kernel_keys, content=True)
-    info = inspect_kernel(sources.read(kernel_image)[:0x10000], path=kernel_image)
+    info = inspect_kernel(sources.read(kernel_image), path=kernel_image)
     release = info.release or os.path.basename(os.path.normpath(modules_dir))
+    if not release[:1].isdigit():
+        raise KernelError(f"{kernel_image}: cannot tell which kernel release this is, so its modules cannot be checked",
+                          hint="name the modules directory after the release, as lib/modules/<release> is")
     derive("boot-kernel", Builder.BOOT_KERNEL, "kernel", ("kernel",), {"release": release}, kernel_keys)
     tree = scan_modules(Path(modules_dir))
     resolved = resolve_modules(tree, _needed_modules(manifest), release=release, read=lambda p: sources.read(str(p)))
@@ -281,7 +284,8 @@ def resolve(manifest: Manifest, facts: HostFacts, store: str, sources: Sources =
         raise ManifestError([Problem(manifest.name, "kernel.cmdline", str(err))]) from None
 
     source("init.c", sources.init_source, (), content=True)
-    derive("init", Builder.INIT, "init", ("init.c",), {"cc": facts.cc or "cc", "cflags": list(INIT_CFLAGS)}, ())
+    derive("init", Builder.INIT, "init", ("init.c",), {"cc": facts.cc or "cc", "cc_version": facts.cc_version,
+                                                     "cflags": list(INIT_CFLAGS)}, ())
     spill = cmdline.spill.decode("ascii") if cmdline.spill else None
     derive("initramfs", Builder.INITRAMFS, "initramfs", ("init", "modules"), {"spill": spill},
            ("process", "hostname") if spill else ())

@@ -31,6 +31,7 @@ class HostFacts:
     host_kernel_release: str = ""  # uname -r, for kernel.source = "host"
     busybox: str | None = "/bin/busybox"  # static busybox for the built-in image
     cc: str | None = "gcc"  # compiles the guest init
+    cc_version: str = ""  # the first line of `cc --version`: the init is cached by source and compiler
 
     def to_dict(self) -> dict:
         return {
@@ -46,4 +47,5 @@ class HostFacts:
             "host_kernel_release": self.host_kernel_release,
             "busybox": self.busybox,
             "cc": self.cc,
+            "cc_version": self.cc_version,
         }

@@ -196,6 +196,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(err.status)
     except KeyboardInterrupt:
         return int(ExitStatus.INTERRUPTED)
+    except OSError as err:
+        # The store or state directory cannot be written, a file vanished mid-build, ...
+        if args.debug:
+            raise
+        where = f": {err.filename}" if err.filename else ""
+        print(f"microvmc: {err.strerror or err}{where}", file=sys.stderr)
+        return int(ExitStatus.INVALID)
     except BrokenPipeError:
         # Our stdout was closed (e.g. `microvmc plan x.toml | head -1`): not an error of ours.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

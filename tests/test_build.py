@@ -161,3 +161,47 @@ def test_evaluation_cache_hits_only_while_every_input_is_unchanged(env, tmp_path
         entry.write_text("{ not json")  # a damaged entry is a miss, never an error
     status, again, _, compiled = _build_in_process(env, tmp_path, manifest)
     assert (status, again, compiled) == (0, second, True)
+
+
+def test_a_kernel_given_by_path(env, tmp_path: Path, boot_env) -> None:
+    """kernel.source = "path": the same bzImage is the same store path as the default kernel's;
+    an ELF vmlinux works too; modules of another kernel are refused with the reason."""
+    import json
+
+    from conftest import FIXTURES, real_kernel_dir
+
+    kernel = real_kernel_dir()
+    default = build(env, tmp_path, str(EXAMPLES / "hello.toml"), "--no-link")
+    (tmp_path / "by-path.toml").write_text(
+        f'version = 1\n[kernel]\nsource = "path"\nimage = "{kernel}/vmlinuz"\nmodules = "{kernel}/modules"\n'
+        '[process]\nargv = ["true"]\n'
+    )
+    by_path = build(env, tmp_path, "by-path.toml", "--no-link")
+    kernel_of = lambda out: json.loads(Path(out, "plan.json").read_text())["plan"]["kernel"]
+    assert kernel_of(by_path) == kernel_of(default)
+
+    vmlinux = Path(kernel_of(default))
+    assert vmlinux.read_bytes()[:4] == b"\x7fELF"  # the default kernel boots as its PVH vmlinux
+    (tmp_path / "elf.toml").write_text(
+        f'version = 1\n[kernel]\nsource = "path"\nimage = "{vmlinux}"\nmodules = "{kernel}/modules"\n'
+        '[process]\nargv = ["true"]\n'
+    )
+    assert Path(kernel_of(build(env, tmp_path, "elf.toml", "--no-link"))).read_bytes() == vmlinux.read_bytes()
+
+    (tmp_path / "mismatch.toml").write_text(
+        f'version = 1\n[kernel]\nsource = "path"\nimage = "{FIXTURES}/kernel/vmlinuz"\nmodules = "{kernel}/modules"\n'
+        '[process]\nargv = ["true"]\n'
+    )
+    r = subprocess.run([*MICROVMC, "build", "--no-link", "mismatch.toml"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert r.returncode == 125
+    assert "vermagic" in r.stderr and "6.1.0-fixture-amd64" in r.stderr
+    assert len(r.stderr.splitlines()) == 1 and "Traceback" not in r.stderr
+
+
+def test_an_unwritable_store_is_one_line(env, tmp_path: Path) -> None:
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    r = subprocess.run([*MICROVMC, "build", "--no-link", "--store", str(blocked / "store"), str(EXAMPLES / "hello.toml")],
+                       cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert r.returncode == 125
+    assert r.stderr.startswith("microvmc: ") and len(r.stderr.splitlines()) == 1, r.stderr

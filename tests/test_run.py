@@ -204,3 +204,42 @@ def test_a_terminal_stays_a_terminal(env) -> None:
         assert termios.tcgetattr(master) == before
         os.close(master)
     assert not leftovers(env)
+
+
+def test_a_guest_kernel_panic(env) -> None:
+    r = run(env, str(EXAMPLES / "hello.toml"), "--", "/bin/sh", "-c", "echo c > /proc/sysrq-trigger")
+    assert r.returncode == 123
+    assert r.stderr.startswith(b"microvmc: the VM stopped without reporting the program's status; console log: ")
+    log = Path(r.stderr.decode().rsplit("console log: ", 1)[1].strip())
+    assert b"Kernel panic" in log.read_bytes() or b"sysrq" in log.read_bytes().lower()
+
+
+def test_explicit_kvm_that_cannot_work_fails_fast(env, tmp_path: Path) -> None:
+    from microvmc.backends.host import probe_host
+
+    if probe_host(env).kvm_usable:
+        pytest.skip("KVM works on this host")
+    manifest = tmp_path / "kvm.toml"
+    manifest.write_text('version = 1\n[process]\nargv = ["true"]\n[resources]\naccel = "kvm"\n')
+    start = time.monotonic()
+    r = run(env, str(manifest))
+    assert r.returncode == 121
+    assert r.stderr.decode().startswith(f'microvmc: {manifest}: resources.accel: "kvm" is not usable here: ')
+    assert time.monotonic() - start < 10
+
+
+def test_random_arguments_round_trip_through_the_guest(env) -> None:
+    """Property: whatever the strings, the guest's program receives them exactly (one boot per example)."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    text = st.text(st.characters(codec="utf-8", exclude_characters="\0"), max_size=60)
+
+    @settings(max_examples=2, deadline=None, derandomize=True)
+    @given(st.lists(text, min_size=10, max_size=25))
+    def check(args: list[str]) -> None:
+        r = run(env, str(EXAMPLES / "hello.toml"), "--", "/bin/sh", "-c", 'printf "%s\\0" "$@"', "sh", *args)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.decode("utf-8", "surrogateescape").split("\0")[:-1] == args
+
+    check()
