@@ -31,7 +31,7 @@ from microvmc.compiler.manifest import (
     Transport,
 )
 from microvmc.compiler.store import digest, file_digest, store_path
-from microvmc.errors import HostError, ManifestError, Problem
+from microvmc.errors import HostError, KernelError, ManifestError, Problem
 
 __all__ = ["Builder", "Node", "Graph", "Sources", "resolve", "base_kernel_params", "INIT_CFLAGS"]
 

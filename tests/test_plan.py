@@ -97,3 +97,15 @@ def test_the_graph_says_what_is_built_from_what(tmp_path: Path) -> None:
     modules = [m["name"] for m in c.graph.node("modules").param("modules")]
     # Dependencies first; ties broken by name, so the order (and the initramfs) is deterministic.
     assert modules == ["fuse", "overlay", "virtio_ring", "virtio", "virtio_console", "virtio_mmio", "virtiofs"]
+
+
+def test_a_kernel_whose_release_cannot_be_told(tmp_path: Path) -> None:
+    from conftest import FIXTURES
+    from microvmc.errors import KernelError
+
+    elf = FIXTURES / "kernel" / "modules" / "kernel" / "fs" / "fuse" / "fuse.ko"  # an ELF with no banner
+    with pytest.raises(KernelError) as err:
+        compiled(tmp_path, f'[kernel]\nsource = "path"\nimage = "{elf}"\nmodules = "{FIXTURES}/kernel/modules"\n'
+                           '[process]\nargv = ["true"]\n')
+    assert err.value.lines() == [f"{elf}: cannot tell which kernel release this is, so its modules cannot be checked "
+                                 "(name the modules directory after the release, as lib/modules/<release> is)"]
