@@ -33,3 +33,18 @@ def new_run_dir(name: str, environ: Mapping[str, str] = os.environ) -> Path:
     for old in records[:-KEEP]:
         shutil.rmtree(old, ignore_errors=True)
     return path
+
+
+def write_record(run_dir: Path, **fields: object) -> None:
+    """Merge `fields` into the run's run.json (what a later `ps`/`inspect` reads), atomically."""
+    import json
+
+    path = run_dir / "run.json"
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        record = {}
+    record.update(fields)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, sort_keys=True, indent=2) + "\n")
+    os.replace(tmp, path)

@@ -298,14 +298,17 @@ def resolve(manifest: Manifest, facts: HostFacts, store: str, sources: Sources =
     shares = [(ROOT_TAG, image.transport, image.mode is not RootMode.READ_WRITE)] + [
         (s.tag, s.transport, s.read_only) for s in manifest.shares
     ]
+    # The plan runs the boot kernel with the initramfs, and each share through its virtiofsd, or
+    # directly (QEMU serves 9p itself).
+    plan_inputs = ["boot-kernel", "initramfs"]
     for tag, transport, read_only in shares:
         if transport is Transport.VIRTIOFS:
             derive(f"virtiofsd:{tag}", Builder.VIRTIOFSD, f"virtiofsd-{tag}", (f"share:{tag}",),
                    {"read_only": read_only}, ("image.transport",) if tag == ROOT_TAG else (f"shares.{tag}",))
-
-    plan_inputs = tuple(sorted(i for i in nodes if nodes[i].builder in (Builder.BOOT_KERNEL, Builder.INITRAMFS, Builder.VIRTIOFSD)
-                               or (i.startswith("share:") and not any(e == (i, f"virtiofsd:{i[6:]}") for e in edges))))
-    derive("plan", Builder.PLAN, "plan", plan_inputs, {"manifest": manifest.to_dict(), "accel": accel,
+            plan_inputs.append(f"virtiofsd:{tag}")
+        else:
+            plan_inputs.append(f"share:{tag}")
+    derive("plan", Builder.PLAN, "plan", tuple(sorted(plan_inputs)), {"manifest": manifest.to_dict(), "accel": accel,
                                                          "cmdline": str(cmdline), "host": facts.to_dict()}, ())
     return Graph(nodes=tuple(_build_order(nodes, edges)), edges=tuple(sorted(set(edges))), cmdline=cmdline,
                  accel=accel, accel_reason=accel_reason)

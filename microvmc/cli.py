@@ -161,14 +161,25 @@ def _cmd_graph(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    import time
+
     from microvmc.backends.qemu import run_plan
-    from microvmc.backends.runs import new_run_dir
+    from microvmc.backends.runs import new_run_dir, write_record
 
     out, plan = _built(args)
     log_dir = new_run_dir(plan.name)
+    write_record(log_dir, name=plan.name, manifest=os.path.abspath(args.manifest), output=out, pid=os.getpid(),
+                 accel=plan.accel, started=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     if args.verbose:
         print(f"microvmc: build output {out}", file=sys.stderr)
-    return run_plan(plan, log_dir=log_dir, verbose=args.verbose)
+    ended = lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())  # noqa: E731
+    try:
+        status = run_plan(plan, log_dir=log_dir, verbose=args.verbose)
+    except MicrovmcError as err:
+        write_record(log_dir, status=int(err.status), error=err.message, ended=ended())
+        raise
+    write_record(log_dir, status=status, ended=ended())
+    return status
 
 
 COMMANDS = {

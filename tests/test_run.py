@@ -43,8 +43,16 @@ def leftovers(env) -> list[str]:
 
 
 def test_hello(env) -> None:
+    import json
+
     r = run(env, str(EXAMPLES / "hello.toml"))
     assert (r.returncode, r.stdout, r.stderr) == (0, b"hello from a microVM\n", b"")
+    # The run left its record and logs (not its sockets or runtime directory).
+    runs = sorted(Path(env["XDG_STATE_HOME"], "microvmc", "runs").iterdir())
+    record = json.loads((runs[-1] / "run.json").read_text())
+    assert (record["name"], record["status"], record["manifest"]) == ("hello", 0, str(EXAMPLES / "hello.toml"))
+    assert (runs[-1] / "status").read_text() == "started\nexit 0\n"
+    assert (runs[-1] / "console.log").stat().st_size > 0
 
 
 ARGS = ["plain", "with space", "", 'double"quote', "single'quote", "a=b", "dotted.name=x", "--flag=v", "tab\there",
