@@ -1,7 +1,8 @@
 """Time the stages of one `microvmc build`, in this (fresh) interpreter; print JSON on stdout.
 
 Run by cached_build.py as `python bench/_stages.py MANIFEST OUTDIR [--store DIR] [--profile]`.
-It does what `microvmc build` does (cli._compile, then realize and link_result), stage by stage,
+It does what `microvmc build` does on an evaluation-cache miss (compile, then realize and
+link_result), stage by stage,
 twice: the first pass is what the command pays (its lazy imports included), the second the same
 work with every module already imported, so first minus second is roughly the import cost.
 With --profile, it instead runs the real `cli.main(["build", ...])` once under cProfile and reports
@@ -59,7 +60,8 @@ def stages(manifest_path: str, out_dir: str, store: str | None) -> dict[str, flo
     from microvmc.compiler.emit import emit
     output = emit(launch, graph, store)
     lap("emit (launch.sh, plan.json)")
-    from microvmc.backends.build import link_result, realize
+    from microvmc.backends.build import realize
+    from microvmc.backends.outputs import link_result
     out = realize(Compiled(manifest=manifest, graph=graph, plan=launch, output=output))
     lap("realize (all in the store already)")
     link_result(out, os.path.join(out_dir, "result"))

@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         total1, total2 = sum(first.values()), sum(second.values())
         srows = [[n, m.ms(first[n]), f"{100 * first[n] / total1:.0f}%", m.ms(second[n])] for n in first]
         srows.append(["sum", m.ms(total1), "100%", m.ms(total2)])
-        lines += ["", f"stages of one build in a fresh interpreter (medians of {st['reps']}); "
+        lines += ["", f"stages of one compiling build (an evaluation-cache miss: what a changed manifest costs), fresh interpreter, medians of {st['reps']}; "
                       "'again' = same process, modules already imported",
                   m.table(srows, ["stage", "first", "share", "again"])]
     prof = result["profile"]
