@@ -346,7 +346,9 @@ def _semantic_problems(loaded: Loaded) -> list[Problem]:
         value = resources.get(key)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             continue
-        if value < low:
+        if value != value or value in (float("inf"), float("-inf")):  # TOML has nan and inf
+            add(("resources", key), f"{show(value)} is not a finite number")
+        elif value < low:
             add(("resources", key), f"{show(value)} is below the minimum of {low}{unit}")
         elif value > high:
             add(("resources", key), f"{show(value)} is above the maximum of {high}{unit}")
