@@ -76,3 +76,23 @@ def test_overrides_from_the_command_line(tmp_path: Path) -> None:
     m = validate(load(top, cwd=str(tmp_path))).with_overrides(argv=("/bin/sh", "-c", "exit 42"), env={"K": "w", "N": "1"})
     assert m.process.argv == ("/bin/sh", "-c", "exit 42")
     assert dict(m.process.env)["K"] == "w" and dict(m.process.env)["N"] == "1"
+
+
+def test_any_file_content_loads_or_is_explained(tmp_path_factory) -> None:
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    folder = tmp_path_factory.mktemp("fuzz")
+    toml_like = st.text(st.sampled_from(list('version=1[]{}"\',.\n #imports/-_ab0é\\\x00\t')), max_size=80)
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.one_of(st.binary(max_size=80), toml_like.map(lambda t: t.encode("utf-8", "surrogatepass"))))
+    def check(raw: bytes) -> None:
+        path = folder / "m.toml"
+        path.write_bytes(raw)
+        try:
+            validate(load(path, cwd=str(folder)))
+        except ManifestError as err:
+            assert all(line.startswith(("m.toml: ", "m.toml:")) for line in err.lines()), err.lines()
+
+    check()
