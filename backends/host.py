@@ -18,15 +18,16 @@ from pathlib import Path
 
 from microvmc.compiler.host import HostFacts, VirtiofsdFlavour
 
-__all__ = ["probe_host", "facts_from_dict", "kvm_status", "virtiofsd_flavour", "qemu_version"]
+__all__ = ["probe_host", "facts_from_dict", "kvm_status", "guest_runs", "virtiofsd_flavour", "qemu_version"]
 
-CACHE_FORMAT = 2
+CACHE_FORMAT = 3
 QEMU_NAME = "qemu-system-x86_64"
 VIRTIOFSD_CANDIDATES = ("/usr/lib/qemu/virtiofsd", "/usr/libexec/virtiofsd")
 BUSYBOX_CANDIDATES = ("/bin/busybox",)
 KVM_GET_API_VERSION = 0xAE00
 KVM_API_VERSION = 12
 VERSION_TIMEOUT = 10.0  # seconds for `--version`
+GUEST_PROBE_TIMEOUT = 5.0  # seconds the tiny KVM test guest may take (it needs milliseconds)
 # Environment variables a probe depends on: each is part of the cache key.
 ENV_KEYS = (
     "MICROVMC_QEMU",
@@ -93,7 +94,7 @@ def facts_from_dict(d: Mapping) -> HostFacts:
 def _probe(
     environ: Mapping[str, str], *, root: str, qemu: str | None, virtiofsd: str | None, cc: str | None
 ) -> HostFacts:
-    kvm_usable, kvm_reason = kvm_status(root)
+    kvm_usable, kvm_reason = kvm_status(root, qemu)
     busybox = environ.get("MICROVMC_BUSYBOX") or _first_file(
         [_under(root, p) for p in BUSYBOX_CANDIDATES]
     )
@@ -135,8 +136,9 @@ def virtiofsd_flavour(output: str) -> VirtiofsdFlavour | None:
     return None
 
 
-def kvm_status(root: str = "/") -> tuple[bool, str]:
-    """Whether QEMU can use KVM to run a normal kernel, and why (one phrase)."""
+def kvm_status(root: str = "/", qemu: str | None = None) -> tuple[bool, str]:
+    """Whether QEMU can use KVM to run a normal kernel, and why (one phrase). With `qemu`, a tiny
+    guest must also run under KVM (guest_runs)."""
     dev = _under(root, "/dev/kvm")
     if not os.path.exists(dev):
         return False, "there is no /dev/kvm"
@@ -155,7 +157,36 @@ def kvm_status(root: str = "/") -> tuple[bool, str]:
         os.close(fd)
     if version != KVM_API_VERSION:
         return False, f"/dev/kvm has KVM API version {version}, not {KVM_API_VERSION}"
+    if qemu:
+        runs, why = guest_runs(qemu, "kvm")
+        if not runs:
+            return False, f"a test guest does not run under KVM: {why}"
+        return True, "/dev/kvm ran a test guest"
     return True, "/dev/kvm is usable"
+
+
+def guest_runs(qemu: str, accel: str, timeout: float = GUEST_PROBE_TIMEOUT) -> tuple[bool, str]:
+    """Whether QEMU runs a tiny guest (kernel/tiny.py) with `accel` within `timeout` seconds."""
+    import tempfile
+
+    from microvmc.kernel.tiny import DEBUG_EXIT_PORT, expected_status, tiny_pvh_guest
+
+    with tempfile.NamedTemporaryFile(prefix="microvmc-probe-", suffix=".elf") as image:
+        image.write(tiny_pvh_guest())
+        image.flush()
+        argv = [qemu, "-M", f"microvm,accel={accel}", "-nodefaults", "-no-user-config", "-display", "none",
+                "-no-reboot", "-kernel", image.name,
+                "-device", f"isa-debug-exit,iobase={DEBUG_EXIT_PORT:#x},iosize=4"]
+        try:
+            done = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return False, f"it did not finish within {timeout:g} s"
+        except OSError as e:
+            return False, f"QEMU could not be started: {e.strerror}"
+    if done.returncode == expected_status(0x31):
+        return True, "it ran"
+    errors = [line for line in done.stderr.decode("utf-8", "replace").splitlines() if "warning" not in line]
+    return False, errors[0] if errors else f"QEMU exited with status {done.returncode}"
 
 
 def tsc_khz(root: str = "/") -> int | None:

@@ -191,3 +191,25 @@ def test_real_host_probe_is_cheap_when_cached(tmp_path):
     environ = dict(os.environ, XDG_CACHE_HOME=str(tmp_path))
     assert probe_host(environ) == probe_host(environ)
     assert (tmp_path / "microvmc/host-facts.json").is_file()
+
+
+def test_the_tiny_guest_runs_under_tcg() -> None:
+    """The test guest that decides whether KVM can run guest code is itself sound: QEMU boots it."""
+    import shutil
+
+    from microvmc.backends.host import guest_runs
+
+    assert guest_runs(shutil.which("qemu-system-x86_64"), "tcg") == (True, "it ran")
+
+
+def test_a_guest_that_cannot_start_is_explained(tmp_path) -> None:
+    from microvmc.backends.host import guest_runs
+
+    fake = tmp_path / "qemu"
+    fake.write_text("#!/bin/sh\necho 'qemu: could not access KVM kernel module: Permission denied' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    assert guest_runs(str(fake), "kvm") == (False, "qemu: could not access KVM kernel module: Permission denied")
+    slow = tmp_path / "slow"
+    slow.write_text("#!/bin/sh\nexec sleep 30\n")
+    slow.chmod(0o755)
+    assert guest_runs(str(slow), "kvm", timeout=0.5) == (False, "it did not finish within 0.5 s")
