@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
 
+from microvmc.compiler.cmdline import SPILL_PATH
 from microvmc.compiler.cpio import Entry, EntryKind, gzip_deterministic, write_newc
 from microvmc.compiler.graph import INIT_CFLAGS, Builder, Graph, Node
 from microvmc.compiler.pipeline import Compiled
@@ -115,7 +116,7 @@ def _initramfs(node: Node, graph: Graph, out: Path) -> None:
     entries.append(Entry(path="microvmc/modules", kind=EntryKind.FILE, mode=0o644, data="".join(p + "\n" for p in order).encode()))
     spill = node.param("spill")
     if spill is not None:
-        entries.append(Entry(path="microvmc/config", kind=EntryKind.FILE, mode=0o644, data=spill.encode("ascii")))
+        entries.append(Entry(path=SPILL_PATH.lstrip("/"), kind=EntryKind.FILE, mode=0o644, data=spill.encode("ascii")))
     for d in ("dev", "proc", "sys", "mnt"):
         entries.append(Entry(path=d, kind=EntryKind.DIR, mode=0o755))
     (out / "initramfs.cpio.gz").write_bytes(gzip_deterministic(write_newc(entries), level=1))

@@ -33,12 +33,13 @@ __all__ = [
     "decode",
     "guest_params",
     "compose",
+    "SPILL_PATH",
 ]
 
 COMMAND_LINE_MAX = 2047  # bytes; COMMAND_LINE_SIZE is 2048 on x86, including the NUL
 INIT_ENV_BUDGET = 32 - 2  # MAX_INIT_ENVS minus HOME=/ and TERM=linux
 INIT_ARG_BUDGET = 32 - 1  # MAX_INIT_ARGS minus argv[0]
-SPILL_PATH = "/microvmc/config"
+SPILL_PATH = "/microvmc/config"  # where the initramfs carries a spilled configuration
 
 _SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_./,@+")
 

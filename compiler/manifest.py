@@ -246,15 +246,6 @@ def _schema_message(err: Any) -> str:
     return f"{value}: {err.message}"
 
 
-def _get(data: dict[str, Any], *path: str) -> Any:
-    node: Any = data
-    for part in path:
-        if not isinstance(node, dict):
-            return None
-        node = node.get(part)
-    return node
-
-
 def _semantic_problems(loaded: Loaded) -> list[Problem]:
     data = loaded.data
     problems: list[Problem] = []

@@ -28,7 +28,6 @@ class Outcome:
     status: int  # what microvmc exits with
     started: bool  # the program was started
     message: str = ""  # set when microvmc itself has something to say (an error)
-    program: bool = False  # the status is the program's own
 
 
 def interpret_status(report: str) -> Outcome:
@@ -39,9 +38,9 @@ def interpret_status(report: str) -> Outcome:
         if kind == "started":
             started = True
         elif kind == "exit" and rest.isdigit():
-            return Outcome(status=int(rest) & 0xFF, started=True, program=True)
+            return Outcome(status=int(rest) & 0xFF, started=True)
         elif kind == "signal" and rest.isdigit():
-            return Outcome(status=128 + int(rest), started=True, program=True)
+            return Outcome(status=128 + int(rest), started=True)
         elif kind == "error":
             stage, _, rest = rest.partition(" ")
             code, _, message = rest.partition(" ")
