@@ -13,6 +13,7 @@ the build order and is what `microvmc graph` prints.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -230,10 +231,13 @@ def resolve(manifest: Manifest, facts: HostFacts, store: str, sources: Sources =
                         params=tuple(sorted(params.items())),
                         locations=tuple(sorted((locations or {}).items()))), *inputs)
 
-    def source(node_id: str, path: str, keys: tuple[str, ...], *, content: bool) -> Node:
+    def source(node_id: str, path: str, keys: tuple[str, ...], *, content: bool, data: bytes | None = None) -> Node:
         # Files are identified by their content; shared directories by their path, because the
         # guest sees them live, not a copy.
-        d = sources.digest(path) if content else digest({"directory": path})
+        if data is not None:
+            d = hashlib.sha256(data).hexdigest()
+        else:
+            d = sources.digest(path) if content else digest({"directory": path})
         return add(Node(id=node_id, builder=Builder.SOURCE, digest=d, path=path, keys=keys))
 
     accel, accel_reason = choose_accel(manifest, facts)
@@ -253,8 +257,9 @@ def resolve(manifest: Manifest, facts: HostFacts, store: str, sources: Sources =
     # The kernel, what QEMU boots of it, and the modules the plan needs.
     kernel_image, modules_dir = _kernel_location(manifest, facts)
     kernel_keys = ("kernel.source", "kernel.image") if manifest.kernel.source is KernelSource.PATH else ("kernel.source",)
-    source("kernel", kernel_image, kernel_keys, content=True)
-    info = inspect_kernel(sources.read(kernel_image), path=kernel_image)
+    kernel_data = sources.read(kernel_image)
+    source("kernel", kernel_image, kernel_keys, content=True, data=kernel_data)
+    info = inspect_kernel(kernel_data, path=kernel_image)
     release = info.release or os.path.basename(os.path.normpath(modules_dir))
     if not release[:1].isdigit():
         raise KernelError(f"{kernel_image}: cannot tell which kernel release this is, so its modules cannot be checked",
