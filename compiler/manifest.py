@@ -330,7 +330,7 @@ def _semantic_problems(loaded: Loaded) -> list[Problem]:
     bounds = {
         "cpus": (1, MAX_CPUS, ""),
         "memory": (MIN_MEMORY_MIB, MAX_MEMORY_MIB, " MiB"),
-        "boot_timeout": (1, MAX_BOOT_TIMEOUT, " seconds"),
+        "boot_timeout": (0.1, MAX_BOOT_TIMEOUT, " seconds"),
         "timeout": (0, 7 * 24 * 3600, " seconds"),
     }
     for key, (low, high, unit) in bounds.items():
