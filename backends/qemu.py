@@ -414,9 +414,11 @@ def _daemon_verdict(
     log = logs.virtiofsd(vp.tag)
     if code > 0 and not started:
         line = _first_meaningful_line(log) or f"exit status {code}"
+        # The C virtiofsd needs root (it chroots into the share); 9p needs no daemon at all.
+        hint = " (as an ordinary user, share over 9p: transport = \"9p\")" if os.geteuid() != 0 else ""
         return (
             int(ExitStatus.HOST),
-            f"virtiofsd for share '{vp.tag}' could not start: {line}; log: {log}",
+            f"virtiofsd for share '{vp.tag}' could not start: {line}; log: {log}{hint}",
         )
     how = f"killed by signal {-code}" if code < 0 else f"exit status {code}"
     return (
