@@ -47,18 +47,28 @@ def plan_inputs(out: str) -> list[str]:
     return [os.path.dirname(plan["kernel"]), os.path.dirname(plan["initramfs"])]
 
 
+def store_paths(out: str) -> list[str]:
+    """Every store path an output was built from (kernel, init, initramfs, root filesystem)."""
+    import json
+
+    graph = json.loads(Path(out, "plan.json").read_text())["graph"]
+    return sorted({n["path"] for n in graph["nodes"] if n["path"].startswith(os.path.dirname(out) + "/")})
+
+
 def test_same_inputs_same_bytes_from_anywhere(env, tmp_path: Path) -> None:
     a, b = tmp_path / "a", tmp_path / "b" / "deeper"
     a.mkdir()
     b.mkdir(parents=True)
     first = build(env, a, str(EXAMPLES / "hello.toml"))
     assert Path(a, "result").resolve() == Path(first)
-    before = {p: tree_bytes(p) for p in [first, *plan_inputs(first)]}
+    built = [first, *store_paths(first)]
+    assert len(built) == 5  # the output, the kernel, the init, the initramfs, the busybox root filesystem
+    before = {p: tree_bytes(p) for p in built}
     for p in before:
         shutil.rmtree(p)
     second = build(env, b, os.path.relpath(EXAMPLES / "hello.toml", b))
     assert second == first
-    assert {p: tree_bytes(p) for p in [second, *plan_inputs(second)]} == before
+    assert {p: tree_bytes(p) for p in [second, *store_paths(second)]} == before
     assert sorted(os.listdir(first)) == ["cmdline", "graph.dot", "launch.sh", "plan.json", "virtiofsd.json"]
 
 
