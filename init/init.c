@@ -206,18 +206,22 @@ static void make_dir(const char *stage, const char *path)
 		fail(stage, errno, "mkdir %s", path);
 }
 
-/* mkdir -p; a directory that exists is fine even on a read-only filesystem (EEXIST wins). */
+/* mkdir -p; a directory that exists is fine even on a read-only filesystem (EEXIST wins).
+ * A failure names the whole path asked for, not only the component that failed. */
 static void make_dirs(const char *stage, const char *path)
 {
 	char *copy = need(strdup(path));
-	for (char *p = copy + 1; *p; p++) {
-		if (*p != '/')
+	for (char *p = copy + 1;; p++) {
+		if (*p != '/' && *p != '\0')
 			continue;
+		char end = *p;
 		*p = '\0';
-		make_dir(stage, copy);
-		*p = '/';
+		if (mkdir(copy, 0755) < 0 && errno != EEXIST)
+			fail(stage, errno, "cannot make mount point %s: mkdir %s", path, copy);
+		*p = end;
+		if (end == '\0')
+			break;
 	}
-	make_dir(stage, copy);
 	free(copy);
 }
 

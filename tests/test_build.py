@@ -215,3 +215,18 @@ def test_an_unwritable_store_is_one_line(env, tmp_path: Path) -> None:
                        cwd=tmp_path, env=env, capture_output=True, text=True)
     assert r.returncode == 125
     assert r.stderr.startswith("microvmc: ") and len(r.stderr.splitlines()) == 1, r.stderr
+
+
+def test_a_missing_compiler_is_one_clear_line(env, tmp_path: Path) -> None:
+    import shutil as sh
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("qemu-system-x86_64",):
+        (bin_dir / tool).symlink_to(sh.which(tool))
+    env = dict(env, PATH=str(bin_dir))
+    r = subprocess.run([*MICROVMC, "build", "--no-link", str(EXAMPLES / "hello.toml")], cwd=tmp_path, env=env,
+                       capture_output=True, text=True)
+    assert r.returncode == 125
+    assert r.stderr == "microvmc: cannot compile the guest init: the C compiler 'cc' is not installed (run scripts/setup)\n"
+    assert not [p for p in Path(env["MICROVMC_STORE"]).iterdir() if p.name.startswith(".tmp")]

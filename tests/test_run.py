@@ -252,3 +252,15 @@ def test_random_arguments_round_trip_through_the_guest(env) -> None:
         assert r.stdout.decode("utf-8", "surrogateescape").split("\0")[:-1] == args
 
     check()
+
+
+def test_a_guest_init_failure_is_reported(env, tmp_path: Path) -> None:
+    """A mount point that cannot be made on a read-only root: init reports it, microvmc exits 120."""
+    manifest = tmp_path / "m.toml"
+    manifest.write_text(f'version = 1\n[process]\nargv = ["true"]\n[shares.data]\nhost = "{tmp_path}"\nguest = "/no/such/dir"\n')
+    r = run(env, str(manifest))
+    assert r.returncode == 120
+    message = r.stderr.decode()
+    assert message.startswith("microvmc: guest init failed at mount: cannot make mount point /no/such/dir: mkdir /no: ")
+    assert message.count("\n") == 1 and "console log: " in message
+    assert not leftovers(env)
