@@ -190,6 +190,20 @@ def test_a_dead_virtiofsd_stops_the_run(env) -> None:
     assert not leftovers(env)
 
 
+def _wait_until_started(env, process: subprocess.Popen, limit: float = 120) -> None:
+    """Until the newest run of this session has its program started (its status says so)."""
+    runs = Path(env["XDG_STATE_HOME"], "microvmc", "runs")
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline and process.poll() is None:
+        newest = max(runs.iterdir(), key=lambda p: p.stat().st_mtime_ns, default=None) if runs.is_dir() else None
+        if newest and (newest / "run.json").exists() and f'"pid": {process.pid}' in (newest / "run.json").read_text():
+            status = newest / "status"
+            if status.exists() and status.read_text().startswith("started"):
+                return
+        time.sleep(0.05)
+    raise AssertionError("the program did not start")
+
+
 def test_a_terminal_stays_a_terminal(env) -> None:
     """On a terminal, input is line-edited as usual, Ctrl-D ends it and Ctrl-C stops the run."""
     import fcntl
@@ -205,7 +219,7 @@ def test_a_terminal_stays_a_terminal(env) -> None:
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=controlling_tty)
         os.close(slave)
         before = termios.tcgetattr(master)
-        time.sleep(0.5)
+        _wait_until_started(env, p)
         os.write(master, keys)
         out, _ = p.communicate(timeout=TIMEOUT)
         assert (p.returncode, out) == (status, output)
