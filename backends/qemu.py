@@ -64,6 +64,10 @@ class RunLogs:
     def status(self) -> Path:
         return self.dir / "status"
 
+    @property
+    def timeline(self) -> Path:
+        return self.dir / "timeline.json"
+
     def virtiofsd(self, tag: str) -> Path:
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in tag)
         return self.dir / f"virtiofsd-{safe}.log"
@@ -82,6 +86,7 @@ def run_plan(
 
     Raises HostError if QEMU or a virtiofsd cannot be executed at all.
     """
+    began = time.monotonic()
     logs = RunLogs(Path(log_dir))
     if verbose:
         _say(stderr, f"accel {plan.accel} ({plan.accel_reason}); logs in {logs.dir}")
@@ -109,14 +114,40 @@ def run_plan(
                 sinks=sinks,
                 status_file=status_file,
                 signals=signals,
+                began=began,
             )
             end = supervisor.run()
     if signals.caught and not end.signal:  # it came while everything was being stopped
         end.signal = signals.caught[0]
+    end.host["ended"] = time.monotonic() - began
     status, message = _verdict(end, plan=plan, logs=logs)
+    _write_timeline(logs.timeline, end)
+    if verbose:
+        _say(stderr, _timeline_summary(end))
     if message:
         _say(stderr, message)
     return status
+
+
+def _write_timeline(path: Path, end: _End) -> None:
+    import json
+
+    record = {"host_seconds": {k: round(v, 3) for k, v in end.host.items()}, "guest_ms": end.guest}
+    path.write_text(json.dumps(record, indent=2) + "\n")
+
+
+def _timeline_summary(end: _End) -> str:
+    """One line: how long each boot step took, from init's timeline and the host's clock."""
+    guest = end.guest
+    parts = []
+    previous = 0
+    for stage, label in (("init", "kernel"), ("modules", "modules"), ("ports", "ports"), ("mounts", "mounts"),
+                         ("exec", "exec"), ("exit", "program")):
+        if stage in guest:
+            parts.append(f"{label} {(guest[stage] - previous) / 1000:.2f} s")
+            previous = guest[stage]
+    host = ", ".join(f"{name} at {seconds:.2f} s" for name, seconds in end.host.items())
+    return f"timeline: {', '.join(parts) or 'no report from init'}; host: {host}"
 
 
 # --- the loop ------------------------------------------------------------------------------
@@ -136,6 +167,10 @@ class _End:
     failed_daemons: tuple[tuple[VirtiofsdPlan, int], ...] = ()
     report: str = ""  # everything the status port delivered
     started: bool = False
+    # The boot timeline: seconds since run_plan began, on the host; ms since the guest kernel
+    # started, as init reported them (init/PROTOCOL.md, `time` lines).
+    host: dict[str, float] = field(default_factory=dict)
+    guest: dict[str, int] = field(default_factory=dict)
 
 
 class _Sink:
@@ -198,7 +233,9 @@ class _Supervisor:
         sinks: dict[Fd, _Sink],
         status_file,
         signals: _Signals,
+        began: float,
     ):
+        self.began = began
         self.plan = plan
         self.qemu = qemu
         self.daemons = daemons
@@ -207,6 +244,7 @@ class _Supervisor:
         self.status_file = status_file
         self.signals = signals
         self.end = _End()
+        self.end.host["qemu"] = time.monotonic() - began
         self.status_buffer = b""
         self.selector = selectors.PollSelector()
         self.watched: set[int] = set()  # pipes and sinks registered by _watch
@@ -320,14 +358,19 @@ class _Supervisor:
         self.status_file.flush()
         self.end.report += data.decode("ascii", "replace")
         *lines, self.status_buffer = (self.status_buffer + data).split(b"\n")
+        now = time.monotonic()
         for line in lines:
-            kind = line.split(b" ", 1)[0].decode("ascii", "replace")
-            if kind == "started":
+            kind, *fields = line.decode("ascii", "replace").split(" ")
+            if kind == "time" and len(fields) == 2 and fields[1].isdigit():
+                self.end.guest[fields[0]] = int(fields[1])
+            elif kind == "started":
                 self.end.started = True
+                self.end.host["started"] = now - self.began
                 self.boot_deadline = None
             elif kind in FINAL_REPORTS and self.shutdown_deadline is None:
+                self.end.host["reported"] = now - self.began
                 self.boot_deadline = None
-                self.shutdown_deadline = time.monotonic() + SHUTDOWN_GRACE
+                self.shutdown_deadline = now + SHUTDOWN_GRACE
 
     def _drain_status(self) -> None:
         """Take in every report already written (they precede the exits they explain)."""
@@ -344,6 +387,7 @@ class _Supervisor:
         self.end.qemu_status = self.qemu.exited()
         if self.end.qemu_status is None:
             return
+        self.end.host["qemu-exited"] = time.monotonic() - self.began
         self.selector.unregister(self.qemu.pidfd)
         self.boot_deadline = self.shutdown_deadline = None
         self.eof_deadline = time.monotonic() + EOF_GRACE

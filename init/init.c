@@ -722,6 +722,7 @@ static void __attribute__((noreturn)) run_program(void)
 		fail("chdir", msg[1], "chdir %s", cfg.cwd);
 	if (n == sizeof msg)
 		fail("exec", msg[1], "%s", cfg.argv[0]);
+	report("time exec %ld", uptime_ms());
 	report("started");
 
 	for (;;) {
@@ -739,6 +740,7 @@ static void __attribute__((noreturn)) run_program(void)
 			if (reaped != pid)
 				continue; /* an orphan reparented to us */
 			step("program ended, status 0x%x", status);
+			report("time exit %ld", uptime_ms());
 			if (WIFSIGNALED(status))
 				finish("signal %d", WTERMSIG(status));
 			finish("exit %d", WEXITSTATUS(status));
@@ -753,11 +755,18 @@ int main(void)
 		fprintf(stderr, "microvmc init: must run as PID 1\n");
 		return 1;
 	}
+	long started_ms = uptime_ms(), modules_ms, ports_ms;
 	debug = getenv("MVMC_DEBUG") && strcmp(getenv("MVMC_DEBUG"), "1") == 0;
 	mount_early();
 	step("init started");
 	load_modules();
+	modules_ms = uptime_ms();
 	open_ports();
+	ports_ms = uptime_ms();
+	/* the boot timeline: what happened before the status port was open, reported now */
+	report("time init %ld", started_ms);
+	report("time modules %ld", modules_ms);
+	report("time ports %ld", ports_ms);
 	check_modules();
 	read_config();
 	mount_root();
@@ -769,5 +778,6 @@ int main(void)
 		if (sethostname(cfg.hostname, strlen(cfg.hostname)) < 0)
 			fail("hostname", errno, "sethostname %s", cfg.hostname);
 	}
+	report("time mounts %ld", uptime_ms());
 	run_program();
 }

@@ -350,10 +350,17 @@ def test_unexecutable_virtiofsd_raises_and_cleans_up(run, tmp_path):
     assert list(run.runtime.iterdir()) == []
 
 
-def test_verbose_line(run, tmp_path):
-    qemu = sh_qemu(tmp_path, "printf 'started\\nexit 0\\n' >&4")
+def test_verbose_lines(run, tmp_path):
+    qemu = sh_qemu(tmp_path, "printf 'time init 1000\\ntime modules 1250\\ntime exec 1300\\nstarted\\n"
+                             "time exit 1800\\nexit 0\\n' >&4")
     status, _, err = run(make_plan([qemu]), verbose=True)
-    assert err.decode() == f"microvmc: accel tcg (a test); logs in {run.logs}\n"
+    first, second = err.decode().splitlines()
+    assert first == f"microvmc: accel tcg (a test); logs in {run.logs}"
+    assert second.startswith("microvmc: timeline: kernel 1.00 s, modules 0.25 s, exec 0.05 s, program 0.50 s; "
+                             "host: qemu at ")
+    timeline = json.loads((run.logs / "timeline.json").read_text())
+    assert timeline["guest_ms"] == {"init": 1000, "modules": 1250, "exec": 1300, "exit": 1800}
+    assert list(timeline["host_seconds"]) == ["qemu", "started", "reported", "qemu-exited", "ended"]
 
 
 def test_runs_outside_the_main_thread(run, tmp_path):

@@ -51,8 +51,17 @@ def test_hello(env) -> None:
     runs = sorted(Path(env["XDG_STATE_HOME"], "microvmc", "runs").iterdir())
     record = json.loads((runs[-1] / "run.json").read_text())
     assert (record["name"], record["status"], record["manifest"]) == ("hello", 0, str(EXAMPLES / "hello.toml"))
-    assert (runs[-1] / "status").read_text() == "started\nexit 0\n"
+    report = (runs[-1] / "status").read_text().splitlines()
+    assert [line for line in report if not line.startswith("time ")] == ["started", "exit 0"]
     assert (runs[-1] / "console.log").stat().st_size > 0
+    # The boot timeline: init's stages in order, on the guest's clock, and the host's marks.
+    timeline = json.loads((runs[-1] / "timeline.json").read_text())
+    guest = timeline["guest_ms"]
+    assert list(guest) == ["init", "modules", "ports", "mounts", "exec", "exit"]
+    assert list(guest.values()) == sorted(guest.values()) and guest["init"] > 0
+    host = timeline["host_seconds"]
+    assert list(host) == ["qemu", "started", "reported", "qemu-exited", "ended"]
+    assert list(host.values()) == sorted(host.values())
 
 
 ARGS = ["plain", "with space", "", 'double"quote', "single'quote", "a=b", "dotted.name=x", "--flag=v", "tab\there",
@@ -110,7 +119,9 @@ def test_killed_by_a_signal_and_verbose_says_which_accelerator(env) -> None:
 
     r = run(env, "-v", str(EXAMPLES / "hello.toml"), "--", "/bin/sh", "-c", "kill -KILL $$")
     assert (r.returncode, r.stdout) == (128 + 9, b"")
-    assert re.fullmatch(rb"microvmc: build output \S+\nmicrovmc: accel (tcg|kvm) \((auto|resources)[^\n]*\); logs in \S+\n", r.stderr), r.stderr
+    assert re.fullmatch(rb"microvmc: build output \S+\nmicrovmc: accel (tcg|kvm) \((auto|resources)[^\n]*\); logs in \S+\n"
+                        rb"microvmc: timeline: kernel [0-9.]+ s, modules [0-9.]+ s, .*program [0-9.]+ s; host: qemu at .*\n",
+                        r.stderr), r.stderr
 
 
 def test_program_not_found(env) -> None:
@@ -198,7 +209,7 @@ def _wait_until_started(env, process: subprocess.Popen, limit: float = 120) -> N
         newest = max(runs.iterdir(), key=lambda p: p.stat().st_mtime_ns, default=None) if runs.is_dir() else None
         if newest and (newest / "run.json").exists() and f'"pid": {process.pid}' in (newest / "run.json").read_text():
             status = newest / "status"
-            if status.exists() and status.read_text().startswith("started"):
+            if status.exists() and "started" in status.read_text().splitlines():
                 return
         time.sleep(0.05)
     raise AssertionError("the program did not start")
@@ -219,9 +230,13 @@ def test_a_terminal_stays_a_terminal(env) -> None:
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=controlling_tty)
         os.close(slave)
         before = termios.tcgetattr(master)
-        _wait_until_started(env, p)
-        os.write(master, keys)
-        out, _ = p.communicate(timeout=TIMEOUT)
+        try:
+            _wait_until_started(env, p)
+            os.write(master, keys)
+            out, _ = p.communicate(timeout=TIMEOUT)
+        finally:
+            p.kill()
+            p.wait()
         assert (p.returncode, out) == (status, output)
         assert termios.tcgetattr(master)[3] & termios.ICANON  # still in line mode
         assert termios.tcgetattr(master) == before
