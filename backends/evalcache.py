@@ -65,12 +65,12 @@ def _cache_dir(environ: Mapping[str, str]) -> Path:
 def _code_fingerprint() -> list[Any]:
     """microvmc's own files (sources, schema, init.c) by size and mtime: a new version, or an edit
     in a development checkout, invalidates every entry."""
-    import importlib.util
+    import importlib
 
     out = []
     for name in _CODE_PACKAGES:
-        spec = importlib.util.find_spec(name)
-        for location in (spec.submodule_search_locations or []) if spec else []:
+        package = importlib.import_module(name)  # their __init__ files are empty: cheap
+        for location in getattr(package, "__path__", []):
             for entry in sorted(os.scandir(location), key=lambda e: e.name):
                 if entry.is_file() and entry.name.endswith((".py", ".json", ".c")):
                     st = entry.stat()

@@ -10,9 +10,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import re
 import shutil
-import subprocess
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -120,6 +118,8 @@ def _probe(
 
 def qemu_version(output: str) -> tuple[int, int, int]:
     """`QEMU emulator version 7.2.22 (Debian ...)` → (7, 2, 22); (0, 0, 0) if unreadable."""
+    import re
+
     match = re.search(r"version (\d+)\.(\d+)(?:\.(\d+))?", output)
     if not match:
         return (0, 0, 0)
@@ -129,6 +129,8 @@ def qemu_version(output: str) -> tuple[int, int, int]:
 def virtiofsd_flavour(output: str) -> VirtiofsdFlavour | None:
     """QEMU's C virtiofsd says `virtiofsd version 7.2.x ... using FUSE kernel interface`,
     the Rust one `virtiofsd 1.x`."""
+    import re
+
     if "using FUSE kernel interface" in output or re.search(r"^virtiofsd version ", output, re.M):
         return VirtiofsdFlavour.C
     if re.search(r"^virtiofsd v?\d+\.\d+", output, re.M):
@@ -167,6 +169,8 @@ def kvm_status(root: str = "/", qemu: str | None = None) -> tuple[bool, str]:
 
 def guest_runs(qemu: str, accel: str, timeout: float = GUEST_PROBE_TIMEOUT) -> tuple[bool, str]:
     """Whether QEMU runs a tiny guest (kernel/tiny.py) with `accel` within `timeout` seconds."""
+    import subprocess
+
     import tempfile
 
     from microvmc.kernel.tiny import DEBUG_EXIT_PORT, expected_status, tiny_pvh_guest
@@ -191,6 +195,8 @@ def guest_runs(qemu: str, accel: str, timeout: float = GUEST_PROBE_TIMEOUT) -> t
 
 def tsc_khz(root: str = "/") -> int | None:
     """The TSC frequency in kHz: the kernel's own figure, else the CPU's MHz from cpuinfo."""
+    import re
+
     exact = _read(_under(root, "/sys/devices/system/cpu/cpu0/tsc_freq_khz")).strip()
     if exact.isdigit():
         return int(exact)
@@ -242,6 +248,8 @@ def _file_id(path: str | None) -> list | None:
 
 
 def _version_output(binary: str | None) -> str:
+    import subprocess
+
     if not binary:
         return ""
     try:

@@ -138,6 +138,9 @@ class _suppress_lookup:
 def time_once(cmd: Command) -> Sample:
     """Run `cmd` once, in its own session, with stdin and stdout on /dev/null."""
     env = dict(os.environ, **(cmd.env or {}))
+    # As users run Python: with compiled bytecode cached. Some sandboxes set this, and then every
+    # run recompiles every module it imports (~20 ms of microvmc's start-up here).
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
     stderr_path = Path(os.environ.get("TMPDIR", "/tmp"), f"microvmc-bench-stderr-{os.getpid()}")
     with open(stderr_path, "w+b") as stderr:
         start = time.perf_counter()
