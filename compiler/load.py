@@ -12,9 +12,9 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 from microvmc.errors import ManifestError, Problem
 
@@ -29,6 +29,7 @@ PATH_KEYS: tuple[tuple[str, ...], ...] = (
 )
 
 KeyPath = tuple[str | int, ...]
+COMMAND_LINE = "command line"  # the origin of -e and -- overrides, in messages
 
 
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
@@ -63,6 +64,19 @@ class Loaded:
     origins: dict[KeyPath, str]  # key path of every value → display path of the file that set it
     files: tuple[str, ...]  # absolute paths of every file read, in merge order
     root: str  # display path of the manifest asked for
+
+    def overridden(self, *, argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> "Loaded":
+        """The document with the command line's argv and environment entries on top, so they are
+        validated like the rest; a problem in them is reported as the command line's."""
+        process = dict(self.data.get("process") or {}) if isinstance(self.data.get("process"), dict) else {}
+        origins = dict(self.origins)
+        if argv:
+            process["argv"] = list(argv)
+            origins.update({("process", "argv"): COMMAND_LINE, **{("process", "argv", i): COMMAND_LINE for i in range(len(argv))}})
+        if env:
+            process["env"] = {**(process.get("env") if isinstance(process.get("env"), dict) else {}), **env}
+            origins.update({("process", "env", name): COMMAND_LINE for name in env})
+        return replace(self, data={**self.data, "process": process}, origins=origins)
 
     def origin(self, path: KeyPath) -> str:
         """The file that set `path`, or the closest enclosing value, or the root manifest."""

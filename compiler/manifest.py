@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from enum import StrEnum
 from functools import cache
 from typing import Any
@@ -151,17 +151,6 @@ class Manifest:
     network: Network
     files: tuple[str, ...]  # every manifest file it was loaded from, absolute
     name: str  # the root manifest's display path, for messages
-
-    def with_overrides(
-        self, *, argv: tuple[str, ...] | None = None, env: dict[str, str] | None = None
-    ) -> "Manifest":
-        """The manifest with a command-line override of argv and/or environment entries."""
-        process = self.process
-        if argv:
-            process = replace(process, argv=tuple(argv))
-        if env:
-            process = replace(process, env=tuple(sorted({**dict(process.env), **env}.items())))
-        return replace(self, process=process)
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -33,10 +33,7 @@ def read_manifest(
     cwd: str | None = None,
 ) -> Manifest:
     """load + validate, with command-line overrides applied."""
-    manifest = validate(load(path, cwd=cwd))
-    if argv or env:
-        manifest = manifest.with_overrides(argv=tuple(argv) if argv else None, env=dict(env) if env else None)
-    return manifest
+    return validate(load(path, cwd=cwd).overridden(argv=argv, env=env))
 
 
 def compile_manifest(

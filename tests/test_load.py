@@ -73,9 +73,17 @@ def test_an_override_of_a_bad_value_fixes_it(tmp_path: Path) -> None:
 
 def test_overrides_from_the_command_line(tmp_path: Path) -> None:
     top = write(tmp_path / "m.toml", 'version = 1\n[process]\nargv = ["a"]\nenv = { K = "v" }\n')
-    m = validate(load(top, cwd=str(tmp_path))).with_overrides(argv=("/bin/sh", "-c", "exit 42"), env={"K": "w", "N": "1"})
+    m = validate(load(top, cwd=str(tmp_path)).overridden(argv=("/bin/sh", "-c", "exit 42"), env={"K": "w", "N": "1"}))
     assert m.process.argv == ("/bin/sh", "-c", "exit 42")
     assert dict(m.process.env)["K"] == "w" and dict(m.process.env)["N"] == "1"
+    # Overrides are validated like the file, and their problems are the command line's.
+    with pytest.raises(ManifestError) as err:
+        validate(load(top, cwd=str(tmp_path)).overridden(argv=("",), env={"": "x"}))
+    assert err.value.lines() == [
+        'command line: process.argv[0]: "" is not a program',
+        'command line: process.env."": "" is not a valid environment variable name '
+        "(a name must be non-empty and contain neither '=' nor NUL)",
+    ]
 
 
 def test_any_file_content_loads_or_is_explained(tmp_path_factory) -> None:
