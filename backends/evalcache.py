@@ -22,6 +22,7 @@ from typing import Any, Mapping, Sequence
 
 from microvmc.compiler.host import HostFacts
 from microvmc.compiler.launch import LaunchPlan
+from microvmc.compiler.store import file_digest
 
 __all__ = ["CacheKey", "Hit", "lookup", "record"]
 
@@ -90,7 +91,7 @@ def _fingerprint(path: str) -> list[Any] | None:
 
 def _file_sha(path: str) -> str | None:
     try:
-        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+        return file_digest(path)
     except OSError:
         return None
 

@@ -103,8 +103,6 @@ class Graph:
                 return node
         raise KeyError(node_id)
 
-    def inputs(self, node_id: str) -> tuple[str, ...]:
-        return tuple(a for a, b in self.edges if b == node_id)
 
     def to_dict(self) -> dict[str, Any]:
         return {"nodes": [n.to_dict() for n in self.nodes], "edges": [list(e) for e in self.edges]}
@@ -268,10 +266,16 @@ def resolve(manifest: Manifest, facts: HostFacts, store: str, sources: Sources =
                           hint="name the modules directory after the release, as lib/modules/<release> is")
     derive("boot-kernel", Builder.BOOT_KERNEL, "kernel", ("kernel",), {"release": release}, kernel_keys)
     tree = scan_modules(Path(modules_dir))
-    resolved = resolve_modules(tree, _needed_modules(manifest), release=release, read=lambda p: sources.read(str(p)))
+    module_bytes: dict[str, bytes] = {}  # read once: for .modinfo, then for the digest
+
+    def read_module(path: Path) -> bytes:
+        return module_bytes.setdefault(str(path), sources.read(str(path)))
+
+    resolved = resolve_modules(tree, _needed_modules(manifest), release=release, read=read_module)
     # Modules are identified by content, so the same modules elsewhere give the same initramfs.
     module_files = [
-        {"name": m.name, "path": str(m.path), "digest": sources.digest(os.path.join(modules_dir, str(m.path)))}
+        {"name": m.name, "path": str(m.path),
+         "digest": hashlib.sha256(read_module(Path(modules_dir) / m.path)).hexdigest()}
         for m in resolved
     ]
     config_path = _kernel_config(kernel_image, modules_dir, release)

@@ -12,22 +12,11 @@ import sys
 from typing import Sequence
 
 from microvmc import __version__
-from microvmc.errors import ExitStatus, MicrovmcError
+from microvmc.errors import EXIT_MEANINGS, ExitStatus, MicrovmcError
 
 __all__ = ["main"]
 
-EPILOG = """exit statuses:
-  0          success (run: the program's own status, 128+N if it died of signal N)
-  2          bad command line
-  120        the guest init failed before the program started (mount, modules, ports)
-  121        QEMU or virtiofsd could not start, or the accelerator is unusable
-  122        a virtiofsd died while the VM ran
-  123        the VM stopped without reporting a status (e.g. a kernel panic)
-  124        boot or run timeout
-  125        invalid manifest or failed build: nothing was started
-  126, 127   the program could not be executed / was not found in the guest
-  130, 143   microvmc was interrupted (SIGINT, SIGTERM); the VM was stopped
-"""
+EPILOG = "exit statuses:\n" + "".join(f"  {code:<10} {meaning}\n" for code, meaning in EXIT_MEANINGS)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -11,6 +11,7 @@ from enum import IntEnum
 
 __all__ = [
     "ExitStatus",
+    "EXIT_MEANINGS",
     "Problem",
     "MicrovmcError",
     "ManifestError",
@@ -37,6 +38,21 @@ class ExitStatus(IntEnum):
     NOT_EXECUTABLE = 126  # the program exists but could not be executed
     NOT_FOUND = 127  # the program was not found in the guest
     INTERRUPTED = 130  # microvmc got SIGINT (SIGTERM gives 143)
+
+
+# What each exit status means, as `microvmc --help` lists it (the README's table says the same).
+EXIT_MEANINGS: tuple[tuple[str, str], ...] = (
+    ("0", "success (run: the program's own status, 128+N if it died of signal N)"),
+    ("2", "bad command line"),
+    ("120", "the guest init failed before the program started (mount, modules, ports)"),
+    ("121", "QEMU or virtiofsd could not start, or the accelerator is unusable"),
+    ("122", "a virtiofsd died while the VM ran"),
+    ("123", "the VM stopped without reporting a status (e.g. a kernel panic)"),
+    ("124", "boot or run timeout"),
+    ("125", "invalid manifest or failed build: nothing was started"),
+    ("126, 127", "the program could not be executed / was not found in the guest"),
+    ("130, 143", "microvmc was interrupted (SIGINT, SIGTERM); the VM was stopped"),
+)
 
 
 @dataclass(frozen=True, slots=True)
