@@ -132,7 +132,10 @@ def run_plan(
 def _write_timeline(path: Path, end: _End) -> None:
     import json
 
-    record = {"host_seconds": {k: round(v, 3) for k, v in end.host.items()}, "guest_ms": end.guest}
+    # In the order they happened: the status pipe and QEMU's exit are watched by different threads, so the
+    # order marks were recorded in is not always the order of the clock.
+    marks = sorted(end.host.items(), key=lambda item: item[1])
+    record = {"host_seconds": {k: round(v, 3) for k, v in marks}, "guest_ms": end.guest}
     path.write_text(json.dumps(record, indent=2) + "\n")
 
 
