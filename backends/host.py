@@ -18,7 +18,7 @@ from microvmc.compiler.host import HostFacts, VirtiofsdFlavour
 
 __all__ = ["probe_host", "facts_from_dict", "kvm_status", "guest_runs", "virtiofsd_flavour", "qemu_version"]
 
-CACHE_FORMAT = 3
+CACHE_FORMAT = 4
 QEMU_NAME = "qemu-system-x86_64"
 VIRTIOFSD_CANDIDATES = ("/usr/lib/qemu/virtiofsd", "/usr/libexec/virtiofsd")
 BUSYBOX_CANDIDATES = ("/bin/busybox",)
@@ -58,6 +58,7 @@ def probe_host(environ: Mapping[str, str] = os.environ, *, root: str = "/") -> H
         "env": {k: environ.get(k) for k in ENV_KEYS},
         "qemu": _file_id(qemu),
         "virtiofsd": _file_id(virtiofsd),
+        "euid": os.geteuid(),
         "boot_id": _read(_under(root, "/proc/sys/kernel/random/boot_id")).strip(),
     }
     cache = _cache_path(environ)
@@ -78,6 +79,8 @@ def facts_from_dict(d: Mapping) -> HostFacts:
         qemu_version=_version_tuple(d["qemu_version"]),
         virtiofsd=d["virtiofsd"],
         virtiofsd_flavour=VirtiofsdFlavour(flavour) if flavour else None,
+        virtiofsd_usable=d["virtiofsd_usable"],
+        virtiofsd_reason=d["virtiofsd_reason"],
         kvm_usable=d["kvm_usable"],
         kvm_reason=d["kvm_reason"],
         tsc_khz=d["tsc_khz"],
@@ -93,6 +96,9 @@ def _probe(
     environ: Mapping[str, str], *, root: str, qemu: str | None, virtiofsd: str | None, cc: str | None
 ) -> HostFacts:
     kvm_usable, kvm_reason = kvm_status(root, qemu)
+    version = _version_output(virtiofsd) if virtiofsd else ""
+    flavour = virtiofsd_flavour(version) if virtiofsd else None
+    virtiofsd_usable, virtiofsd_reason = virtiofsd_status(virtiofsd, flavour, version, euid=os.geteuid())
     busybox = environ.get("MICROVMC_BUSYBOX") or _first_file(
         [_under(root, p) for p in BUSYBOX_CANDIDATES]
     )
@@ -101,7 +107,9 @@ def _probe(
         qemu=qemu or "",
         qemu_version=qemu_version(_version_output(qemu)) if qemu else (0, 0, 0),
         virtiofsd=virtiofsd,
-        virtiofsd_flavour=virtiofsd_flavour(_version_output(virtiofsd)) if virtiofsd else None,
+        virtiofsd_flavour=flavour,
+        virtiofsd_usable=virtiofsd_usable,
+        virtiofsd_reason=virtiofsd_reason,
         kvm_usable=kvm_usable,
         kvm_reason=kvm_reason,
         tsc_khz=tsc_khz(root),
@@ -136,6 +144,22 @@ def virtiofsd_flavour(output: str) -> VirtiofsdFlavour | None:
     if re.search(r"^virtiofsd v?\d+\.\d+", output, re.M):
         return VirtiofsdFlavour.RUST
     return None
+
+
+def virtiofsd_status(
+    virtiofsd: str | None, flavour: VirtiofsdFlavour | None, version_output: str, *, euid: int
+) -> tuple[bool, str]:
+    """Whether virtiofsd can serve a share here, and why (one phrase). Both flavours, as microvmc runs
+    them (sandbox=chroot), need root: as an ordinary user the C one fails at once (setgroups)."""
+    if not virtiofsd:
+        return False, "virtiofsd is not installed"
+    if flavour is None:
+        first = next((line.strip() for line in version_output.splitlines() if line.strip()), "no output")
+        hint = "; it needs root" if euid != 0 else ""
+        return False, f"{virtiofsd} --version failed ({first}){hint}"
+    if euid != 0:
+        return False, f"virtiofsd ({virtiofsd}) needs root, and microvmc runs as uid {euid}"
+    return True, f"virtiofsd ({virtiofsd}, {flavour} flavour) runs as root"
 
 
 def kvm_status(root: str = "/", qemu: str | None = None) -> tuple[bool, str]:

@@ -51,7 +51,8 @@ def stages(manifest_path: str, out_dir: str, store: str | None) -> dict[str, flo
     facts = probe_host()
     lap("probe host (cached facts)")
     store = os.path.abspath(store) if store else str(default_store_root())
-    from microvmc.compiler.graph import resolve
+    from microvmc.compiler.graph import choose_transports, resolve
+    manifest = choose_transports(manifest, facts)
     graph = resolve(manifest, facts, store)
     lap("resolve (graph, kernel, modules, digests)")
     from microvmc.compiler.plan import plan

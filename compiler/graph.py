@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -154,6 +154,24 @@ def choose_accel(manifest: Manifest, facts: HostFacts) -> tuple[str, str]:
     return "tcg", f"auto: KVM is not usable ({facts.kvm_reason})"
 
 
+def choose_transports(manifest: Manifest, facts: HostFacts) -> Manifest:
+    """The manifest with every `transport = "auto"` made concrete: virtiofs where virtiofsd can run
+    here, else 9p. An explicit virtiofs that cannot work is refused now, not when the VM boots."""
+
+    def choose(wanted: Transport, key: str) -> Transport:
+        if wanted is Transport.AUTO:
+            return Transport.VIRTIOFS if facts.virtiofs_ready else Transport.NINEP
+        if wanted is Transport.VIRTIOFS and not facts.virtiofs_ready:
+            why = facts.virtiofsd_reason if facts.virtiofsd else "virtiofsd is not installed"
+            raise HostError(f"{manifest.name}: {key}: \"virtiofs\" is not usable here: {why}",
+                            hint="use \"auto\" or \"9p\"")
+        return wanted
+
+    image = replace(manifest.image, transport=choose(manifest.image.transport, "image.transport"))
+    shares = tuple(replace(s, transport=choose(s.transport, f"shares.{s.tag}.transport")) for s in manifest.shares)
+    return replace(manifest, image=image, shares=shares)
+
+
 def _kernel_location(manifest: Manifest, facts: HostFacts) -> tuple[str, str]:
     kernel = manifest.kernel
     if kernel.source is KernelSource.PATH:
@@ -211,6 +229,8 @@ def guest_config(manifest: Manifest) -> GuestConfig:
 def resolve(manifest: Manifest, facts: HostFacts, store: str, sources: Sources = Sources()) -> Graph:
     """The dependency graph of a manifest. Reads source files (to hash them and to read kernel
     module metadata) but builds nothing."""
+    assert Transport.AUTO not in {manifest.image.transport, *(s.transport for s in manifest.shares)}, \
+        "choose_transports first"
     from microvmc.kernel.image import inspect_kernel
     from microvmc.kernel.modules import resolve_modules, scan_modules, signatures_optional
 

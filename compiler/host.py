@@ -24,6 +24,8 @@ class HostFacts:
     qemu_version: tuple[int, int, int] = (7, 2, 0)
     virtiofsd: str | None = "/usr/lib/qemu/virtiofsd"
     virtiofsd_flavour: VirtiofsdFlavour | None = VirtiofsdFlavour.C
+    virtiofsd_usable: bool = True  # it can serve a share here (both flavours need root to sandbox themselves)
+    virtiofsd_reason: str = "not probed"  # why it is or is not usable, for errors and `transport = "auto"`
     kvm_usable: bool = False
     kvm_reason: str = "not probed"  # why KVM is or is not usable, for --verbose and errors
     tsc_khz: int | None = None  # host TSC frequency; helps a TCG guest skip PIT calibration
@@ -33,6 +35,11 @@ class HostFacts:
     cc: str | None = "gcc"  # compiles the guest init
     cc_version: str = ""  # the first line of `cc --version`: the init is cached by source and compiler
 
+    @property
+    def virtiofs_ready(self) -> bool:
+        """A virtiofsd is installed, answers, and can run here."""
+        return bool(self.virtiofsd and self.virtiofsd_flavour and self.virtiofsd_usable)
+
     def to_dict(self) -> dict:
         return {
             "arch": self.arch,
@@ -40,6 +47,8 @@ class HostFacts:
             "qemu_version": ".".join(map(str, self.qemu_version)),
             "virtiofsd": self.virtiofsd,
             "virtiofsd_flavour": str(self.virtiofsd_flavour) if self.virtiofsd_flavour else None,
+            "virtiofsd_usable": self.virtiofsd_usable,
+            "virtiofsd_reason": self.virtiofsd_reason,
             "kvm_usable": self.kvm_usable,
             "kvm_reason": self.kvm_reason,
             "tsc_khz": self.tsc_khz,

@@ -70,6 +70,7 @@ class RootMode(StrEnum):
 
 
 class Transport(StrEnum):
+    AUTO = "auto"  # virtiofs where virtiofsd can run, else 9p: chosen with the host's facts
     VIRTIOFS = "virtiofs"
     NINEP = "9p"
 
@@ -98,7 +99,7 @@ class Image:
     path: str | None = None
     reference: str | None = None
     mode: RootMode = RootMode.READ_ONLY
-    transport: Transport = Transport.VIRTIOFS
+    transport: Transport = Transport.AUTO
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -131,7 +132,7 @@ class Share:
     host: str
     guest: str
     read_only: bool = False
-    transport: Transport = Transport.VIRTIOFS
+    transport: Transport = Transport.AUTO
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -393,7 +394,7 @@ def _build(loaded: Loaded) -> Manifest:
             path=image.get("path"),
             reference=image.get("reference"),
             mode=RootMode(image.get("mode", "read-only")),
-            transport=Transport(image.get("transport", "virtiofs")),
+            transport=Transport(image.get("transport", "auto")),
         ),
         process=Process(
             argv=tuple(process["argv"]),
@@ -419,7 +420,7 @@ def _build(loaded: Loaded) -> Manifest:
                 host=share["host"],
                 guest=os.path.normpath(share["guest"]),
                 read_only=share.get("read_only", False),
-                transport=Transport(share.get("transport", "virtiofs")),
+                transport=Transport(share.get("transport", "auto")),
             )
             for tag, share in sorted(data.get("shares", {}).items())
         ),

@@ -1,4 +1,7 @@
-"""The compiler's stages in order: load → validate → resolve → plan → emit."""
+"""The compiler's stages in order: load → validate → resolve → plan → emit.
+
+Resolve starts by settling what the manifest leaves to the host (`transport = "auto"`).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +10,7 @@ from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 from microvmc.compiler.emit import Output, emit
-from microvmc.compiler.graph import Graph, Sources, resolve
+from microvmc.compiler.graph import Graph, Sources, choose_transports, resolve
 from microvmc.compiler.host import HostFacts
 from microvmc.compiler.launch import LaunchPlan
 from microvmc.compiler.load import load
@@ -39,6 +42,7 @@ def read_manifest(
 def compile_manifest(
     manifest: Manifest, *, facts: HostFacts, store: str, sources: Sources = Sources()
 ) -> Compiled:
+    manifest = choose_transports(manifest, facts)
     graph = resolve(manifest, facts, store, sources)
     launch = plan(manifest, graph, facts)
     return Compiled(manifest=manifest, graph=graph, plan=launch, output=emit(launch, graph, store))

@@ -76,8 +76,7 @@ def plan(manifest: Manifest, graph: Graph, facts: HostFacts) -> LaunchPlan:
     for tag, host_dir, transport, read_only, keys in mounts:
         chardev = f"fs-{tag}"
         if transport is Transport.VIRTIOFS:
-            if not facts.virtiofsd or not facts.virtiofsd_flavour:
-                raise HostError("virtiofsd is not installed", hint="run scripts/setup, or use transport = \"9p\"")
+            assert facts.virtiofsd and facts.virtiofsd_flavour, "choose_transports refuses virtiofs without it"
             needs_modern_mmio = True
             socket = f"{chardev}.sock"
             virtiofsd.append(VirtiofsdPlan(tag=tag, keys=keys, shared_dir=host_dir, socket=socket, read_only=read_only,

@@ -23,6 +23,8 @@ def fake_facts(**changes) -> HostFacts:
         qemu_version=(7, 2, 0),
         virtiofsd="/usr/lib/qemu/virtiofsd",
         virtiofsd_flavour=VirtiofsdFlavour.C,
+        virtiofsd_usable=True,
+        virtiofsd_reason="virtiofsd (/usr/lib/qemu/virtiofsd, c flavour) runs as root",
         kvm_usable=False,
         kvm_reason="/dev/kvm is missing",
         tsc_khz=2_000_000,

@@ -16,6 +16,7 @@ from microvmc.backends.host import (
     qemu_version,
     tsc_khz,
     virtiofsd_flavour,
+    virtiofsd_status,
 )
 from microvmc.compiler.host import HostFacts, VirtiofsdFlavour
 
@@ -62,6 +63,7 @@ def test_probe_fake_host(fake):
     assert facts.qemu_version == (7, 2, 22)
     assert facts.virtiofsd == os.path.join(fake["root"], "usr/lib/qemu/virtiofsd")
     assert facts.virtiofsd_flavour == VirtiofsdFlavour.C
+    assert facts.virtiofsd_usable == (os.geteuid() == 0) and facts.virtiofs_ready == (os.geteuid() == 0)
     assert (facts.kvm_usable, facts.kvm_reason) == (False, "there is no /dev/kvm")
     assert facts.tsc_khz == 2596000
     assert facts.default_kernel_dir == os.path.join(
@@ -166,6 +168,23 @@ def test_tsc_prefers_the_kernels_figure(tmp_path):
 )
 def test_virtiofsd_flavour(output, expected):
     assert virtiofsd_flavour(output) == expected
+
+
+@pytest.mark.parametrize(
+    "path, flavour, output, euid, expected",
+    [
+        (None, None, "", 0, (False, "virtiofsd is not installed")),
+        ("/v", VirtiofsdFlavour.C, C_VIRTIOFSD, 0, (True, "virtiofsd (/v, c flavour) runs as root")),
+        ("/v", VirtiofsdFlavour.RUST, "virtiofsd 1.10.1\n", 1000,
+         (False, "virtiofsd (/v) needs root, and microvmc runs as uid 1000")),
+        # What the Debian 12 C virtiofsd prints to an ordinary user, even for --version.
+        ("/v", None, "setgroups() failed with error=1:Operation not permitted\n", 1000,
+         (False, "/v --version failed (setgroups() failed with error=1:Operation not permitted); it needs root")),
+        ("/v", None, "", 0, (False, "/v --version failed (no output)")),
+    ],
+)
+def test_virtiofsd_status(path, flavour, output, euid, expected):
+    assert virtiofsd_status(path, flavour, output, euid=euid) == expected
 
 
 @pytest.mark.parametrize(

@@ -68,11 +68,40 @@ def test_a_comma_in_a_path_cannot_split_a_qemu_option(tmp_path: Path) -> None:
 def test_missing_qemu_or_virtiofsd(tmp_path: Path) -> None:
     with pytest.raises(HostError, match="QEMU is not installed"):
         compiled(tmp_path, '[process]\nargv = ["true"]\n', qemu="")
-    with pytest.raises(HostError, match="virtiofsd is not installed"):
-        compiled(tmp_path, '[process]\nargv = ["true"]\n', virtiofsd=None, virtiofsd_flavour=None)
+    with pytest.raises(HostError) as err:
+        compiled(tmp_path, '[image]\ntransport = "virtiofs"\n[process]\nargv = ["true"]\n', virtiofsd=None,
+                 virtiofsd_flavour=None)
+    assert str(err.value) == 'm.toml: image.transport: "virtiofs" is not usable here: virtiofsd is not installed'
     # 9p needs no virtiofsd.
     c = compiled(tmp_path, '[image]\ntransport = "9p"\n[process]\nargv = ["true"]\n', virtiofsd=None, virtiofsd_flavour=None)
     assert c.plan.virtiofsd == () and "virtio-mmio.force-legacy=false" not in c.plan.qemu_argv
+
+
+def test_auto_transport_is_virtiofs_where_virtiofsd_runs_else_9p(tmp_path: Path) -> None:
+    text = '[process]\nargv = ["true"]\n[shares.data]\nhost = "."\nguest = "/data"\n'
+    root = compiled(tmp_path, text)
+    assert [v.tag for v in root.plan.virtiofsd] == ["root", "data"]
+    assert root.manifest.image.transport == "virtiofs" and root.manifest.shares[0].transport == "virtiofs"
+    assert "MVMC_ROOT=virtiofs:root:ro" in root.plan.cmdline.split()
+    user = compiled(tmp_path, text, virtiofsd_usable=False, virtiofsd_reason="virtiofsd needs root")
+    assert user.plan.virtiofsd == ()
+    assert user.manifest.image.transport == "9p" and user.manifest.shares[0].transport == "9p"
+    argv = user.plan.qemu_argv
+    assert [argv[i + 1].split(",")[0:2] for i, a in enumerate(argv) if a == "-fsdev"] == [
+        ["local", "id=fs-root"], ["local", "id=fs-data"]]
+    modules = [m["name"] for m in user.graph.node("modules").to_dict()["params"]["modules"]]
+    assert "9p" in modules and "virtiofs" not in modules
+    assert "MVMC_ROOT=9p:root:ro" in user.plan.cmdline.split() and "virtiofs" not in user.plan.cmdline
+
+
+def test_explicit_virtiofs_that_cannot_run_is_refused_with_the_reason(tmp_path: Path) -> None:
+    text = '[process]\nargv = ["true"]\n[shares.data]\nhost = "."\nguest = "/data"\ntransport = "virtiofs"\n'
+    with pytest.raises(HostError) as err:
+        compiled(tmp_path, text, virtiofsd_usable=False,
+                 virtiofsd_reason="virtiofsd (/usr/lib/qemu/virtiofsd) needs root, and microvmc runs as uid 1000")
+    assert str(err.value) == ('m.toml: shares.data.transport: "virtiofs" is not usable here: '
+                              "virtiofsd (/usr/lib/qemu/virtiofsd) needs root, and microvmc runs as uid 1000")
+    assert err.value.hint == 'use "auto" or "9p"'
 
 
 def test_missing_default_kernel_says_how_to_get_one(tmp_path: Path) -> None:
