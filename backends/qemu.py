@@ -103,7 +103,7 @@ def run_plan(
             qemu_stdin = stack.enter_context(_stdin_for_qemu(stdin))
             status_file = stack.enter_context(open(logs.status, "wb"))
             sinks = _sinks(stdout, stderr)
-            qemu, readers = stack.enter_context(
+            qemu, readers, control = stack.enter_context(
                 _qemu(plan, rundir=rundir, stdin=qemu_stdin, logs=logs)
             )
             supervisor = _Supervisor(
@@ -111,14 +111,15 @@ def run_plan(
                 qemu=qemu,
                 daemons=daemons,
                 readers=readers,
+                control=control,
                 sinks=sinks,
                 status_file=status_file,
                 signals=signals,
                 began=began,
             )
             end = supervisor.run()
-    if signals.caught and not end.signal:  # it came while everything was being stopped
-        end.signal = signals.caught[0]
+    if len(signals.caught) > supervisor.seen and not end.signal:  # it came while everything was being stopped
+        end.signal = signals.caught[supervisor.seen]
     end.host["ended"] = time.monotonic() - began
     status, message = _verdict(end, plan=plan, logs=logs)
     _write_timeline(logs.timeline, end)
@@ -160,7 +161,8 @@ def _timeline_summary(end: _End) -> str:
 class _End:
     """How the supervision loop ended."""
 
-    signal: int = 0  # microvmc got this signal
+    signal: int = 0  # microvmc got this signal and stopped the VM
+    forwarded: int = 0  # microvmc got this signal and sent it to the program
     boot_timeout: bool = False
     run_timeout: bool = False
     qemu_status: int | None = None  # QEMU's exit status, when it ended by itself
@@ -233,6 +235,7 @@ class _Supervisor:
         qemu: Child,
         daemons: tuple[tuple[VirtiofsdPlan, Child], ...],
         readers: dict[Fd, int],
+        control: int,
         sinks: dict[Fd, _Sink],
         status_file,
         signals: _Signals,
@@ -243,6 +246,8 @@ class _Supervisor:
         self.qemu = qemu
         self.daemons = daemons
         self.readers = dict(readers)  # pipe read ends not at EOF yet: STDOUT, STDERR, STATUS
+        self.control = control  # write end of the control port: requests to init
+        self.seen = 0  # how many of signals.caught have been acted on
         self.sinks = sinks
         self.status_file = status_file
         self.signals = signals
@@ -255,6 +260,7 @@ class _Supervisor:
         self.boot_deadline = start + plan.boot_timeout if plan.boot_timeout > 0 else None
         self.run_deadline = start + plan.timeout if plan.timeout > 0 else None
         self.shutdown_deadline: float | None = None  # set by the final report
+        self.stop_deadline: float | None = None  # set when a signal was sent to the program
         self.eof_deadline: float | None = None  # set when QEMU has ended
 
     def run(self) -> _End:
@@ -280,6 +286,7 @@ class _Supervisor:
                     self.boot_deadline,
                     self.run_deadline,
                     self.shutdown_deadline,
+                    self.stop_deadline,
                     self.eof_deadline,
                 )
                 if d is not None
@@ -298,8 +305,14 @@ class _Supervisor:
     def _over(self, now: float) -> bool:
         """Whether the loop is done; records why in self.end."""
         end = self.end
-        if self.signals.caught:
-            end.signal = self.signals.caught[0]
+        for number in self.signals.caught[self.seen:]:
+            self.seen += 1
+            if not end.signal and not self._forward(number):
+                end.signal = number
+        if end.signal:
+            pass
+        elif self.stop_deadline is not None and now >= self.stop_deadline:
+            end.signal = end.forwarded  # the program did not end in time: the VM is stopped
         elif self.boot_deadline is not None and now >= self.boot_deadline:
             end.boot_timeout = True
         elif self.run_deadline is not None and now >= self.run_deadline:
@@ -314,6 +327,22 @@ class _Supervisor:
             return not self.readers and all(not s.pending or s.broken for s in self.sinks.values())
         else:
             return False
+        return True
+
+    def _forward(self, number: int) -> bool:
+        """Send the program the first stop signal once it runs (init/PROTOCOL.md, control port),
+        so that it can end in its own way; a second signal, or one during boot, stops the VM."""
+        end = self.end
+        if (not end.started or end.forwarded or self.shutdown_deadline is not None or end.qemu_status is not None
+                or self.plan.stop_timeout <= 0):
+            return False
+        try:
+            os.write(self.control, f"signal {number}\n".encode("ascii"))
+        except OSError:
+            return False
+        end.forwarded = number
+        end.host["signal-sent"] = time.monotonic() - self.began
+        self.stop_deadline = time.monotonic() + self.plan.stop_timeout
         return True
 
     def _watch(self) -> None:
@@ -372,7 +401,7 @@ class _Supervisor:
                 self.boot_deadline = None
             elif kind in FINAL_REPORTS and self.shutdown_deadline is None:
                 self.end.host["reported"] = now - self.began
-                self.boot_deadline = None
+                self.boot_deadline = self.stop_deadline = None
                 self.shutdown_deadline = now + SHUTDOWN_GRACE
 
     def _drain_status(self) -> None:
@@ -392,7 +421,7 @@ class _Supervisor:
             return
         self.end.host["qemu-exited"] = time.monotonic() - self.began
         self.selector.unregister(self.qemu.pidfd)
-        self.boot_deadline = self.shutdown_deadline = None
+        self.boot_deadline = self.shutdown_deadline = self.stop_deadline = None
         self.eof_deadline = time.monotonic() + EOF_GRACE
         failed = []
         for vp, child in self.daemons:  # from now on they end with QEMU's connection
@@ -420,9 +449,7 @@ class _Supervisor:
             numbers = os.read(self.signals.fd, 64)
         except BlockingIOError:
             return
-        for number in numbers:
-            if number in STOP_SIGNALS and number not in self.signals.caught:
-                self.signals.caught.append(number)
+        del numbers  # the handler recorded them in signals.caught; _over acts on them
 
 
 # --- what the run amounts to ---------------------------------------------------------------
@@ -431,6 +458,9 @@ class _Supervisor:
 def _verdict(end: _End, *, plan: LaunchPlan, logs: RunLogs) -> tuple[int, str]:
     """The exit status and the message (may be empty) for how the run ended."""
     console = f"console log: {logs.console}"
+    if end.signal and end.signal == end.forwarded:
+        return 128 + end.signal, (f"the program did not end within {plan.stop_timeout:g} s of signal "
+                                  f"{end.signal} (resources.stop_timeout); the VM was stopped")
     if end.signal:
         return 128 + end.signal, ""
     if end.boot_timeout:
@@ -626,7 +656,7 @@ class _Closer:
 @contextmanager
 def _qemu(
     plan: LaunchPlan, *, rundir: Path, stdin: int, logs: RunLogs
-) -> Iterator[tuple[Child, dict[Fd, int]]]:
+) -> Iterator[tuple[Child, dict[Fd, int], int]]:
     """QEMU with exactly the descriptors of `Fd`; yields it and the read ends of its outputs."""
     with ExitStack() as stack:
         opened = []
@@ -636,6 +666,10 @@ def _qemu(
             opened.append(fd)
         qemu_log, console = opened
         pipes = {kind: os.pipe() for kind in (Fd.STDOUT, Fd.STDERR, Fd.STATUS)}
+        control_read, control_write = os.pipe()
+        stack.callback(os.close, control_write)
+        stack.callback(os.close, control_read)
+        os.set_blocking(control_write, False)  # a request that does not fit is not sent
         readers = _Closer(r for r, _ in pipes.values())
         writers = _Closer(w for _, w in pipes.values())
         stack.callback(readers.close)
@@ -647,6 +681,7 @@ def _qemu(
             Fd.STDERR: pipes[Fd.STDERR][1],
             Fd.STATUS: pipes[Fd.STATUS][1],
             Fd.CONSOLE: console,
+            Fd.CONTROL: control_read,
         }
         # os.posix_spawn has no chdir action; env(1) changes directory and execs QEMU in place.
         argv = ("env", "-C", str(rundir), "--", *plan.qemu_argv)
@@ -666,7 +701,7 @@ def _qemu(
         writers.close()  # QEMU holds the only write ends now: its exit is our EOF
         # Closed before QEMU is stopped: a QEMU blocked writing to a pipe gets EPIPE, not stuck.
         stack.callback(readers.close)
-        yield child, {kind: r for kind, (r, _) in pipes.items()}
+        yield child, {kind: r for kind, (r, _) in pipes.items()}, control_write
 
 
 # --- signals -------------------------------------------------------------------------------

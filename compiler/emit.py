@@ -72,10 +72,37 @@ def launch_script(plan: LaunchPlan) -> str:
         '    rm -rf "$rundir"',
         "}",
         "trap cleanup EXIT",
-        "trap 'exit 129' HUP",
-        f"trap 'exit {int(s.INTERRUPTED)}' INT",
-        "trap 'exit 143' TERM",
-        'exec 6<&0  # the program\'s stdin, kept for QEMU (a background job would get /dev/null)',
+    ]
+    if plan.stop_timeout > 0:
+        lines += [
+            "# resources.stop_timeout: a signal is passed on to the program once it runs, which then has",
+            f"# {plan.stop_timeout:g} s to end; a second signal, or one before the program runs, stops the VM",
+            'stop_signal=""',
+            "stop() {",
+            '    if [ -n "$stop_signal" ] || [ -z "${qemu:-}" ] || ! grep -q \'^started\' status 2>/dev/null; then',
+            "        exit $((128 + $1))",
+            "    fi",
+            "    stop_signal=$1",
+            "    printf 'signal %s\\n' \"$1\" >&8  # to init's control port (init/PROTOCOL.md)",
+            "    (",
+            "        trap 'kill \"$nap\" 2>/dev/null; exit 0' TERM",
+            f'        sleep {_ceil(plan.stop_timeout)} & nap=$!; wait "$nap"',
+            '        : > stop-timed-out; kill "$qemu" 2>/dev/null',
+            "    ) &",
+            '    pids="$pids $!"',
+            "}",
+            "trap 'stop 1' HUP",
+            "trap 'stop 2' INT",
+            "trap 'stop 15' TERM",
+        ]
+    else:
+        lines += [
+            "trap 'exit 129' HUP",
+            f"trap 'exit {int(s.INTERRUPTED)}' INT",
+            "trap 'exit 143' TERM",
+        ]
+    lines += [
+        'exec 9<&0  # the program\'s stdin, kept for QEMU (a background job would get /dev/null)',
         'cd "$rundir" || exit ' + str(int(s.HOST)),
         "",
         "wait_for_socket() {  # socket, pid, description, log: wait at most 10 s",
@@ -105,7 +132,8 @@ def launch_script(plan: LaunchPlan) -> str:
         options = _option_lines(group.args)
         head = "set --" if i == 0 else 'set -- "$@"'
         lines.append(" \\\n    ".join([head, *options]))
-    fds = f"0<&6 1>stdout.pipe {int(Fd.STDERR)}>stderr.pipe {int(Fd.STATUS)}>status {int(Fd.CONSOLE)}>console.log {int(Fd.QEMU_LOG)}>qemu.log"
+    fds = (f"0<&9 1>stdout.pipe {int(Fd.STDERR)}>stderr.pipe {int(Fd.STATUS)}>status {int(Fd.CONSOLE)}>console.log "
+           f"{int(Fd.CONTROL)}<&8 {int(Fd.QEMU_LOG)}>qemu.log 8<&- 9<&-")
     exec_case = "\n".join(
         f"                {errno}) code={int(status)} ;;" for errno, status in sorted(EXEC_ERRNO_STATUS.items())
     )
@@ -113,12 +141,13 @@ def launch_script(plan: LaunchPlan) -> str:
         "",
         "# The program's output goes through pipes, so that a regular file as this script's stdout keeps",
         "# one shared offset (QEMU reopening /dev/fd/1 would write at its own).",
-        "mkfifo stdout.pipe stderr.pipe || exit " + str(int(s.HOST)),
-        "if [ -t 6 ]; then  # a terminal keeps its line mode (QEMU would make it raw): cat relays it",
+        "mkfifo stdout.pipe stderr.pipe control.pipe || exit " + str(int(s.HOST)),
+        "exec 8<>control.pipe  # requests to init; opened read-write, so neither side waits for the other",
+        "if [ -t 9 ]; then  # a terminal keeps its line mode (QEMU would make it raw): cat relays it",
         "    mkfifo stdin.pipe || exit " + str(int(s.HOST)),
-        "    cat <&6 >stdin.pipe &",
+        "    cat <&9 >stdin.pipe &",
         '    pids="$pids $!"',
-        "    exec 6<stdin.pipe",
+        "    exec 9<stdin.pipe",
         "fi",
         "cat stdout.pipe &",
         'relays="$!"',
@@ -131,7 +160,7 @@ def launch_script(plan: LaunchPlan) -> str:
         "# (a watcher's sleep runs in the background so that cleanup's kill stops it at once)",
         "(",
         "    trap 'kill \"$nap\" 2>/dev/null; exit 0' TERM",
-        f"    left={int(plan.boot_timeout + 0.999)}",
+        f"    left={_ceil(plan.boot_timeout)}",
         '    while [ "$left" -gt 0 ]; do',
         "        grep -q '^started' status 2>/dev/null && exit 0",
         '        sleep 1 & nap=$!; wait "$nap"; left=$((left - 1))',
@@ -145,14 +174,17 @@ def launch_script(plan: LaunchPlan) -> str:
             f"# resources.timeout: the whole run may take {plan.timeout:g} s",
             "(",
             "    trap 'kill \"$nap\" 2>/dev/null; exit 0' TERM",
-            f'    sleep {int(plan.timeout + 0.999)} & nap=$!; wait "$nap"',
+            f'    sleep {_ceil(plan.timeout)} & nap=$!; wait "$nap"',
             '    : > timed-out; kill "$qemu" 2>/dev/null',
             ") &",
             'pids="$pids $!"',
         ]
     lines += [
-        'wait "$qemu"',
-        "qemu_status=$?",
+        "while :; do",
+        '    wait "$qemu"',
+        "    qemu_status=$?",
+        '    kill -0 "$qemu" 2>/dev/null || break  # still there: a signal interrupted the wait',
+        "done",
         'wait $relays  # all output is delivered before the status',
         "",
         "# init's report on the status port (init/PROTOCOL.md) → the exit status",
@@ -174,7 +206,10 @@ def launch_script(plan: LaunchPlan) -> str:
         "            break ;;",
         "    esac",
         "done < status",
-        "if [ -e timed-out ]; then",
+        "if [ -e stop-timed-out ]; then",
+        '    code=$((128 + stop_signal))',
+        f'    message="the program did not end within {plan.stop_timeout:g} s of signal $stop_signal (resources.stop_timeout); the VM was stopped"',
+        "elif [ -e timed-out ]; then",
         f"    code={int(s.TIMEOUT)}; message=\"the program did not start or finish in time\"",
         f'elif [ "$code" = {int(s.GUEST_CRASHED)} ] && [ "$qemu_status" != 0 ] && [ -s qemu.log ]; then',
         f'    code={int(s.HOST)}; message="QEMU failed: $(head -n 1 qemu.log)"',
@@ -186,6 +221,11 @@ def launch_script(plan: LaunchPlan) -> str:
         'exit "$code"',
     ]
     return "\n".join(lines) + "\n"
+
+
+def _ceil(seconds: float) -> int:
+    """Whole seconds for sh's sleep, rounded up."""
+    return int(-(-seconds // 1))
 
 
 def emit(plan: LaunchPlan, graph: Graph, store: str) -> Output:

@@ -24,6 +24,7 @@ class Fd(IntEnum):
     STDERR = 3  # the program's stderr
     STATUS = 4  # init's reports (init/PROTOCOL.md)
     CONSOLE = 5  # the guest console: kernel messages, kept in the run's console log
+    CONTROL = 6  # requests to init (`signal <n>`, init/PROTOCOL.md); QEMU opens it as a pipe chardev
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -85,6 +86,7 @@ class LaunchPlan:
     initramfs: str  # store path of the initramfs
     boot_timeout: float  # seconds until init must report `started`
     timeout: float  # seconds the whole run may take, 0 for no limit
+    stop_timeout: float  # seconds the program gets after a signal passed on to it; 0: stop at once
     sources: tuple[str, ...]  # the manifest files it was compiled from
 
     @property
@@ -105,6 +107,7 @@ class LaunchPlan:
             "initramfs": self.initramfs,
             "boot_timeout": self.boot_timeout,
             "timeout": self.timeout,
+            "stop_timeout": self.stop_timeout,
             "sources": list(self.sources),
             "fds": {fd.name.lower(): int(fd) for fd in Fd},
         }
@@ -137,5 +140,6 @@ class LaunchPlan:
             initramfs=d["initramfs"],
             boot_timeout=d["boot_timeout"],
             timeout=d["timeout"],
+            stop_timeout=d["stop_timeout"],
             sources=tuple(d["sources"]),
         )

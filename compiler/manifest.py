@@ -123,6 +123,7 @@ class Resources:
     memory: int = 256  # MiB
     accel: Accel = Accel.AUTO
     boot_timeout: float = 60
+    stop_timeout: float = 10  # seconds the program gets after a signal passed on to it
     timeout: float = 0
 
 
@@ -322,6 +323,7 @@ def _semantic_problems(loaded: Loaded) -> list[Problem]:
         "memory": (MIN_MEMORY_MIB, MAX_MEMORY_MIB, " MiB"),
         "boot_timeout": (0.1, MAX_BOOT_TIMEOUT, " seconds"),
         "timeout": (0, 7 * 24 * 3600, " seconds"),
+        "stop_timeout": (0, MAX_BOOT_TIMEOUT, " seconds"),
     }
     for key, (low, high, unit) in bounds.items():
         value = resources.get(key)
@@ -412,6 +414,7 @@ def _build(loaded: Loaded) -> Manifest:
             memory=resources.get("memory", 256),
             accel=Accel(resources.get("accel", "auto")),
             boot_timeout=resources.get("boot_timeout", 60),
+            stop_timeout=resources.get("stop_timeout", 10),
             timeout=resources.get("timeout", 0),
         ),
         shares=tuple(

@@ -60,12 +60,15 @@ def plan(manifest: Manifest, graph: Graph, facts: HostFacts) -> LaunchPlan:
         ArgGroup(keys=(), comment=f"guest console (kernel messages) to fd {int(Fd.CONSOLE)}, the run's console log",
                  args=("-serial", "chardev:console", *_chardev_file("console", Fd.CONSOLE))),
         ArgGroup(keys=("process",),
-                 comment="the program's stdin, stdout and stderr and init's status reports: separate virtio-serial ports",
+                 comment="the program's stdin, stdout and stderr, init's status reports and the host's requests "
+                         "(signals for the program): separate virtio-serial ports",
                  args=("-device", "virtio-serial-device",
                        "-chardev", opts("stdio", ("id", "stdin"), ("signal", False)), *_port("stdin"),
                        *_chardev_file("stdout", Fd.STDOUT), *_port("stdout"),
                        *_chardev_file("stderr", Fd.STDERR), *_port("stderr"),
-                       *_chardev_file("status", Fd.STATUS), *_port("status"))),
+                       *_chardev_file("status", Fd.STATUS), *_port("status"),
+                       "-chardev", opts("pipe", ("id", "control"), ("path", f"/dev/fd/{int(Fd.CONTROL)}")),
+                       *_port("control"))),
     ]
 
     virtiofsd: list[VirtiofsdPlan] = []
@@ -108,6 +111,7 @@ def plan(manifest: Manifest, graph: Graph, facts: HostFacts) -> LaunchPlan:
         initramfs=initramfs,
         boot_timeout=manifest.resources.boot_timeout,
         timeout=manifest.resources.timeout,
+        stop_timeout=manifest.resources.stop_timeout,
         sources=manifest.files,
     )
 

@@ -20,7 +20,9 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/mount.h>
+#include <poll.h>
 #include <sys/reboot.h>
+#include <sys/signalfd.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
@@ -36,11 +38,11 @@
 #define P9_OPTS_RO "trans=virtio,version=9p2000.L,msize=512000,cache=loose"
 #define P9_OPTS_RW "trans=virtio,version=9p2000.L,msize=512000,cache=mmap"
 
-enum port { PORT_STATUS, PORT_STDIN, PORT_STDOUT, PORT_STDERR, NPORTS };
+enum port { PORT_STATUS, PORT_STDIN, PORT_STDOUT, PORT_STDERR, PORT_CONTROL, NPORTS };
 /* status comes first: once it is open, every later failure can be reported there */
-static const char *const port_names[NPORTS] = {"status", "stdin", "stdout", "stderr"};
+static const char *const port_names[NPORTS] = {"status", "stdin", "stdout", "stderr", "control"};
 
-static int ports[NPORTS] = {-1, -1, -1, -1};
+static int ports[NPORTS] = {[0 ... NPORTS - 1] = -1};
 static int console = 2; /* the kernel's /dev/console until we open our own */
 static int debug;
 
@@ -346,7 +348,7 @@ static void open_ports(void)
 		for (int i = 0; i < NPORTS; i++) {
 			if (ports[i] >= 0)
 				continue;
-			int flags = (i == PORT_STDIN ? O_RDONLY : O_WRONLY) | O_NOCTTY | O_CLOEXEC;
+			int flags = (i == PORT_STDIN || i == PORT_CONTROL ? O_RDONLY : O_WRONLY) | O_NOCTTY | O_CLOEXEC;
 			if (devs[i][0] && (ports[i] = open(devs[i], flags)) >= 0) {
 				step("port %s is %s", port_names[i], devs[i]);
 				continue;
@@ -681,9 +683,51 @@ static void __attribute__((noreturn)) run_child(int pipe_fd)
 	child_fail(pipe_fd, CHILD_EXEC);
 }
 
+/* The host's requests on the control port, one line each: `signal <n>` sends signal n to the
+ * program. Unknown lines are ignored; when the port closes or fails, it is no longer read. */
+struct control {
+	int fd;
+	char line[64];
+	size_t len;
+};
+
+static void control_line(const char *line, pid_t pid)
+{
+	char *end;
+	if (strncmp(line, "signal ", 7) != 0)
+		return;
+	long sig = strtol(line + 7, &end, 10);
+	if (*end || end == line + 7 || sig < 1 || sig >= NSIG)
+		return;
+	step("the host sends signal %ld", sig);
+	kill(pid, (int)sig);
+}
+
+static void read_control(struct control *c, pid_t pid)
+{
+	char buf[256];
+	ssize_t n = read(c->fd, buf, sizeof buf);
+	if (n < 0 && (errno == EINTR || errno == EAGAIN))
+		return;
+	if (n <= 0) {
+		c->fd = -1; /* closed (or no host connected): poll ignores a negative fd */
+		return;
+	}
+	for (ssize_t i = 0; i < n; i++) {
+		if (buf[i] != '\n') {
+			if (c->len < sizeof c->line - 1)
+				c->line[c->len++] = buf[i];
+			continue;
+		}
+		c->line[c->len] = '\0';
+		control_line(c->line, pid);
+		c->len = 0;
+	}
+}
+
 static void on_signal(int sig)
 {
-	(void)sig; /* never runs: the signals stay blocked and are taken by sigwaitinfo */
+	(void)sig; /* never runs: the signals stay blocked and are read from a signalfd */
 }
 
 static void __attribute__((noreturn)) run_program(void)
@@ -725,11 +769,24 @@ static void __attribute__((noreturn)) run_program(void)
 	report("time exec %ld", uptime_ms());
 	report("started");
 
+	/* Signals (SIGCHLD and those sent to PID 1 inside the guest) and the host's requests on the
+	 * control port, in one poll. */
+	int sigfd = signalfd(-1, &waited, SFD_CLOEXEC);
+	if (sigfd < 0)
+		fail("exec", errno, "signalfd");
+	struct control control = {.fd = ports[PORT_CONTROL]};
 	for (;;) {
-		siginfo_t info;
-		int sig = sigwaitinfo(&waited, &info), status;
-		if (sig < 0)
+		struct pollfd fds[2] = {{.fd = sigfd, .events = POLLIN}, {.fd = control.fd, .events = POLLIN}};
+		if (poll(fds, 2, -1) < 0)
 			continue;
+		if (fds[1].revents)
+			read_control(&control, pid);
+		if (!(fds[0].revents & POLLIN))
+			continue;
+		struct signalfd_siginfo info;
+		if (read(sigfd, &info, sizeof info) != sizeof info)
+			continue;
+		int sig = (int)info.ssi_signo, status;
 		if (sig != SIGCHLD) {
 			step("forward signal %d", sig);
 			kill(pid, sig);

@@ -43,6 +43,7 @@ def make_plan(
     shares: tuple[tuple[str, str, tuple[str, ...]], ...] = (),  # (tag, dir, virtiofsd argv)
     boot_timeout: float = 30,
     timeout: float = 0,
+    stop_timeout: float = 10,
 ) -> LaunchPlan:
     return LaunchPlan(
         name="test",
@@ -67,6 +68,7 @@ def make_plan(
         initramfs="",
         boot_timeout=boot_timeout,
         timeout=timeout,
+        stop_timeout=stop_timeout,
         sources=(),
     )
 
@@ -191,7 +193,7 @@ def test_descriptor_layout_cwd_and_relay(run, tmp_path):
     assert err == b"to stderr\n"
     console = run.log("console.log").splitlines()
     assert console[0].startswith(f"cwd {run.runtime}/microvmc-")
-    assert console[1] == "fds [0, 1, 2, 3, 4, 5, 6]"  # 6: the listing's own descriptor
+    assert console[1] == "fds [0, 1, 2, 3, 4, 5, 6, 7]"  # 7: the listing's own descriptor
     assert console[2] == "ls ['fs-root.sock']"
     assert run.log("qemu.log") == "a qemu message\n"
     assert run.log("status") == "started\nexit 7\n"
@@ -396,19 +398,74 @@ def test_nonblocking_stdin_flag_is_restored(run, tmp_path):
         assert os.get_blocking(stdin.fileno())
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
-def test_signal_stops_everything(run, tmp_path, marker, signum):
-    qemu = sh_qemu(tmp_path, f"echo started >&4; echo ready; sleep {marker}")
-    vfsd = executable(tmp_path / "virtiofsd", FAKE_VIRTIOFSD.format(body=f"sleep {marker}"))
-    helper = run_in_helper(make_plan([qemu], shares=(("root", "/srv", (vfsd,)),)), run)
+def signal_helper(run: Run, plan: LaunchPlan, *signums: int, pause: float = 0) -> tuple[int, bytes, float]:
+    """Run `plan` in a helper, send it `signums` once it printed "ready": (status, stdout, seconds
+    from the first signal to the end)."""
+    helper = run_in_helper(plan, run)
     try:
-        read_until(helper.stdout.fileno(), b"ready", 20)
-        helper.send_signal(signum)
-        assert helper.wait(20) == 128 + signum
+        output = read_until(helper.stdout.fileno(), b"ready\n", 20)
+        start = time.monotonic()
+        for signum in signums:
+            helper.send_signal(signum)
+            time.sleep(pause)
+        status = helper.wait(20)
+        return status, output + helper.stdout.read(), time.monotonic() - start
     finally:
         helper.kill()
         helper.wait()
         helper.stdout.close()
+
+
+# A QEMU that acts as init does with the control port: it takes one request, shows it, and reports
+# that the program exited 7.
+OBLIGING_QEMU = "echo started >&4; echo ready; read request <&6; echo \"got $request\"; echo 'exit 7' >&4; exit 0"
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
+def test_a_signal_goes_to_the_program_which_ends_its_own_way(run, tmp_path, marker, signum):
+    vfsd = executable(tmp_path / "virtiofsd", FAKE_VIRTIOFSD.format(body=f"sleep {marker}"))
+    plan = make_plan([sh_qemu(tmp_path, OBLIGING_QEMU)], shares=(("root", "/srv", (vfsd,)),))
+    status, output, _ = signal_helper(run, plan, signum)
+    assert (status, output) == (7, f"ready\ngot signal {int(signum)}\n".encode())
+    assert (run.tmp / "stderr").read_bytes() == b""
+    assert "signal-sent" in json.loads(run.log("timeline.json"))["host_seconds"]
+    run.assert_clean(marker)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
+def test_a_program_that_does_not_end_is_stopped_after_stop_timeout(run, tmp_path, marker, signum):
+    qemu = sh_qemu(tmp_path, f"echo started >&4; echo ready; sleep {marker}")
+    vfsd = executable(tmp_path / "virtiofsd", FAKE_VIRTIOFSD.format(body=f"sleep {marker}"))
+    plan = make_plan([qemu], shares=(("root", "/srv", (vfsd,)),), stop_timeout=0.5)
+    status, _, seconds = signal_helper(run, plan, signum)
+    assert status == 128 + signum and 0.5 <= seconds < 10
+    assert (run.tmp / "stderr").read_text() == (
+        f"microvmc: the program did not end within 0.5 s of signal {int(signum)} (resources.stop_timeout); "
+        "the VM was stopped\n")
+    run.assert_clean(marker)
+
+
+def test_a_second_signal_stops_at_once(run, tmp_path, marker):
+    qemu = sh_qemu(tmp_path, f"echo started >&4; echo ready; sleep {marker}")
+    status, _, seconds = signal_helper(run, make_plan([qemu], stop_timeout=60), signal.SIGTERM, signal.SIGINT,
+                                       pause=0.2)
+    assert status == 128 + signal.SIGINT and seconds < 10
+    assert (run.tmp / "stderr").read_bytes() == b""
+    run.assert_clean(marker)
+
+
+def test_stop_timeout_0_stops_at_once_and_sends_nothing(run, tmp_path, marker):
+    qemu = sh_qemu(tmp_path, f"echo started >&4; echo ready; sleep {marker}")
+    status, _, _ = signal_helper(run, make_plan([qemu], stop_timeout=0), signal.SIGTERM)
+    assert status == 143
+    assert "signal-sent" not in json.loads(run.log("timeline.json"))["host_seconds"]
+    run.assert_clean(marker)
+
+
+def test_a_signal_during_boot_stops_at_once(run, tmp_path, marker):
+    qemu = sh_qemu(tmp_path, f"echo ready; sleep {marker}")  # never reports "started"
+    status, _, seconds = signal_helper(run, make_plan([qemu], stop_timeout=60), signal.SIGTERM)
+    assert status == 143 and seconds < 10
     run.assert_clean(marker)
 
 
@@ -640,6 +697,7 @@ def test_boot_sigterm_mid_run(run, tmp_path, vmlinux):
     plan = make_plan(
         qemu_argv(vmlinux, initramfs(tmp_path / "initrd", INIT, prog), shares=("root",)),
         shares=(("root", str(share), virtiofsd_argv(share)),),
+        stop_timeout=0,  # this init has no control port: the signal stops the VM
     )
     helper = run_in_helper(plan, run)
     try:

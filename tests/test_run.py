@@ -3,6 +3,7 @@ printed and returned. Boots are grouped where one boot can honestly check severa
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -184,6 +185,42 @@ def test_sigterm_stops_everything(env) -> None:
     p = _start_and_wait_ready(env, str(EXAMPLES / "hello.toml"))
     p.send_signal(signal.SIGTERM)
     assert p.wait(timeout=30) == 143
+    assert not leftovers(env)
+
+
+# One boot checks what init does for the program: an orphan is reaped, a signal sent to PID 1 inside
+# the guest goes on to the program, and a signal sent to microvmc (or to launch.sh) reaches it too.
+GRACEFUL = """trap 'echo got USR1' USR1
+trap 'echo got TERM; exit 7' TERM
+(sleep 0.1 &)
+sleep 0.5
+echo zombies $(grep -l '^State:.*Z' /proc/[0-9]*/status 2>/dev/null | wc -l)
+kill -USR1 1
+sleep 0.2
+echo ready
+while :; do sleep 0.1; done
+"""
+
+
+@pytest.mark.parametrize("how", ["run", "launch.sh"])
+def test_init_reaps_orphans_and_passes_signals_on(env, tmp_path: Path, how: str) -> None:
+    manifest = tmp_path / "m.toml"
+    manifest.write_text(f'version = 1\n[process]\nargv = ["/bin/sh", "-c", {json.dumps(GRACEFUL)}]\n')
+    if how == "run":
+        argv = [*MICROVMC, "run", str(manifest)]
+    else:
+        subprocess.run([*MICROVMC, "build", str(manifest)], env=env, cwd=tmp_path, capture_output=True, check=True)
+        argv = ["sh", str(tmp_path / "result" / "launch.sh")]
+    p = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        lines = [p.stdout.readline() for _ in range(3)]
+        assert lines == [b"zombies 0\n", b"got USR1\n", b"ready\n"]
+        p.send_signal(signal.SIGTERM)
+        out, err = p.communicate(timeout=30)
+    finally:
+        p.kill()
+        p.wait()
+    assert (p.returncode, out, err) == (7, b"got TERM\n", b"")
     assert not leftovers(env)
 
 

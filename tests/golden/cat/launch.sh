@@ -13,10 +13,26 @@ cleanup() {
     rm -rf "$rundir"
 }
 trap cleanup EXIT
-trap 'exit 129' HUP
-trap 'exit 130' INT
-trap 'exit 143' TERM
-exec 6<&0  # the program's stdin, kept for QEMU (a background job would get /dev/null)
+# resources.stop_timeout: a signal is passed on to the program once it runs, which then has
+# 10 s to end; a second signal, or one before the program runs, stops the VM
+stop_signal=""
+stop() {
+    if [ -n "$stop_signal" ] || [ -z "${qemu:-}" ] || ! grep -q '^started' status 2>/dev/null; then
+        exit $((128 + $1))
+    fi
+    stop_signal=$1
+    printf 'signal %s\n' "$1" >&8  # to init's control port (init/PROTOCOL.md)
+    (
+        trap 'kill "$nap" 2>/dev/null; exit 0' TERM
+        sleep 10 & nap=$!; wait "$nap"
+        : > stop-timed-out; kill "$qemu" 2>/dev/null
+    ) &
+    pids="$pids $!"
+}
+trap 'stop 1' HUP
+trap 'stop 2' INT
+trap 'stop 15' TERM
+exec 9<&0  # the program's stdin, kept for QEMU (a background job would get /dev/null)
 cd "$rundir" || exit 121
 
 wait_for_socket() {  # socket, pid, description, log: wait at most 10 s
@@ -64,7 +80,7 @@ set -- "$@" \
 set -- "$@" \
     -serial chardev:console \
     -chardev file,id=console,path=/dev/fd/5,append=on
-# process: the program's stdin, stdout and stderr and init's status reports: separate virtio-serial ports
+# process: the program's stdin, stdout and stderr, init's status reports and the host's requests (signals for the program): separate virtio-serial ports
 set -- "$@" \
     -device virtio-serial-device \
     -chardev stdio,id=stdin,signal=off \
@@ -74,7 +90,9 @@ set -- "$@" \
     -chardev file,id=stderr,path=/dev/fd/3,append=on \
     -device virtserialport,chardev=stderr,name=stderr \
     -chardev file,id=status,path=/dev/fd/4,append=on \
-    -device virtserialport,chardev=status,name=status
+    -device virtserialport,chardev=status,name=status \
+    -chardev pipe,id=control,path=/dev/fd/6 \
+    -device virtserialport,chardev=control,name=control
 # image.path, image.transport, image.mode: share 'root': /microvmc/store/7illbsd6rxc2cfvtxjafugckbea7ghko-busybox-rootfs over virtiofs (read-only)
 set -- "$@" \
     -chardev socket,id=fs-root,path=fs-root.sock \
@@ -82,18 +100,19 @@ set -- "$@" \
 
 # The program's output goes through pipes, so that a regular file as this script's stdout keeps
 # one shared offset (QEMU reopening /dev/fd/1 would write at its own).
-mkfifo stdout.pipe stderr.pipe || exit 121
-if [ -t 6 ]; then  # a terminal keeps its line mode (QEMU would make it raw): cat relays it
+mkfifo stdout.pipe stderr.pipe control.pipe || exit 121
+exec 8<>control.pipe  # requests to init; opened read-write, so neither side waits for the other
+if [ -t 9 ]; then  # a terminal keeps its line mode (QEMU would make it raw): cat relays it
     mkfifo stdin.pipe || exit 121
-    cat <&6 >stdin.pipe &
+    cat <&9 >stdin.pipe &
     pids="$pids $!"
-    exec 6<stdin.pipe
+    exec 9<stdin.pipe
 fi
 cat stdout.pipe &
 relays="$!"
 cat stderr.pipe >&2 &
 relays="$relays $!"
-"$@" 0<&6 1>stdout.pipe 3>stderr.pipe 4>status 5>console.log 2>qemu.log &
+"$@" 0<&9 1>stdout.pipe 3>stderr.pipe 4>status 5>console.log 6<&8 2>qemu.log 8<&- 9<&- &
 qemu=$!
 pids="$pids $qemu"
 # resources.boot_timeout: the program must start within 60 s
@@ -108,8 +127,11 @@ pids="$pids $qemu"
     : > timed-out; kill "$qemu" 2>/dev/null
 ) &
 pids="$pids $!"
-wait "$qemu"
-qemu_status=$?
+while :; do
+    wait "$qemu"
+    qemu_status=$?
+    kill -0 "$qemu" 2>/dev/null || break  # still there: a signal interrupted the wait
+done
 wait $relays  # all output is delivered before the status
 
 # init's report on the status port (init/PROTOCOL.md) → the exit status
@@ -135,7 +157,10 @@ while read -r kind a b; do
             break ;;
     esac
 done < status
-if [ -e timed-out ]; then
+if [ -e stop-timed-out ]; then
+    code=$((128 + stop_signal))
+    message="the program did not end within 10 s of signal $stop_signal (resources.stop_timeout); the VM was stopped"
+elif [ -e timed-out ]; then
     code=124; message="the program did not start or finish in time"
 elif [ "$code" = 123 ] && [ "$qemu_status" != 0 ] && [ -s qemu.log ]; then
     code=121; message="QEMU failed: $(head -n 1 qemu.log)"
