@@ -5,7 +5,7 @@
 # Inputs, from `microvmc plan --json` (run_true.py passes them, so both boot the identical VM):
 #   QEMU VIRTIOFSD ROOTFS KERNEL INITRD APPEND MEMORY (e.g. 256M) CPUS ACCEL (tcg, kvm) CPU (-cpu)
 # The machine options are the ones the plan uses (microvm, memfd shared memory, modern virtio-mmio,
-# the four virtio-serial ports init waits for, virtiofs root), written out once, no checks.
+# the five virtio-serial ports init waits for, virtiofs root), written out once, no checks.
 set -u
 : "${QEMU:?}" "${VIRTIOFSD:?}" "${ROOTFS:?}" "${KERNEL:?}" "${INITRD:?}" "${APPEND:?}" "${MEMORY:?}" "${CPUS:?}" "${ACCEL:?}" "${CPU:?}"
 
@@ -32,6 +32,7 @@ done
     -chardev file,id=stdout,path="$dir/stdout" -device virtserialport,chardev=stdout,name=stdout \
     -chardev file,id=stderr,path="$dir/stderr" -device virtserialport,chardev=stderr,name=stderr \
     -chardev file,id=status,path="$dir/status" -device virtserialport,chardev=status,name=status \
+    -chardev null,id=control -device virtserialport,chardev=control,name=control \
     -chardev socket,id=fs,path="$dir/fs.sock" -device vhost-user-fs-device,chardev=fs,tag=root \
     2>"$dir/qemu.log" || exit 121
 

@@ -19,3 +19,14 @@ def test_cached_build_benchmark_runs_every_stage(boot_env, tmp_path: Path) -> No
     stages = result["stages"]["first_median_s"]
     assert {"plan", "resolve (graph, kernel, modules, digests)", "realize (all in the store already)"} <= set(stages)
     assert result["imports"]["heavy"] == {}  # a cached build imports none of jsonschema, networkx, elftools
+
+
+def test_run_true_benchmark_boots_every_column(boot_env) -> None:
+    """One round: microvmc run, the hand-written baseline (which must boot the same VM, control port
+    included, or init waits for it) and launch.sh all exit 0 and leave nothing behind."""
+    r = subprocess.run([sys.executable, "bench/run_true.py", "-n", "1", "--warmup", "0", "--json", "-q"],
+                       cwd=REPO, env=boot_env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout)
+    assert result["differences"] == [] and result["left_in_tmpdir"] == [] and result["left_running"] == []
+    assert set(result["commands"]) == {"microvmc", "baseline", "launch", "build"}
