@@ -18,7 +18,7 @@ import stat
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,8 +81,10 @@ def run_plan(
     stdout: int = 1,
     stderr: int = 2,
     verbose: bool = False,
+    booting: Callable[[], None] | None = None,
 ) -> int:
     """Run the VM; return the status microvmc exits with (the program's own when it ran).
+    `booting` is called once QEMU runs: work that need not delay the boot.
 
     Raises HostError if QEMU or a virtiofsd cannot be executed at all.
     """
@@ -106,6 +108,8 @@ def run_plan(
             qemu, readers, control = stack.enter_context(
                 _qemu(plan, rundir=rundir, stdin=qemu_stdin, logs=logs)
             )
+            if booting is not None:
+                booting()
             supervisor = _Supervisor(
                 plan=plan,
                 qemu=qemu,

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Mapping
 
-__all__ = ["runs_root", "new_run_dir"]
+__all__ = ["runs_root", "new_run_dir", "prune_runs", "write_record"]
 
 KEEP = 50
 
@@ -29,10 +29,15 @@ def new_run_dir(name: str, environ: Mapping[str, str] = os.environ) -> Path:
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     path = root / f"{stamp}-{os.getpid()}-{name}"
     path.mkdir()
+    return path
+
+
+def prune_runs(environ: Mapping[str, str] = os.environ) -> None:
+    """Remove all but the newest KEEP run records."""
+    root = runs_root(environ)
     records = sorted(p for p in root.iterdir() if p.is_dir())
     for old in records[:-KEEP]:
         shutil.rmtree(old, ignore_errors=True)
-    return path
 
 
 def write_record(run_dir: Path, **fields: object) -> None:

@@ -1,3 +1,3 @@
-from microvmc.cli import main
+from microvmc.cli import entry
 
-raise SystemExit(main())
+entry()
