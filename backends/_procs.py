@@ -6,9 +6,12 @@ until it is stopped, so its process group stays valid for the final kill of stra
 
 from __future__ import annotations
 
+import errno
 import fcntl
+import functools
 import os
 import select
+import shutil
 import signal
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -94,6 +97,24 @@ def _stray_inheritable_fds(keep: set[int]) -> list[int]:
     return stray
 
 
+@functools.cache
+def _die_with_us() -> tuple[str, ...]:
+    """An argv prefix that makes the child get SIGKILL when this process dies, however it dies
+    (util-linux setpriv sets PR_SET_PDEATHSIG, which survives exec); empty where setpriv is missing."""
+    setpriv = shutil.which("setpriv")
+    return (setpriv, "--pdeathsig", "KILL", "--") if setpriv else ()
+
+
+def _executable(name: str, env: Mapping[str, str]) -> str:
+    """`name` found as posix_spawnp would find it, or the OSError posix_spawnp would raise."""
+    found = shutil.which(name, mode=os.F_OK, path=env.get("PATH", os.defpath))
+    if found is None:
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), name)
+    if os.path.isdir(found) or not os.access(found, os.X_OK):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), found)
+    return found
+
+
 def spawn(
     argv: Sequence[str],
     *,
@@ -101,11 +122,17 @@ def spawn(
     name: str,
     own_group: bool = True,
     env: Mapping[str, str] | None = None,
+    die_with_us: bool = True,
 ) -> Child:
-    """Start argv (searched in PATH) with exactly `fds` (child fd → parent fd) open.
+    """Start argv (searched in PATH) with exactly `fds` (child fd → parent fd) open. With
+    `die_with_us`, it is killed if this process dies first, even by SIGKILL.
 
     Raises OSError if it cannot be executed (glibc's posix_spawn reports exec failures).
     """
+    environ = os.environ if env is None else env
+    if die_with_us and _die_with_us():
+        # The executable is checked here: past setpriv, a failed exec is only an exit status.
+        argv = (*_die_with_us(), _executable(argv[0], environ), *argv[1:])
     high: dict[int, int] = {}
     try:
         for target, source in fds.items():
@@ -117,7 +144,7 @@ def spawn(
         pid = os.posix_spawnp(
             argv[0],
             list(argv),
-            dict(os.environ if env is None else env),
+            dict(environ),
             file_actions=actions,
             setsigdef=_RESET_SIGNALS,
             **group,

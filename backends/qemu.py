@@ -28,7 +28,7 @@ from microvmc.compiler.launch import Fd, LaunchPlan, VirtiofsdPlan
 from microvmc.compiler.status import interpret_status
 from microvmc.errors import ExitStatus, HostError
 
-__all__ = ["run_plan", "RunLogs"]
+__all__ = ["run_plan", "RunLogs", "sweep_runtime_dirs"]
 
 QEMU_GRACE = 3.0  # seconds QEMU gets after SIGTERM
 VIRTIOFSD_GRACE = 2.0
@@ -39,6 +39,8 @@ SHUTDOWN_GRACE = 10.0  # seconds QEMU gets to end after init's final report
 EOF_GRACE = 5.0  # seconds after QEMU ended until its pipes must be at EOF
 SINK_LIMIT = 1 << 20  # bytes kept for a slow reader before we stop reading from QEMU
 READ_CHUNK = 1 << 16
+RUNTIME_PREFIX = "microvmc-"  # runtime directories: sockets and the lock of a live run
+RUNTIME_LOCK = ".lock"
 WRITE_CHUNK = select.PIPE_BUF  # what a pipe that polls writable takes without blocking
 RELAY_POLL = 0.1  # seconds the terminal relay waits before checking whether the run ended
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -108,6 +110,7 @@ def run_plan(
             qemu, readers, control = stack.enter_context(
                 _qemu(plan, rundir=rundir, stdin=qemu_stdin, logs=logs)
             )
+            sweep_runtime_dirs()  # while the VM boots: what runs killed earlier left behind
             if booting is not None:
                 booting()
             supervisor = _Supervisor(
@@ -534,14 +537,52 @@ def _say(fd: int, message: str) -> None:
 
 @contextmanager
 def _runtime_dir() -> Iterator[Path]:
-    base = os.environ.get("XDG_RUNTIME_DIR")
-    path = Path(
-        tempfile.mkdtemp(prefix="microvmc-", dir=base if base and os.path.isdir(base) else "/tmp")
-    )
+    """A private directory for the run's sockets, locked (flock) for as long as the run lives, so
+    that a later run can tell it was left behind by a microvmc that was killed (sweep_runtime_dirs)."""
+    path = Path(tempfile.mkdtemp(prefix=RUNTIME_PREFIX, dir=_runtime_base()))
     try:
-        yield path
+        lock = os.open(path / RUNTIME_LOCK, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield path
+        finally:
+            os.close(lock)
     finally:
         shutil.rmtree(path)
+
+
+def _runtime_base() -> str:
+    base = os.environ.get("XDG_RUNTIME_DIR")
+    return base if base and os.path.isdir(base) else tempfile.gettempdir()
+
+
+def sweep_runtime_dirs(min_age: float = 10.0) -> list[str]:
+    """Remove the runtime directories of runs that are gone (their lock is free: a microvmc killed
+    with SIGKILL could not remove its own; its QEMU and virtiofsd died with it). A directory is
+    left alone while its lock is younger than `min_age` seconds (its run may be starting)."""
+    removed = []
+    base = _runtime_base()
+    try:
+        entries = [e for e in os.scandir(base) if e.name.startswith(RUNTIME_PREFIX) and e.is_dir(follow_symlinks=False)]
+    except OSError:
+        return removed
+    for entry in entries:
+        lock_path = os.path.join(entry.path, RUNTIME_LOCK)
+        try:
+            if time.time() - os.stat(lock_path).st_mtime < min_age:
+                continue
+            fd = os.open(lock_path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except OSError:
+            continue  # no lock: not a run directory (or not yet one)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            continue  # its run is alive
+        finally:
+            os.close(fd)
+        shutil.rmtree(entry.path, ignore_errors=True)
+        removed.append(entry.path)
+    return removed
 
 
 def _bind(sock: socket.socket, path: Path) -> None:

@@ -194,7 +194,7 @@ def test_descriptor_layout_cwd_and_relay(run, tmp_path):
     console = run.log("console.log").splitlines()
     assert console[0].startswith(f"cwd {run.runtime}/microvmc-")
     assert console[1] == "fds [0, 1, 2, 3, 4, 5, 6, 7]"  # 7: the listing's own descriptor
-    assert console[2] == "ls ['fs-root.sock']"
+    assert console[2] == "ls ['.lock', 'fs-root.sock']"  # the run's lock (sweep_runtime_dirs)
     assert run.log("qemu.log") == "a qemu message\n"
     assert run.log("status") == "started\nexit 7\n"
     assert (tmp_path / "virtiofsd-args").read_text() == "-o source=/srv --fd=3\n"
@@ -467,6 +467,65 @@ def test_a_signal_during_boot_stops_at_once(run, tmp_path, marker):
     status, _, seconds = signal_helper(run, make_plan([qemu], stop_timeout=60), signal.SIGTERM)
     assert status == 143 and seconds < 10
     run.assert_clean(marker)
+
+
+def test_sweep_removes_only_what_dead_runs_left(tmp_path, monkeypatch):
+    import fcntl
+
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    old = time.time() - 60
+
+    def run_dir(name: str, *, lock: bool = True, age: float = old) -> Path:
+        d = tmp_path / name
+        d.mkdir()
+        (d / "fs-root.sock").write_text("")
+        if lock:
+            (d / ".lock").write_text("")
+            os.utime(d / ".lock", (age, age))
+        return d
+
+    dead = run_dir("microvmc-dead")
+    alive = run_dir("microvmc-alive")
+    young = run_dir("microvmc-young", age=time.time())
+    unlocked = run_dir("microvmc-nolock", lock=False)
+    other = run_dir("someone-else")
+    held = os.open(alive / ".lock", os.O_RDONLY)
+    fcntl.flock(held, fcntl.LOCK_EX)  # a live run holds its lock
+    try:
+        assert qemu_backend.sweep_runtime_dirs() == [str(dead)]
+    finally:
+        os.close(held)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "microvmc-alive", "microvmc-nolock", "microvmc-young", "someone-else"]
+    assert unlocked.exists() and young.exists() and other.exists()
+
+
+SPAWNER = """
+import sys, time
+from microvmc.backends._procs import spawn
+child = spawn(["sleep", sys.argv[1]], fds={0: 0, 1: 1, 2: 2}, name="sleep")
+print(child.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def test_children_die_with_a_killed_parent(marker):
+    """Even SIGKILL, which leaves no chance to clean up: the kernel kills what we started."""
+    parent = subprocess.Popen([sys.executable, "-c", SPAWNER, marker], stdout=subprocess.PIPE)
+    try:
+        pid = int(parent.stdout.readline())
+        assert leftovers(marker) != []
+        parent.kill()
+        parent.wait()
+        deadline = time.monotonic() + 5
+        while leftovers(marker) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert leftovers(marker) == [], f"pid {pid} outlived its parent"
+    finally:
+        parent.kill()
+        parent.wait()
+        parent.stdout.close()
+        subprocess.run(["pkill", "-f", marker])
 
 
 def test_qemu_failure_beside_a_healthy_virtiofsd(run, tmp_path, marker):

@@ -224,6 +224,27 @@ def test_init_reaps_orphans_and_passes_signals_on(env, tmp_path: Path, how: str)
     assert not leftovers(env)
 
 
+def test_sigkill_of_microvmc_leaves_nothing_running_and_the_next_run_sweeps(env) -> None:
+    """SIGKILL gives microvmc no chance to clean up: QEMU and virtiofsd die with it (the kernel's
+    parent-death signal), and the runtime directory it left is removed by a later run."""
+    p = _start_and_wait_ready(env, str(EXAMPLES / "hello.toml"))
+    p.kill()
+    p.wait()
+    p.stdout.close()
+    p.stderr.close()
+    runtime = Path(env["XDG_RUNTIME_DIR"])
+    deadline = time.monotonic() + 10
+    while [x for x in leftovers(env) if not x.startswith(str(runtime))] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert [x for x in leftovers(env) if not x.startswith(str(runtime))] == []  # no process
+    stale = [d for d in runtime.iterdir() if d.name.startswith("microvmc-")]
+    assert len(stale) == 1
+    past = time.time() - 60  # as if it had been left a minute ago (younger ones may be starting)
+    os.utime(stale[0] / ".lock", (past, past))
+    assert run(env, str(EXAMPLES / "hello.toml")).returncode == 0
+    assert not leftovers(env)
+
+
 def test_a_dead_virtiofsd_stops_the_run(env) -> None:
     p = _start_and_wait_ready(env, str(EXAMPLES / "hello.toml"))
     pids = subprocess.run(["pgrep", "-f", f"virtiofsd.*{env['MICROVMC_STORE']}"], capture_output=True, text=True).stdout.split()
