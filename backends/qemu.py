@@ -7,6 +7,7 @@ virtiofsd daemons, then removes the runtime directory.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import select
@@ -125,6 +126,8 @@ def run_plan(
                 began=began,
             )
             end = supervisor.run()
+            failed = [f"{kind.name.lower()}: {sink.error.strerror}" for kind, sink in sinks.items() if sink.error]
+            end.lost_output = ", ".join(dict.fromkeys(failed))
     if len(signals.caught) > supervisor.seen and not end.signal:  # it came while everything was being stopped
         end.signal = signals.caught[supervisor.seen]
     end.host["ended"] = time.monotonic() - began
@@ -178,6 +181,7 @@ class _End:
     # Daemons that had failed by the time QEMU ended (QEMU cannot connect to a dead one).
     failed_daemons: tuple[tuple[VirtiofsdPlan, int], ...] = ()
     report: str = ""  # everything the status port delivered
+    lost_output: str = ""  # "stdout: <why>" when the caller's stdout or stderr failed (not EPIPE)
     started: bool = False
     # The boot timeline: seconds since run_plan began, on the host; ms since the guest kernel
     # started, as init reported them (init/PROTOCOL.md, `time` lines).
@@ -192,6 +196,7 @@ class _Sink:
         self.fd = fd
         self.pending = bytearray()
         self.broken = False  # EPIPE & co.: what still comes is discarded
+        self.error: OSError | None = None  # why, unless the reader just went away (EPIPE)
         try:
             mode = os.fstat(fd).st_mode
         except OSError:
@@ -214,9 +219,11 @@ class _Sink:
             written = os.write(self.fd, self.pending[:size])
         except BlockingIOError:  # someone else's O_NONBLOCK on a shared terminal
             return False
-        except OSError:
+        except OSError as e:
             self.broken = True
             self.pending.clear()
+            if e.errno != errno.EPIPE and self.error is None:
+                self.error = e
             return False
         del self.pending[:written]
         return written > 0
@@ -464,6 +471,16 @@ class _Supervisor:
 
 def _verdict(end: _End, *, plan: LaunchPlan, logs: RunLogs) -> tuple[int, str]:
     """The exit status and the message (may be empty) for how the run ended."""
+    status, message = _outcome(end, plan=plan, logs=logs)
+    if end.lost_output:
+        lost = f"the program's output could not be written ({end.lost_output})"
+        if status == 0:
+            return int(ExitStatus.OUTPUT_LOST), lost
+        message = f"{message}; {lost}" if message else lost
+    return status, message
+
+
+def _outcome(end: _End, *, plan: LaunchPlan, logs: RunLogs) -> tuple[int, str]:
     console = f"console log: {logs.console}"
     if end.signal and end.signal == end.forwarded:
         return 128 + end.signal, (f"the program did not end within {plan.stop_timeout:g} s of signal "

@@ -185,7 +185,21 @@ COMMANDS = {
 }
 
 
+def _standard_fds_open() -> None:
+    """A closed stdin, stdout or stderr becomes /dev/null: otherwise the next pipe or file microvmc
+    opens would take its number, and the program's output would go into it."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    _standard_fds_open()
     args = _parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
@@ -224,9 +238,10 @@ def entry() -> NoReturn:
         if not isinstance(exit.code, (int, type(None))):
             raise
         status = exit.code or 0
-    for stream in (sys.stdout, sys.stderr):
+    for stream in (sys.stdout, sys.stderr):  # None when the descriptor was closed at start
         try:
-            stream.flush()
+            if stream is not None:
+                stream.flush()
         except (OSError, ValueError):
             pass
     os._exit(status)

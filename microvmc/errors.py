@@ -29,6 +29,7 @@ class ExitStatus(IntEnum):
 
     OK = 0
     USAGE = 2  # bad command line (argparse)
+    OUTPUT_LOST = 119  # the program succeeded, but its output could not be written (disk full, ...)
     INIT_FAILED = 120  # guest init failed before the program started (mount, modules, ports)
     HOST = 121  # QEMU or virtiofsd could not start, or the accelerator is unusable
     VIRTIOFSD_DIED = 122  # a virtiofsd died while the VM ran
@@ -44,6 +45,7 @@ class ExitStatus(IntEnum):
 EXIT_MEANINGS: tuple[tuple[str, str], ...] = (
     ("0", "success (run: the program's own status, 128+N if it died of signal N)"),
     ("2", "bad command line"),
+    ("119", "the program succeeded but its stdout or stderr could not be written (e.g. disk full)"),
     ("120", "the guest init failed before the program started (mount, modules, ports)"),
     ("121", "QEMU or virtiofsd could not start, or the accelerator is unusable"),
     ("122", "a virtiofsd died while the VM ran"),
@@ -51,7 +53,8 @@ EXIT_MEANINGS: tuple[tuple[str, str], ...] = (
     ("124", "boot or run timeout"),
     ("125", "invalid manifest or failed build: nothing was started"),
     ("126, 127", "the program could not be executed / was not found in the guest"),
-    ("130, 143", "microvmc was interrupted (SIGINT, SIGTERM); the VM was stopped"),
+    ("129, 130, 143", "a signal (SIGHUP, SIGINT, SIGTERM) stopped the VM: before the program ran, a second one, "
+                      "or past resources.stop_timeout"),
 )
 
 

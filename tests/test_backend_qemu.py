@@ -300,6 +300,25 @@ def test_slow_reader_gets_everything(run, tmp_path):
     assert len(received) == 3000000
 
 
+@pytest.mark.parametrize("code, status", [(0, 119), (3, 3)])
+def test_output_that_cannot_be_written_is_reported(run, tmp_path, code, status):
+    """A full disk loses the program's output: that is an error (119, or the program's own failure),
+    with one line saying so. A reader that went away (EPIPE, as with `| head`) is not."""
+    qemu = sh_qemu(tmp_path, f"echo started >&4; echo out; echo 'exit {code}' >&4")
+    with open("/dev/full", "wb") as full:
+        got, _, err = run(make_plan([qemu]), stdout=full.fileno())
+    assert got == status
+    assert err.decode().endswith("the program's output could not be written (stdout: No space left on device)\n")
+    assert err.decode().count("\n") == 1
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        got, _, err = run(make_plan([qemu]), stdout=write_end)
+    finally:
+        os.close(write_end)
+    assert (got, err) == (code, b"")
+
+
 def test_same_descriptor_for_stdout_and_stderr(run, tmp_path):
     qemu = sh_qemu(tmp_path, "echo started >&4; echo one; echo two >&3; echo 'exit 0' >&4")
     with open(tmp_path / "both", "wb") as both:

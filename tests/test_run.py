@@ -131,6 +131,15 @@ def test_program_not_found(env) -> None:
     assert b"/no/such/program" in r.stderr and b"Traceback" not in r.stderr
 
 
+def test_closed_stdin_and_stdout(env) -> None:
+    """Started with fds 0 and 1 closed: they act as /dev/null (cat sees EOF at once), and nothing
+    microvmc opens takes their place."""
+    r = subprocess.run(["sh", "-c", 'exec "$@" <&- >&-', "sh", *MICROVMC, "run", str(EXAMPLES / "cat.toml")],
+                       env=env, capture_output=True, timeout=TIMEOUT)
+    assert (r.returncode, r.stderr) == (0, b"")
+    assert not leftovers(env)
+
+
 def test_pipeline_of_two_vms(env) -> None:
     cmd = [*MICROVMC, "run", str(EXAMPLES / "source.toml")]
     second = [*MICROVMC, "run", str(EXAMPLES / "head.toml")]
