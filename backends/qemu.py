@@ -544,7 +544,7 @@ def _first_meaningful_line(path: Path) -> str:
 
 def _say(fd: int, message: str) -> None:
     try:
-        os.write(fd, f"microvmc: {message}\n".encode())
+        os.write(fd, f"microvmc: {message}\n".encode("utf-8", "surrogateescape"))
     except OSError:
         pass
 

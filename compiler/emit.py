@@ -8,6 +8,7 @@ exactly what runs. Runtime-only paths (sockets, logs) live in a directory the sc
 from __future__ import annotations
 
 import json
+import re
 import shlex
 from dataclasses import dataclass
 from typing import Any
@@ -29,7 +30,13 @@ class Output:
 
 
 def to_json(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, indent=2, ensure_ascii=False) + "\n"
+    """Sorted, indented JSON. A byte that is not UTF-8 (a lone surrogate from the command line) is
+    written as its \\udcXX escape, so the text stays valid UTF-8 and reads back as the same string."""
+    text = json.dumps(value, sort_keys=True, indent=2, ensure_ascii=False) + "\n"
+    return _LONE_SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+
+
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def _comment(text: str) -> str:
@@ -231,13 +238,13 @@ def _ceil(seconds: float) -> int:
 def emit(plan: LaunchPlan, graph: Graph, store: str) -> Output:
     virtiofsd = [dict(v.to_dict(), argv_script=list(v.argv_with_socket_path("<run-dir>"))) for v in plan.virtiofsd]
     files = {
-        "launch.sh": (launch_script(plan).encode("utf-8"), 0o755),
+        "launch.sh": (launch_script(plan).encode("utf-8", "surrogateescape"), 0o755),
         "plan.json": (to_json({"microvmc": __version__, "plan": plan.to_dict(), "graph": graph.to_dict()}).encode("utf-8"), 0o644),
         "cmdline": ((plan.cmdline + "\n").encode("utf-8"), 0o644),
         "virtiofsd.json": (to_json(virtiofsd).encode("utf-8"), 0o644),
-        "graph.dot": (graph.to_dot().encode("utf-8"), 0o644),
+        "graph.dot": (graph.to_dot().encode("utf-8", "surrogateescape"), 0o644),
     }
-    content = {name: digest(data.decode("utf-8")) for name, (data, _) in files.items()}
+    content = {name: digest(data.decode("utf-8", "surrogateescape")) for name, (data, _) in files.items()}
     inputs = {n.id: n.digest for n in graph.nodes if n.id != "plan"}
     path = store_path(store, digest({"files": content, "inputs": inputs}), plan.name)
     return Output(path=path, files=tuple((name, data, mode) for name, (data, mode) in sorted(files.items())))

@@ -27,7 +27,8 @@ def default_store_root(environ: Mapping[str, str] = os.environ) -> Path:
 
 def digest(value: Any) -> str:
     """sha256 (hex) of a JSON-serializable value, canonically encoded."""
-    data = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    # surrogateescape: a command-line argument may carry bytes that are not UTF-8 (as os.fsdecode gives them)
+    data = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8", "surrogateescape")
     return hashlib.sha256(data).hexdigest()
 
 

@@ -198,9 +198,29 @@ def _standard_fds_open() -> None:
                 os.close(null)
 
 
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    """argparse, except that everything after the first `--` is the program's argv, wherever the
+    options are (`run app.toml -e K=V -- prog -x`: argparse alone cannot take options between the
+    manifest and `--`)."""
+    parser = _parser()
+    words = list(sys.argv[1:] if argv is None else argv)
+    program = None
+    if "--" in words:
+        cut = words.index("--")
+        words, program = words[:cut], words[cut + 1:]
+    args = parser.parse_args(words)
+    if program is not None:
+        if not hasattr(args, "argv"):
+            parser.error(f"{args.command} takes no program argv ('--')")
+        if args.argv:
+            parser.error(f"the program's argv is both before and after '--': {args.argv[0]!r}")
+        args.argv = program
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     _standard_fds_open()
-    args = _parser().parse_args(argv)
+    args = _parse(argv)
     try:
         return COMMANDS[args.command](args)
     except MicrovmcError as err:

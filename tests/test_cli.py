@@ -53,3 +53,22 @@ def test_help_and_version(boot_env) -> None:
     assert cli(boot_env, "--version").stdout == f"microvmc {__version__}\n"
     bad = cli(boot_env, "run")
     assert bad.returncode == 2 and "the following arguments are required: manifest" in bad.stderr
+
+
+def test_options_between_the_manifest_and_the_program_argv(boot_env, tmp_path: Path) -> None:
+    """Everything after `--` is the program's, wherever the options are; bytes that are not UTF-8
+    (as a shell passes them) are percent-encoded like any other."""
+    hello = str(EXAMPLES / "hello.toml")
+    r = subprocess.run([*MICROVMC, "plan", hello, "-e", "K=v", "--", "/bin/echo", "-x", b"\xff\xfe"], env=boot_env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    cmdline = r.stdout.splitlines()[-1].split()
+    assert ["MVMC_A0=/bin/echo", "MVMC_A1=-x", "MVMC_A2=%FF%FE"] == [p for p in cmdline if p.startswith("MVMC_A")]
+    assert "MVMC_E0=K=v" in cmdline
+    as_json = subprocess.run([*MICROVMC, "plan", "--json", hello, "--", b"\xff"], env=boot_env, capture_output=True,
+                             timeout=120)
+    assert as_json.returncode == 0 and "MVMC_A0=%FF" in json.loads(as_json.stdout)["cmdline"]
+    for argv, message in ((["graph", hello, "--", "x"], "graph takes no program argv ('--')"),
+                          (["run", hello, "a", "--", "b"], "the program's argv is both before and after '--': 'a'")):
+        r = subprocess.run([*MICROVMC, *argv], env=boot_env, capture_output=True, text=True, timeout=120)
+        assert (r.returncode, r.stderr.splitlines()[-1]) == (2, f"microvmc: error: {message}")

@@ -140,6 +140,13 @@ def test_closed_stdin_and_stdout(env) -> None:
     assert not leftovers(env)
 
 
+def test_bytes_that_are_not_utf8_arrive_exactly(env) -> None:
+    """A shell can pass any bytes as arguments and in -e values: the guest gets them unchanged."""
+    r = run(env, "-e", b"K=\xc3(\xff", str(EXAMPLES / "hello.toml"), "--", "/bin/sh", "-c", 'printf "%s|%s" "$1" "$K"',
+            "sh", b"\xff\xfe\x80")
+    assert (r.returncode, r.stdout, r.stderr) == (0, b"\xff\xfe\x80|\xc3(\xff", b"")
+
+
 def test_pipeline_of_two_vms(env) -> None:
     cmd = [*MICROVMC, "run", str(EXAMPLES / "source.toml")]
     second = [*MICROVMC, "run", str(EXAMPLES / "head.toml")]
