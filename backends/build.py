@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
 
+from microvmc.compiler.builtin_image import DIRECTORIES
 from microvmc.compiler.cmdline import SPILL_PATH
 from microvmc.compiler.cpio import Entry, EntryKind, gzip_deterministic, write_newc
 from microvmc.compiler.graph import INIT_CFLAGS, Builder, Graph, Node
@@ -55,8 +56,7 @@ def _busybox_rootfs(node: Node, graph: Graph, out: Path) -> None:
             continue
         target.parent.mkdir(parents=True, exist_ok=True)
         os.symlink("/bin/busybox", target)
-    for d, mode in (("proc", 0o555), ("sys", 0o555), ("dev", 0o755), ("tmp", 0o1777), ("run", 0o755),
-                    ("root", 0o700), ("etc", 0o755), ("mnt", 0o755), ("home", 0o755), ("var/tmp", 0o1777)):
+    for d, mode in DIRECTORIES:
         (out / d).mkdir(parents=True, exist_ok=True)
         os.chmod(out / d, mode)
     (out / "etc" / "passwd").write_text("root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n")

@@ -219,9 +219,10 @@ def guest_config(manifest: Manifest) -> GuestConfig:
         cwd=manifest.process.cwd,
         hostname=manifest.hostname,
         root=GuestMount(fs=str(manifest.image.transport), tag=ROOT_TAG, mode=ROOT_MODE_FLAG[manifest.image.mode]),
+        # Mounted in this order: a share before any share mounted inside it.
         shares=tuple(
             GuestMount(fs=str(s.transport), tag=s.tag, mode="ro" if s.read_only else "rw", path=s.guest)
-            for s in manifest.shares
+            for s in sorted(manifest.shares, key=lambda s: (s.guest.rstrip("/").count("/"), s.guest))
         ),
     )
 

@@ -150,7 +150,7 @@ def test_evaluation_cache_hits_only_while_every_input_is_unchanged(env, tmp_path
     (tmp_path / "base.toml").write_text('version = 1\n[process]\nenv = { A = "1" }\n')
     manifest = tmp_path / "m.toml"
     manifest.write_text('version = 1\nimports = ["base.toml"]\n[process]\nargv = ["true"]\n'
-                        '[shares.data]\nhost = "data"\nguest = "/data"\n')
+                        '[shares.data]\nhost = "data"\nguest = "/mnt"\n')
     status, first, _, compiled = _build_in_process(env, tmp_path, manifest)
     assert (status, compiled) == (0, True)
     assert _build_in_process(env, tmp_path, manifest)[1:] == (first, "", False)  # a hit: nothing compiled

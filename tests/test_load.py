@@ -31,7 +31,7 @@ def test_tables_merge_key_by_key_and_later_files_win(tmp_path: Path) -> None:
 
 def test_paths_are_relative_to_the_file_that_wrote_them(tmp_path: Path) -> None:
     (tmp_path / "lib" / "data").mkdir(parents=True)
-    write(tmp_path / "lib" / "base.toml", 'version = 1\n[shares.data]\nhost = "data"\nguest = "/data"\n')
+    write(tmp_path / "lib" / "base.toml", 'version = 1\n[shares.data]\nhost = "data"\nguest = "/mnt"\n')
     top = write(tmp_path / "app" / "app.toml", 'version = 1\nimports = ["../lib/base.toml"]\n[process]\nargv = ["true"]\n')
     m = validate(load(top, cwd="/"))
     assert m.shares[0].host == str(tmp_path / "lib" / "data")

@@ -46,7 +46,7 @@ def test_explicit_kvm_that_cannot_work_fails_fast(tmp_path: Path) -> None:
 
 def test_virtiofsd_flavours(tmp_path: Path) -> None:
     (tmp_path / "d,ata").mkdir()
-    text = '[process]\nargv = ["true"]\n[shares.data]\nhost = "d,ata"\nguest = "/data"\nread_only = true\n'
+    text = '[process]\nargv = ["true"]\n[shares.data]\nhost = "d,ata"\nguest = "/mnt"\nread_only = true\n'
     c = compiled(tmp_path, text)
     share = c.plan.virtiofsd[1]
     assert share.argv == ("/usr/lib/qemu/virtiofsd", "-o", f"source={tmp_path}/d\\,ata", "-o", "cache=auto", "-o", "sandbox=chroot")
@@ -59,7 +59,7 @@ def test_virtiofsd_flavours(tmp_path: Path) -> None:
 
 def test_a_comma_in_a_path_cannot_split_a_qemu_option(tmp_path: Path) -> None:
     (tmp_path / "x,id=evil").mkdir()
-    c = compiled(tmp_path, '[process]\nargv = ["true"]\n[shares.data]\nhost = "x,id=evil"\nguest = "/data"\ntransport = "9p"\n')
+    c = compiled(tmp_path, '[process]\nargv = ["true"]\n[shares.data]\nhost = "x,id=evil"\nguest = "/mnt"\ntransport = "9p"\n')
     argv = c.plan.qemu_argv
     fsdev = argv[argv.index("-fsdev") + 1]
     assert fsdev == f"local,id=fs-data,path={tmp_path}/x,,id=evil,security_model=none,readonly=off"
@@ -78,7 +78,7 @@ def test_missing_qemu_or_virtiofsd(tmp_path: Path) -> None:
 
 
 def test_auto_transport_is_virtiofs_where_virtiofsd_runs_else_9p(tmp_path: Path) -> None:
-    text = '[process]\nargv = ["true"]\n[shares.data]\nhost = "."\nguest = "/data"\n'
+    text = '[process]\nargv = ["true"]\n[shares.data]\nhost = "."\nguest = "/mnt"\n'
     root = compiled(tmp_path, text)
     assert [v.tag for v in root.plan.virtiofsd] == ["root", "data"]
     assert root.manifest.image.transport == "virtiofs" and root.manifest.shares[0].transport == "virtiofs"
@@ -95,7 +95,7 @@ def test_auto_transport_is_virtiofs_where_virtiofsd_runs_else_9p(tmp_path: Path)
 
 
 def test_explicit_virtiofs_that_cannot_run_is_refused_with_the_reason(tmp_path: Path) -> None:
-    text = '[process]\nargv = ["true"]\n[shares.data]\nhost = "."\nguest = "/data"\ntransport = "virtiofs"\n'
+    text = '[process]\nargv = ["true"]\n[shares.data]\nhost = "."\nguest = "/mnt"\ntransport = "virtiofs"\n'
     with pytest.raises(HostError) as err:
         compiled(tmp_path, text, virtiofsd_usable=False,
                  virtiofsd_reason="virtiofsd (/usr/lib/qemu/virtiofsd) needs root, and microvmc runs as uid 1000")
@@ -150,3 +150,43 @@ def test_stop_timeout_in_the_launch_script(tmp_path: Path) -> None:
     assert "sleep 3 & nap=$!" in fractional and "within 2.5 s of signal" in fractional
     at_once = launch_script(compiled(tmp_path, '[process]\nargv = ["true"]\n[resources]\nstop_timeout = 0\n').plan)
     assert "trap 'exit 143' TERM" in at_once and "stop()" not in at_once
+
+
+def test_a_share_needs_a_mount_point_init_can_have(tmp_path: Path) -> None:
+    """On a read-only root init cannot make a directory: the mount point must be in the image, or
+    below something writable mounted first (/tmp, /run, /dev, a writable share), or inside the
+    read-only share above it."""
+    (tmp_path / "ro" / "sub").mkdir(parents=True)
+    (tmp_path / "img" / "opt" / "data").mkdir(parents=True)
+
+    def shares(*entries: tuple[str, str, bool], image: str = "") -> str:
+        text = image + '[process]\nargv = ["true"]\n'
+        for i, (host, guest, ro) in enumerate(entries):
+            text += f'[shares.s{i}]\nhost = "{host}"\nguest = "{guest}"\nread_only = {str(ro).lower()}\n'
+        return text
+
+    fine = [
+        shares((".", "/mnt", False), (".", "/tmp/a/b", False), (".", "/run/x", True), (".", "/dev/y", False)),
+        shares((".", "/mnt", False), (".", "/mnt/deeper", True)),  # inside a writable share
+        shares(("ro", "/mnt", True), (".", "/mnt/sub", False)),  # the read-only share has the directory
+        shares((".", "/opt/data", False), image='[image]\nsource = "directory"\npath = "img"\n'),
+        shares((".", "/new", False), image='[image]\nmode = "overlay"\n'),
+    ]
+    for text in fine:
+        compiled(tmp_path, text)
+    for text, guest in ((shares((".", "/data", False)), "/data"),
+                        (shares(("ro", "/mnt", True), (".", "/mnt/nope", False)), "/mnt/nope"),
+                        (shares((".", "/opt/other", False), image='[image]\nsource = "directory"\npath = "img"\n'),
+                         "/opt/other")):
+        with pytest.raises(ManifestError) as err:
+            compiled(tmp_path, text)
+        [line] = err.value.lines()
+        assert f'.guest: "{guest}" does not exist in the read-only image, and init cannot create it there' in line
+
+
+def test_a_share_is_mounted_before_the_shares_inside_it(tmp_path: Path) -> None:
+    text = ('[image]\nmode = "overlay"\n[process]\nargv = ["true"]\n'
+            '[shares.a]\nhost = "."\nguest = "/data/inner/deep"\n[shares.b]\nhost = "."\nguest = "/data/inner"\n'
+            '[shares.c]\nhost = "."\nguest = "/data"\n')
+    cmdline = compiled(tmp_path, text).plan.cmdline.split()
+    assert [p.split(":")[1] for p in cmdline if p.startswith("MVMC_S")] == ["c", "b", "a"]

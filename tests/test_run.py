@@ -387,12 +387,19 @@ def test_random_arguments_round_trip_through_the_guest(env) -> None:
 
 
 def test_a_guest_init_failure_is_reported(env, tmp_path: Path) -> None:
-    """A mount point that cannot be made on a read-only root: init reports it, microvmc exits 120."""
+    """An image whose /proc is a file, not a directory: init cannot mount there, reports it, and
+    microvmc exits 120 (no validation can see this; it is the image's content)."""
+    import shutil
+
+    root = tmp_path / "root"
+    (root / "bin").mkdir(parents=True)
+    shutil.copy("/bin/busybox", root / "bin" / "busybox")
+    (root / "proc").write_text("not a directory\n")
     manifest = tmp_path / "m.toml"
-    manifest.write_text(f'version = 1\n[process]\nargv = ["true"]\n[shares.data]\nhost = "{tmp_path}"\nguest = "/no/such/dir"\n')
+    manifest.write_text('version = 1\n[image]\nsource = "directory"\npath = "root"\n[process]\nargv = ["/bin/busybox", "true"]\n')
     r = run(env, str(manifest))
     assert r.returncode == 120
     message = r.stderr.decode()
-    assert message.startswith("microvmc: guest init failed at mount: cannot make mount point /no/such/dir: mkdir /no: ")
+    assert message.startswith("microvmc: guest init failed at mount: ") and "/proc" in message
     assert message.count("\n") == 1 and "console log: " in message
     assert not leftovers(env)
