@@ -44,6 +44,8 @@ MIN_MEMORY_MIB = 64
 MAX_MEMORY_MIB = 1024 * 1024
 MAX_CPUS = 64
 MAX_BOOT_TIMEOUT = 3600
+MAX_ARG_STRLEN = 32 * 4096  # bytes of one argv or env string, NUL included (linux/binfmts.h)
+MAX_ARG_TOTAL = 8 * 1024 * 1024 // 4  # argv + env with pointers: a quarter of the default 8 MiB stack
 MAX_TAG = 31  # 9p mount tags are limited to 31 bytes; virtiofs to 36: use the smaller for both
 ROOT_TAG = "root"
 # Kernel parameters microvmc sets or relies on: a manifest changing them would break the boot or the
@@ -296,6 +298,22 @@ def _semantic_problems(loaded: Loaded) -> list[Problem]:
                     "a name must be non-empty and contain neither '=' nor NUL")
             elif isinstance(value, str) and "\0" in value:
                 add(("process", "env", name), f"{show(value)} contains a NUL character")
+    # What execve(2) takes, as init hands argv and env to it unchanged: else the program fails to
+    # start with E2BIG ("Argument list too long"), after the boot.
+    strings = [(("process", "argv", i), a) for i, a in enumerate(argv if isinstance(argv, list) else ())
+               if isinstance(a, str)]
+    strings += [(("process", "env", n), f"{n}={v}") for n, v in (env.items() if isinstance(env, dict) else ())
+                if isinstance(v, str)]
+    total = 0
+    for where, text in strings:
+        size = len(text.encode("utf-8", "surrogateescape")) + 1  # with its NUL
+        total += size + 8  # and its pointer
+        if size > MAX_ARG_STRLEN:
+            add(where, f"is {size - 1} bytes long; Linux passes at most {MAX_ARG_STRLEN - 1} bytes in one "
+                "argument or environment entry")
+    if total > MAX_ARG_TOTAL:
+        add(("process",), f"argv and env take {total} bytes; Linux gives a program at most {MAX_ARG_TOTAL} "
+            "(a quarter of its 8 MiB stack)")
     cwd = process.get("cwd")
     if isinstance(cwd, str) and (not cwd.startswith("/") or "\0" in cwd):
         add(("process", "cwd"), f"{show(cwd)} is not an absolute path")

@@ -190,3 +190,24 @@ def test_a_share_is_mounted_before_the_shares_inside_it(tmp_path: Path) -> None:
             '[shares.c]\nhost = "."\nguest = "/data"\n')
     cmdline = compiled(tmp_path, text).plan.cmdline.split()
     assert [p.split(":")[1] for p in cmdline if p.startswith("MVMC_S")] == ["c", "b", "a"]
+
+
+def test_argv_and_env_within_what_execve_takes(tmp_path: Path) -> None:
+    """Beyond these the program would fail to start with E2BIG after the boot; the largest allowed
+    entry boots in tests/test_run.py."""
+    largest = "x" * (131071 - len("K="))
+    compiled(tmp_path, f'[process]\nargv = ["true"]\nenv = {{ K = "{largest}" }}\n')
+    with pytest.raises(ManifestError) as err:
+        compiled(tmp_path, f'[process]\nargv = ["true", "{"a" * 131072}"]\nenv = {{ K = "{largest}x" }}\n')
+    assert err.value.lines() == [
+        "m.toml: process.argv[1]: is 131072 bytes long; Linux passes at most 131071 bytes in one argument or "
+        "environment entry",
+        "m.toml: process.env.K: is 131072 bytes long; Linux passes at most 131071 bytes in one argument or "
+        "environment entry",
+    ]
+    many = "".join(f'V{i} = "{"y" * 100000}"\n' for i in range(21))
+    with pytest.raises(ManifestError) as err:
+        compiled(tmp_path, f'[process]\nargv = ["true"]\n[process.env]\n{many}')
+    [line] = err.value.lines()
+    assert line.startswith("m.toml: process: argv and env take 2100") and line.endswith(
+        "bytes; Linux gives a program at most 2097152 (a quarter of its 8 MiB stack)")

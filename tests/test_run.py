@@ -89,6 +89,7 @@ def test_environment_spills_and_arrives_exactly_then_exit_1(env, tmp_path: Path)
         "UNICODE": "héllo wörld ✓ 日本 \u00a0nbsp",
         "KIB": "k" * 1024,
         "EQUALS": "a=b=c",
+        "LARGEST": "L" * (131071 - len("LARGEST=")),  # the longest entry execve takes (validation's limit)
     })
     body = "".join(f"{name} = {toml_string(value)}\n" for name, value in values.items())
     manifest = tmp_path / "env.toml"
