@@ -40,7 +40,7 @@ __all__ = [
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
-MIN_MEMORY_MIB = 64
+MIN_MEMORY_MIB = 128  # measured: the Debian 6.1 kernel panics out of memory at 96 MiB and hangs at 64
 MAX_MEMORY_MIB = 1024 * 1024
 MAX_CPUS = 64
 MAX_BOOT_TIMEOUT = 3600

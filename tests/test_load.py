@@ -61,7 +61,7 @@ def test_problems_name_the_file_that_set_the_value(tmp_path: Path) -> None:
     assert err.value.lines() == [
         'base.toml: hostname: "bad_name" is not a valid hostname (letters, digits and \'-\', at most 63 per dot-separated label)',
         "top.toml: resources.cpus: 0 is below the minimum of 1",
-        "base.toml: resources.memory: 32 is below the minimum of 64 MiB",
+        "base.toml: resources.memory: 32 is below the minimum of 128 MiB",
     ]
 
 
