@@ -239,7 +239,7 @@ def test_sigterm_stops_everything(env) -> None:
 GRACEFUL = """trap 'echo got USR1' USR1
 trap 'echo got TERM; exit 7' TERM
 (sleep 0.1 &)
-sleep 0.5
+sleep 1
 echo zombies $(grep -l '^State:.*Z' /proc/[0-9]*/status 2>/dev/null | wc -l)
 kill -USR1 1
 sleep 0.2
