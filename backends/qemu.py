@@ -94,7 +94,8 @@ def run_plan(
     began = time.monotonic()
     logs = RunLogs(Path(log_dir))
     if verbose:
-        _say(stderr, f"accel {plan.accel} ({plan.accel_reason}); logs in {logs.dir}")
+        shared = ", ".join(f"{tag} over {transport}" for tag, transport in plan.transports)
+        _say(stderr, f"accel {plan.accel} ({plan.accel_reason}); {shared or 'no shares'}; logs in {logs.dir}")
     executable = plan.qemu_argv[0] if plan.qemu_argv else ""
     if not shutil.which(executable):
         raise HostError(f"QEMU not found: {executable!r}", hint="install qemu-system-x86")

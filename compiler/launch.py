@@ -87,6 +87,7 @@ class LaunchPlan:
     boot_timeout: float  # seconds until init must report `started`
     timeout: float  # seconds the whole run may take, 0 for no limit
     stop_timeout: float  # seconds the program gets after a signal passed on to it; 0: stop at once
+    transports: tuple[tuple[str, str], ...]  # (share tag, "virtiofs" or "9p"), the root first
     sources: tuple[str, ...]  # the manifest files it was compiled from
 
     @property
@@ -108,6 +109,7 @@ class LaunchPlan:
             "boot_timeout": self.boot_timeout,
             "timeout": self.timeout,
             "stop_timeout": self.stop_timeout,
+            "transports": [list(t) for t in self.transports],
             "sources": list(self.sources),
             "fds": {fd.name.lower(): int(fd) for fd in Fd},
         }
@@ -141,5 +143,6 @@ class LaunchPlan:
             boot_timeout=d["boot_timeout"],
             timeout=d["timeout"],
             stop_timeout=d["stop_timeout"],
+            transports=tuple((tag, transport) for tag, transport in d["transports"]),
             sources=tuple(d["sources"]),
         )

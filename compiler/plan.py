@@ -112,6 +112,7 @@ def plan(manifest: Manifest, graph: Graph, facts: HostFacts) -> LaunchPlan:
         boot_timeout=manifest.resources.boot_timeout,
         timeout=manifest.resources.timeout,
         stop_timeout=manifest.resources.stop_timeout,
+        transports=tuple((tag, str(transport)) for tag, _, transport, _, _ in mounts),
         sources=manifest.files,
     )
 

@@ -69,6 +69,7 @@ def make_plan(
         boot_timeout=boot_timeout,
         timeout=timeout,
         stop_timeout=stop_timeout,
+        transports=tuple((tag, "virtiofs") for tag, _, _ in shares),
         sources=(),
     )
 
@@ -376,7 +377,7 @@ def test_verbose_lines(run, tmp_path):
                              "time exit 1800\\nexit 0\\n' >&4")
     status, _, err = run(make_plan([qemu]), verbose=True)
     first, second = err.decode().splitlines()
-    assert first == f"microvmc: accel tcg (a test); logs in {run.logs}"
+    assert first == f"microvmc: accel tcg (a test); no shares; logs in {run.logs}"
     assert second.startswith("microvmc: timeline: kernel 1.00 s, modules 0.25 s, exec 0.05 s, program 0.50 s; "
                              "host: qemu at ")
     timeline = json.loads((run.logs / "timeline.json").read_text())

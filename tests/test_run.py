@@ -121,7 +121,7 @@ def test_killed_by_a_signal_and_verbose_says_which_accelerator(env) -> None:
 
     r = run(env, "-v", str(EXAMPLES / "hello.toml"), "--", "/bin/sh", "-c", "kill -KILL $$")
     assert (r.returncode, r.stdout) == (128 + 9, b"")
-    assert re.fullmatch(rb"microvmc: build output \S+\nmicrovmc: accel (tcg|kvm) \((auto|resources)[^\n]*\); logs in \S+\n"
+    assert re.fullmatch(rb"microvmc: build output \S+\nmicrovmc: accel (tcg|kvm) \((auto|resources)[^\n]*\); root over virtiofs; logs in \S+\n"
                         rb"microvmc: timeline: kernel [0-9.]+ s, modules [0-9.]+ s, .*program [0-9.]+ s; host: qemu at .*\n",
                         r.stderr), r.stderr
 
