@@ -20,6 +20,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from microvmc.compiler.builtin_image import has_directory
 from microvmc.compiler.cmdline import CmdlineError, GuestConfig, GuestMount, KernelCmdline, compose
 from microvmc.compiler.host import HostFacts
 from microvmc.compiler.manifest import (
@@ -202,12 +203,53 @@ def _kernel_config(image: str, modules_dir: str, release: str) -> str | None:
     return None
 
 
+# Mounted by init, writable, before the shares (init/PROTOCOL.md): a mount point below them can be made.
+WRITABLE_BEFORE_SHARES = ("/tmp", "/run", "/dev")
+
+
+def missing_mount_points(manifest: Manifest) -> tuple[str, ...]:
+    """The shares' mount points init could not make on the read-only root: not directories of the
+    image, and not below a writable filesystem mounted before them (a tmpfs, /dev, a writable
+    share) nor present in the read-only share above them."""
+    if manifest.image.mode is not RootMode.READ_ONLY:
+        return ()
+    image = manifest.image
+
+    def in_image(path: str) -> bool:
+        if image.source is ImageSource.BUILTIN:
+            return has_directory(path)
+        return image.path is not None and os.path.isdir(os.path.join(image.path, path.lstrip("/")))
+
+    mounted = {os.path.normpath(s.guest): s for s in manifest.shares}
+
+    def possible(path: str) -> bool:
+        parent = os.path.dirname(path)
+        while parent != "/":
+            share = mounted.get(parent)
+            if parent in WRITABLE_BEFORE_SHARES or (share is not None and not share.read_only):
+                return True
+            if share is not None:
+                return os.path.isdir(os.path.join(share.host, os.path.relpath(path, parent)))
+            parent = os.path.dirname(parent)
+        return in_image(path)
+
+    return tuple(s.guest for s in manifest.shares if not possible(os.path.normpath(s.guest)))
+
+
+def root_mode_flag(manifest: Manifest) -> str:
+    """How init mounts the root (MVMC_ROOT): a read-only root that lacks a share's mount point is
+    an overlay whose tmpfs gets the mount points, made read-only once the shares are mounted."""
+    if missing_mount_points(manifest):
+        return "overlay-ro"
+    return ROOT_MODE_FLAG[manifest.image.mode]
+
+
 def _needed_modules(manifest: Manifest) -> tuple[str, ...]:
     transports = {manifest.image.transport, *(s.transport for s in manifest.shares)}
     wanted = list(MODULES_FOR_PORTS)
     for transport in sorted(transports):
         wanted += MODULES_FOR_TRANSPORT[transport]
-    if manifest.image.mode is RootMode.OVERLAY:
+    if root_mode_flag(manifest).startswith("overlay"):
         wanted += MODULES_FOR_OVERLAY
     return tuple(wanted)
 
@@ -218,7 +260,7 @@ def guest_config(manifest: Manifest) -> GuestConfig:
         env=manifest.process.env,
         cwd=manifest.process.cwd,
         hostname=manifest.hostname,
-        root=GuestMount(fs=str(manifest.image.transport), tag=ROOT_TAG, mode=ROOT_MODE_FLAG[manifest.image.mode]),
+        root=GuestMount(fs=str(manifest.image.transport), tag=ROOT_TAG, mode=root_mode_flag(manifest)),
         # Mounted in this order: a share before any share mounted inside it.
         shares=tuple(
             GuestMount(fs=str(s.transport), tag=s.tag, mode="ro" if s.read_only else "rw", path=s.guest)

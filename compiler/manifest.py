@@ -239,35 +239,6 @@ def _schema_message(err: Any) -> str:
     return f"{value}: {err.message}"
 
 
-# Mounted by init, writable, before the shares (init/PROTOCOL.md): a mount point below them can be made.
-WRITABLE_BEFORE_SHARES = ("/tmp", "/run", "/dev")
-
-
-def _mount_point_possible(path: str, *, source: str, image_path: Any, shares: dict[str, Any]) -> bool:
-    """Whether init can mount a share at `path` on a read-only root: the directory is in the image,
-    or it can be made inside a writable filesystem mounted before it (a tmpfs, /dev, a writable
-    share), or it exists inside the read-only share mounted above it."""
-    from microvmc.compiler.builtin_image import has_directory
-
-    def in_image(p: str) -> bool:
-        if source == "builtin":
-            return has_directory(p)
-        return isinstance(image_path, str) and os.path.isdir(os.path.join(image_path, p.lstrip("/")))
-
-    mounted = {os.path.normpath(s["guest"]): s for s in shares.values()
-               if isinstance(s, dict) and isinstance(s.get("guest"), str) and s["guest"].startswith("/")}
-    parent = os.path.dirname(path)
-    while parent != "/":
-        share = mounted.get(parent)
-        if parent in WRITABLE_BEFORE_SHARES or (share is not None and not share.get("read_only", False)):
-            return True
-        if share is not None:
-            host = share.get("host")
-            return isinstance(host, str) and os.path.isdir(os.path.join(host, os.path.relpath(path, parent)))
-        parent = os.path.dirname(parent)
-    return in_image(path)
-
-
 def _semantic_problems(loaded: Loaded) -> list[Problem]:
     data = loaded.data
     problems: list[Problem] = []
@@ -407,13 +378,6 @@ def _semantic_problems(loaded: Loaded) -> list[Problem]:
                 add(("shares", tag, "guest"), f"{show(guest)} is already the mount point of share {show(seen_guest[normal])}")
             else:
                 seen_guest[normal] = tag
-
-    if image.get("mode", "read-only") == "read-only" and source in ("builtin", "directory"):
-        for normal, tag in seen_guest.items():
-            if not _mount_point_possible(normal, source=source, image_path=image.get("path"), shares=shares):
-                add(("shares", tag, "guest"), f"{show(shares[tag]['guest'])} does not exist in the read-only image, "
-                    "and init cannot create it there",
-                    'use a directory the image has, one under /tmp or /run, or image.mode = "overlay"')
 
     network = data.get("network") if isinstance(data.get("network"), dict) else {}
     if network.get("mode") == "user":

@@ -455,7 +455,8 @@ static void parse_fsspec(const char *name, const char *raw, int nfields, struct 
 	if (strcmp(spec->fs, "virtiofs") != 0 && strcmp(spec->fs, "9p") != 0)
 		fail("config", 0, "%s: unknown filesystem %s", name, spec->fs);
 	if (strcmp(spec->mode, "ro") != 0 && strcmp(spec->mode, "rw") != 0 &&
-	    (nfields == 4 || strcmp(spec->mode, "overlay") != 0))
+	    (nfields == 4 ||
+	     (strcmp(spec->mode, "overlay") != 0 && strcmp(spec->mode, "overlay-ro") != 0)))
 		fail("config", 0, "%s: unknown mode %s", name, spec->mode);
 	if (nfields == 4 && spec->path[0] != '/')
 		fail("config", 0, "%s: guest path %s is not absolute", name, spec->path);
@@ -549,11 +550,12 @@ static void mount_share(const struct fsspec *spec, const char *target, int reado
 static void mount_root(void)
 {
 	make_dir("mount", NEWROOT);
-	if (strcmp(cfg.root.mode, "overlay") != 0) {
+	if (strncmp(cfg.root.mode, "overlay", 7) != 0) {
 		mount_share(&cfg.root, NEWROOT, strcmp(cfg.root.mode, "ro") == 0);
 		return;
 	}
-	/* overlay: the shared root stays read-only; writes land in a tmpfs and vanish with the VM */
+	/* overlay: the shared root stays read-only; writes land in a tmpfs and vanish with the VM
+	 * (overlay-ro: only the share mount points do, then the root is made read-only) */
 	make_dirs("mount", OVERLAY_LOWER);
 	make_dir("mount", OVERLAY_RW);
 	mount_share(&cfg.root, OVERLAY_LOWER, 1);
@@ -609,6 +611,12 @@ static void mount_shares(void)
 	for (size_t i = 0; i < cfg.nshares; i++) {
 		make_dirs("mount", cfg.shares[i].path);
 		mount_share(&cfg.shares[i], cfg.shares[i].path, strcmp(cfg.shares[i].mode, "ro") == 0);
+	}
+	/* overlay-ro: the mount points a read-only image lacked are made; now the root is read-only */
+	if (strcmp(cfg.root.mode, "overlay-ro") == 0) {
+		step("remount / read-only");
+		if (mount(NULL, "/", NULL, MS_REMOUNT | MS_RDONLY, NULL) < 0)
+			fail("mount", errno, "remount / read-only");
 	}
 }
 

@@ -152,36 +152,32 @@ def test_stop_timeout_in_the_launch_script(tmp_path: Path) -> None:
     assert "trap 'exit 143' TERM" in at_once and "stop()" not in at_once
 
 
-def test_a_share_needs_a_mount_point_init_can_have(tmp_path: Path) -> None:
-    """On a read-only root init cannot make a directory: the mount point must be in the image, or
-    below something writable mounted first (/tmp, /run, /dev, a writable share), or inside the
-    read-only share above it."""
+def test_a_read_only_root_lacking_a_mount_point_becomes_a_read_only_overlay(tmp_path: Path) -> None:
+    """init cannot make a directory on a read-only root. Where the image has every mount point (or
+    they lie below /tmp, /run, /dev, a writable share, or in the read-only share above), the root
+    stays a plain read-only mount; otherwise it is an overlay made read-only after the shares."""
     (tmp_path / "ro" / "sub").mkdir(parents=True)
     (tmp_path / "img" / "opt" / "data").mkdir(parents=True)
 
-    def shares(*entries: tuple[str, str, bool], image: str = "") -> str:
+    def root_flag(*entries: tuple[str, str, bool], image: str = "") -> tuple[str, bool]:
         text = image + '[process]\nargv = ["true"]\n'
         for i, (host, guest, ro) in enumerate(entries):
             text += f'[shares.s{i}]\nhost = "{host}"\nguest = "{guest}"\nread_only = {str(ro).lower()}\n'
-        return text
+        c = compiled(tmp_path, text)
+        [root] = [p for p in c.plan.cmdline.split() if p.startswith("MVMC_ROOT=")]
+        modules = [m["name"] for m in c.graph.node("modules").to_dict()["params"]["modules"]]
+        return root.rsplit(":", 1)[1], "overlay" in modules
 
-    fine = [
-        shares((".", "/mnt", False), (".", "/tmp/a/b", False), (".", "/run/x", True), (".", "/dev/y", False)),
-        shares((".", "/mnt", False), (".", "/mnt/deeper", True)),  # inside a writable share
-        shares(("ro", "/mnt", True), (".", "/mnt/sub", False)),  # the read-only share has the directory
-        shares((".", "/opt/data", False), image='[image]\nsource = "directory"\npath = "img"\n'),
-        shares((".", "/new", False), image='[image]\nmode = "overlay"\n'),
-    ]
-    for text in fine:
-        compiled(tmp_path, text)
-    for text, guest in ((shares((".", "/data", False)), "/data"),
-                        (shares(("ro", "/mnt", True), (".", "/mnt/nope", False)), "/mnt/nope"),
-                        (shares((".", "/opt/other", False), image='[image]\nsource = "directory"\npath = "img"\n'),
-                         "/opt/other")):
-        with pytest.raises(ManifestError) as err:
-            compiled(tmp_path, text)
-        [line] = err.value.lines()
-        assert f'.guest: "{guest}" does not exist in the read-only image, and init cannot create it there' in line
+    directory = '[image]\nsource = "directory"\npath = "img"\n'
+    assert root_flag((".", "/mnt", False), (".", "/tmp/a/b", False), (".", "/run/x", True),
+                     (".", "/dev/y", False)) == ("ro", False)
+    assert root_flag((".", "/mnt", False), (".", "/mnt/deeper", True)) == ("ro", False)  # in a writable share
+    assert root_flag(("ro", "/mnt", True), (".", "/mnt/sub", False)) == ("ro", False)  # the share has it
+    assert root_flag((".", "/opt/data", False), image=directory) == ("ro", False)
+    assert root_flag((".", "/data", False)) == ("overlay-ro", True)
+    assert root_flag(("ro", "/mnt", True), (".", "/mnt/nope", False)) == ("overlay-ro", True)
+    assert root_flag((".", "/opt/other", False), image=directory) == ("overlay-ro", True)
+    assert root_flag((".", "/new", False), image='[image]\nmode = "overlay"\n') == ("overlay", True)
 
 
 def test_a_share_is_mounted_before_the_shares_inside_it(tmp_path: Path) -> None:

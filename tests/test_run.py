@@ -198,6 +198,22 @@ def test_what_the_guest_writes_is_on_the_host_when_run_returns(env, tmp_path: Pa
     assert (root / "written-in-root").read_text() == "in-root\n"
 
 
+def test_shares_where_the_read_only_image_has_no_directory(env, tmp_path: Path) -> None:
+    """The built-in image has no /data or /srv/in/9p: init makes them in an overlay, mounts the
+    shares, then the root is read-only again for the program."""
+    for name in ("data", "p9"):
+        (tmp_path / name).mkdir()
+    program = ("echo x > /data/f && echo y > /srv/in/9p/g && cat /data/f /srv/in/9p/g; "
+               "if touch /z 2>/dev/null; then echo root-writable; else echo root-read-only; fi")
+    manifest = tmp_path / "m.toml"
+    manifest.write_text(f'version = 1\n[process]\nargv = ["/bin/sh", "-c", {json.dumps(program)}]\n'
+                        '[shares.data]\nhost = "data"\nguest = "/data"\n'
+                        '[shares.p9]\nhost = "p9"\nguest = "/srv/in/9p"\ntransport = "9p"\n')
+    r = run(env, str(manifest))
+    assert (r.returncode, r.stdout, r.stderr) == (0, b"x\ny\nroot-read-only\n", b"")
+    assert (tmp_path / "data" / "f").read_text() == "x\n" and (tmp_path / "p9" / "g").read_text() == "y\n"
+
+
 def test_launch_script_does_the_same_on_its_own(env, tmp_path: Path) -> None:
     manifest = tmp_path / "m.toml"
     manifest.write_text('version = 1\n[process]\nargv = ["/bin/sh", "-c", "read x; echo \\"got $x\\"; echo oops >&2; exit 7"]\n')
