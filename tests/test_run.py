@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -304,6 +305,38 @@ def test_sigkill_of_microvmc_leaves_nothing_running_and_the_next_run_sweeps(env)
     past = time.time() - 60  # as if it had been left a minute ago (younger ones may be starting)
     os.utime(stale[0] / ".lock", (past, past))
     assert run(env, str(EXAMPLES / "hello.toml")).returncode == 0
+    assert not leftovers(env)
+
+
+def test_sigkill_of_launch_sh_leaves_no_process(env, tmp_path: Path) -> None:
+    """QEMU and virtiofsd die with a SIGKILLed launch.sh (setpriv --pdeathsig), and its watchers see
+    it gone within a second. Only its runtime directory is left: a killed script cannot remove it."""
+    manifest = tmp_path / "m.toml"
+    manifest.write_text('version = 1\n[process]\nargv = ["/bin/sh", "-c", "echo ready; exec sleep 600"]\n')
+    subprocess.run([*MICROVMC, "build", str(manifest)], env=env, cwd=tmp_path, capture_output=True, check=True)
+    script = str(tmp_path / "result" / "launch.sh")
+    p = subprocess.Popen(["sh", script], env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE)
+    try:
+        assert p.stdout.readline() == b"ready\n"
+        p.kill()
+        p.wait()
+        deadline = time.monotonic() + 10
+
+        def running() -> list[str]:
+            mine = subprocess.run(["pgrep", "-af", script], capture_output=True, text=True).stdout.splitlines()
+            return mine + [x for x in leftovers(env) if not x.startswith(env["XDG_RUNTIME_DIR"])]
+
+        while running() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert running() == []
+    finally:
+        p.kill()
+        p.wait()
+        p.stdout.close()
+        p.stderr.close()
+        for left in Path(env["XDG_RUNTIME_DIR"]).glob("microvmc.*"):
+            shutil.rmtree(left)
     assert not leftovers(env)
 
 

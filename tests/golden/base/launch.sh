@@ -22,16 +22,25 @@ stop() {
     fi
     stop_signal=$1
     printf 'signal %s\n' "$1" >&8  # to init's control port (init/PROTOCOL.md)
-    (
-        trap 'kill "$nap" 2>/dev/null; exit 0' TERM
-        sleep 10 & nap=$!; wait "$nap"
-        : > stop-timed-out; kill "$qemu" 2>/dev/null
-    ) &
+    ( watch 10 stop-timed-out '' ) &
     pids="$pids $!"
 }
 trap 'stop 1' HUP
 trap 'stop 2' INT
 trap 'stop 15' TERM
+watch() {  # seconds, file, pattern: unless status matches the pattern first, mark the file, stop QEMU
+    trap 'kill "$nap" 2>/dev/null; exit 0' TERM  # (its sleep runs in the background: cleanup stops it at once)
+    left=$1
+    while [ "$left" -gt 0 ]; do
+        kill -0 $$ 2>/dev/null || exit 0  # this script is gone (SIGKILL): so is QEMU
+        [ -n "$3" ] && grep -q "$3" status 2>/dev/null && exit 0
+        sleep 1 & nap=$!; wait "$nap"; left=$((left - 1))
+    done
+    : > "$2"; kill "$qemu" 2>/dev/null
+}
+# QEMU and virtiofsd die with this script, even when it is SIGKILLed (util-linux setpriv)
+die_with_us=""
+command -v setpriv >/dev/null 2>&1 && die_with_us="setpriv --pdeathsig KILL --"
 exec 9<&0  # the program's stdin, kept for QEMU (a background job would get /dev/null)
 cd "$rundir" || exit 121
 
@@ -47,7 +56,7 @@ wait_for_socket() {  # socket, pid, description, log: wait at most 10 s
 }
 
 # image.path, image.transport, image.mode: share 'root', /microvmc/store/7illbsd6rxc2cfvtxjafugckbea7ghko-busybox-rootfs (read-only)
-/usr/lib/qemu/virtiofsd -o source=/microvmc/store/7illbsd6rxc2cfvtxjafugckbea7ghko-busybox-rootfs -o cache=auto -o sandbox=chroot "--socket-path=$rundir/fs-root.sock" 2>virtiofsd-root.log &
+$die_with_us /usr/lib/qemu/virtiofsd -o source=/microvmc/store/7illbsd6rxc2cfvtxjafugckbea7ghko-busybox-rootfs -o cache=auto -o sandbox=chroot "--socket-path=$rundir/fs-root.sock" 2>virtiofsd-root.log &
 pids="$pids $!"
 wait_for_socket fs-root.sock $! 'virtiofsd for share root' virtiofsd-root.log
 
@@ -112,20 +121,11 @@ cat stdout.pipe &
 relays="$!"
 cat stderr.pipe >&2 &
 relays="$relays $!"
-"$@" 0<&9 1>stdout.pipe 3>stderr.pipe 4>status 5>console.log 6<&8 2>qemu.log 8<&- 9<&- &
+$die_with_us "$@" 0<&9 1>stdout.pipe 3>stderr.pipe 4>status 5>console.log 6<&8 2>qemu.log 8<&- 9<&- &
 qemu=$!
 pids="$pids $qemu"
 # resources.boot_timeout: the program must start within 120 s
-# (a watcher's sleep runs in the background so that cleanup's kill stops it at once)
-(
-    trap 'kill "$nap" 2>/dev/null; exit 0' TERM
-    left=120
-    while [ "$left" -gt 0 ]; do
-        grep -q '^started' status 2>/dev/null && exit 0
-        sleep 1 & nap=$!; wait "$nap"; left=$((left - 1))
-    done
-    : > timed-out; kill "$qemu" 2>/dev/null
-) &
+( watch 120 timed-out '^started' ) &
 pids="$pids $!"
 while :; do
     wait "$qemu"
