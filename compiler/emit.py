@@ -71,7 +71,14 @@ def launch_script(plan: LaunchPlan) -> str:
         "# and stderr to this script's, and exits with the program's exit status. Generated: rebuild, don't edit.",
         "set -u",
         "",
-        'rundir=$(mktemp -d "${TMPDIR:-/tmp}/microvmc.XXXXXX") || exit ' + str(int(s.HOST)),
+        "# The runtime directory, where microvmc's own runs keep theirs, locked while this script lives:",
+        "# if it is SIGKILLed, the next `microvmc run` removes it (backends/qemu.py: sweep_runtime_dirs).",
+        'base=${XDG_RUNTIME_DIR:-}',
+        '[ -n "$base" ] && [ -d "$base" ] || base=${TMPDIR:-/tmp}',
+        'rundir=$(mktemp -d "$base/microvmc-XXXXXX") || exit ' + str(int(s.HOST)),
+        "if command -v flock >/dev/null 2>&1; then  # (without a lock, a sweep leaves the directory alone)",
+        '    exec 7>"$rundir/.lock" && flock -n 7',
+        "fi",
         'pids=""',
         "cleanup() {",
         '    for pid in $pids; do kill "$pid" 2>/dev/null; done',
@@ -91,7 +98,7 @@ def launch_script(plan: LaunchPlan) -> str:
             "    fi",
             "    stop_signal=$1",
             "    printf 'signal %s\\n' \"$1\" >&8  # to init's control port (init/PROTOCOL.md)",
-            f"    ( watch {_ceil(plan.stop_timeout)} stop-timed-out '' ) &",
+            f"    ( watch {_ceil(plan.stop_timeout)} stop-timed-out '' ) 7>&- &",
             '    pids="$pids $!"',
             "}",
             "trap 'stop 1' HUP",
@@ -136,7 +143,7 @@ def launch_script(plan: LaunchPlan) -> str:
         lines += [
             "",
             _comment(f"{', '.join(v.keys)}: share {v.tag!r}, {v.shared_dir}" + (" (read-only)" if v.read_only else "")),
-            f'$die_with_us {_q(v.argv)} "--socket-path=$rundir/{v.socket}" 2>{shlex.quote(f"virtiofsd-{v.tag}.log")} &',
+            f'$die_with_us {_q(v.argv)} "--socket-path=$rundir/{v.socket}" 2>{shlex.quote(f"virtiofsd-{v.tag}.log")} 7>&- &',
             'pids="$pids $!"',
             f"wait_for_socket {shlex.quote(v.socket)} $! {shlex.quote(f'virtiofsd for share {v.tag}')} "
             + shlex.quote(f"virtiofsd-{v.tag}.log"),
@@ -149,7 +156,7 @@ def launch_script(plan: LaunchPlan) -> str:
         head = "set --" if i == 0 else 'set -- "$@"'
         lines.append(" \\\n    ".join([head, *options]))
     fds = (f"0<&9 1>stdout.pipe {int(Fd.STDERR)}>stderr.pipe {int(Fd.STATUS)}>status {int(Fd.CONSOLE)}>console.log "
-           f"{int(Fd.CONTROL)}<&8 {int(Fd.QEMU_LOG)}>qemu.log 8<&- 9<&-")
+           f"{int(Fd.CONTROL)}<&8 {int(Fd.QEMU_LOG)}>qemu.log 7>&- 8<&- 9<&-")
     exec_case = "\n".join(
         f"                {errno}) code={int(status)} ;;" for errno, status in sorted(EXEC_ERRNO_STATUS.items())
     )
@@ -161,25 +168,25 @@ def launch_script(plan: LaunchPlan) -> str:
         "exec 8<>control.pipe  # requests to init; opened read-write, so neither side waits for the other",
         "if [ -t 9 ]; then  # a terminal keeps its line mode (QEMU would make it raw): cat relays it",
         "    mkfifo stdin.pipe || exit " + str(int(s.HOST)),
-        "    cat <&9 >stdin.pipe &",
+        "    cat <&9 >stdin.pipe 7>&- &",
         '    pids="$pids $!"',
         "    exec 9<stdin.pipe",
         "fi",
-        "cat stdout.pipe &",
+        "cat stdout.pipe 7>&- &",  # (7: the lock is this script's alone)
         'relays="$!"',
-        "cat stderr.pipe >&2 &",
+        "cat stderr.pipe >&2 7>&- &",
         'relays="$relays $!"',
         f'$die_with_us "$@" {fds} &',
         "qemu=$!",
         'pids="$pids $qemu"',
         f"# resources.boot_timeout: the program must start within {plan.boot_timeout:g} s",
-        f"( watch {_ceil(plan.boot_timeout)} timed-out '^started' ) &",
+        f"( watch {_ceil(plan.boot_timeout)} timed-out '^started' ) 7>&- &",
         'pids="$pids $!"',
     ]
     if plan.timeout:
         lines += [
             f"# resources.timeout: the whole run may take {plan.timeout:g} s",
-            f"( watch {_ceil(plan.timeout)} timed-out '' ) &",
+            f"( watch {_ceil(plan.timeout)} timed-out '' ) 7>&- &",
             'pids="$pids $!"',
         ]
     lines += [

@@ -144,10 +144,10 @@ def test_stop_timeout_in_the_launch_script(tmp_path: Path) -> None:
     from microvmc.compiler.emit import launch_script
 
     default = launch_script(compiled(tmp_path, '[process]\nargv = ["true"]\n').plan)
-    assert "trap 'stop 15' TERM" in default and "( watch 10 stop-timed-out '' ) &" in default
+    assert "trap 'stop 15' TERM" in default and "( watch 10 stop-timed-out '' ) 7>&- &" in default
     assert 'printf \'signal %s\\n\' "$1" >&8' in default
     fractional = launch_script(compiled(tmp_path, '[process]\nargv = ["true"]\n[resources]\nstop_timeout = 2.5\n').plan)
-    assert "( watch 3 stop-timed-out '' ) &" in fractional and "within 2.5 s of signal" in fractional
+    assert "( watch 3 stop-timed-out '' ) 7>&- &" in fractional and "within 2.5 s of signal" in fractional
     at_once = launch_script(compiled(tmp_path, '[process]\nargv = ["true"]\n[resources]\nstop_timeout = 0\n').plan)
     assert "trap 'exit 143' TERM" in at_once and "stop()" not in at_once
 

@@ -5,7 +5,14 @@
 # and stderr to this script's, and exits with the program's exit status. Generated: rebuild, don't edit.
 set -u
 
-rundir=$(mktemp -d "${TMPDIR:-/tmp}/microvmc.XXXXXX") || exit 121
+# The runtime directory, where microvmc's own runs keep theirs, locked while this script lives:
+# if it is SIGKILLed, the next `microvmc run` removes it (backends/qemu.py: sweep_runtime_dirs).
+base=${XDG_RUNTIME_DIR:-}
+[ -n "$base" ] && [ -d "$base" ] || base=${TMPDIR:-/tmp}
+rundir=$(mktemp -d "$base/microvmc-XXXXXX") || exit 121
+if command -v flock >/dev/null 2>&1; then  # (without a lock, a sweep leaves the directory alone)
+    exec 7>"$rundir/.lock" && flock -n 7
+fi
 pids=""
 cleanup() {
     for pid in $pids; do kill "$pid" 2>/dev/null; done
@@ -22,7 +29,7 @@ stop() {
     fi
     stop_signal=$1
     printf 'signal %s\n' "$1" >&8  # to init's control port (init/PROTOCOL.md)
-    ( watch 10 stop-timed-out '' ) &
+    ( watch 10 stop-timed-out '' ) 7>&- &
     pids="$pids $!"
 }
 trap 'stop 1' HUP
@@ -56,7 +63,7 @@ wait_for_socket() {  # socket, pid, description, log: wait at most 10 s
 }
 
 # image.path, image.transport, image.mode: share 'root', /microvmc/store/7illbsd6rxc2cfvtxjafugckbea7ghko-busybox-rootfs (read-only)
-$die_with_us /usr/lib/qemu/virtiofsd -o source=/microvmc/store/7illbsd6rxc2cfvtxjafugckbea7ghko-busybox-rootfs -o cache=auto -o sandbox=chroot "--socket-path=$rundir/fs-root.sock" 2>virtiofsd-root.log &
+$die_with_us /usr/lib/qemu/virtiofsd -o source=/microvmc/store/7illbsd6rxc2cfvtxjafugckbea7ghko-busybox-rootfs -o cache=auto -o sandbox=chroot "--socket-path=$rundir/fs-root.sock" 2>virtiofsd-root.log 7>&- &
 pids="$pids $!"
 wait_for_socket fs-root.sock $! 'virtiofsd for share root' virtiofsd-root.log
 
@@ -113,19 +120,19 @@ mkfifo stdout.pipe stderr.pipe control.pipe || exit 121
 exec 8<>control.pipe  # requests to init; opened read-write, so neither side waits for the other
 if [ -t 9 ]; then  # a terminal keeps its line mode (QEMU would make it raw): cat relays it
     mkfifo stdin.pipe || exit 121
-    cat <&9 >stdin.pipe &
+    cat <&9 >stdin.pipe 7>&- &
     pids="$pids $!"
     exec 9<stdin.pipe
 fi
-cat stdout.pipe &
+cat stdout.pipe 7>&- &
 relays="$!"
-cat stderr.pipe >&2 &
+cat stderr.pipe >&2 7>&- &
 relays="$relays $!"
-$die_with_us "$@" 0<&9 1>stdout.pipe 3>stderr.pipe 4>status 5>console.log 6<&8 2>qemu.log 8<&- 9<&- &
+$die_with_us "$@" 0<&9 1>stdout.pipe 3>stderr.pipe 4>status 5>console.log 6<&8 2>qemu.log 7>&- 8<&- 9<&- &
 qemu=$!
 pids="$pids $qemu"
 # resources.boot_timeout: the program must start within 60 s
-( watch 60 timed-out '^started' ) &
+( watch 60 timed-out '^started' ) 7>&- &
 pids="$pids $!"
 while :; do
     wait "$qemu"
