@@ -460,11 +460,10 @@ class _Supervisor:
 
     def _signalled(self) -> None:
         assert self.signals.fd is not None
-        try:
-            numbers = os.read(self.signals.fd, 64)
+        try:  # only drained: the handler recorded the signals in signals.caught, and _over acts on them
+            os.read(self.signals.fd, 64)
         except BlockingIOError:
-            return
-        del numbers  # the handler recorded them in signals.caught; _over acts on them
+            pass
 
 
 # --- what the run amounts to ---------------------------------------------------------------

@@ -244,23 +244,23 @@ def root_mode_flag(manifest: Manifest) -> str:
     return ROOT_MODE_FLAG[manifest.image.mode]
 
 
-def _needed_modules(manifest: Manifest) -> tuple[str, ...]:
+def _needed_modules(manifest: Manifest, root_mode: str) -> tuple[str, ...]:
     transports = {manifest.image.transport, *(s.transport for s in manifest.shares)}
     wanted = list(MODULES_FOR_PORTS)
     for transport in sorted(transports):
         wanted += MODULES_FOR_TRANSPORT[transport]
-    if root_mode_flag(manifest).startswith("overlay"):
+    if root_mode.startswith("overlay"):
         wanted += MODULES_FOR_OVERLAY
     return tuple(wanted)
 
 
-def guest_config(manifest: Manifest) -> GuestConfig:
+def guest_config(manifest: Manifest, root_mode: str) -> GuestConfig:
     return GuestConfig(
         argv=manifest.process.argv,
         env=manifest.process.env,
         cwd=manifest.process.cwd,
         hostname=manifest.hostname,
-        root=GuestMount(fs=str(manifest.image.transport), tag=ROOT_TAG, mode=root_mode_flag(manifest)),
+        root=GuestMount(fs=str(manifest.image.transport), tag=ROOT_TAG, mode=root_mode),
         # Mounted in this order: a share before any share mounted inside it.
         shares=tuple(
             GuestMount(fs=str(s.transport), tag=s.tag, mode="ro" if s.read_only else "rw", path=s.guest)
@@ -334,7 +334,8 @@ def resolve(manifest: Manifest, facts: HostFacts, store: str, sources: Sources =
     def read_module(path: Path) -> bytes:
         return module_bytes.setdefault(str(path), sources.read(str(path)))
 
-    resolved = resolve_modules(tree, _needed_modules(manifest), release=release, read=read_module)
+    root_mode = root_mode_flag(manifest)  # looks at the image's directories: once
+    resolved = resolve_modules(tree, _needed_modules(manifest, root_mode), release=release, read=read_module)
     # Modules are identified by content, so the same modules elsewhere give the same initramfs.
     module_files = [
         {"name": m.name, "path": str(m.path),
@@ -351,7 +352,7 @@ def resolve(manifest: Manifest, facts: HostFacts, store: str, sources: Sources =
            ("kernel.source", "image.transport", "image.mode", "shares"), {"modules_dir": modules_dir})
 
     # The guest's configuration travels on the kernel command line, or spills into the initramfs.
-    config = guest_config(manifest)
+    config = guest_config(manifest, root_mode)
     try:
         cmdline = compose(base_kernel_params(accel, facts), manifest.kernel.cmdline, config)
     except CmdlineError as err:
