@@ -7,24 +7,11 @@ The same plan renders as `launch.sh` (compiler/emit.py) and runs in the QEMU bac
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import IntEnum
 
 from microvmc.compiler.host import VirtiofsdFlavour
+from microvmc.compiler.machine import Fd, Machine
 
 __all__ = ["Fd", "ArgGroup", "VirtiofsdPlan", "LaunchPlan"]
-
-
-class Fd(IntEnum):
-    """File descriptors QEMU is started with. QEMU runs with the run directory as its
-    working directory, so sockets are relative paths and no runtime path is baked in."""
-
-    STDIN = 0  # the program's stdin (a `stdio` chardev: its EOF is the program's EOF)
-    STDOUT = 1  # the program's stdout
-    QEMU_LOG = 2  # QEMU's own messages
-    STDERR = 3  # the program's stderr
-    STATUS = 4  # init's reports (init/PROTOCOL.md)
-    CONSOLE = 5  # the guest console: kernel messages, kept in the run's console log
-    CONTROL = 6  # requests to init (`signal <n>`, init/PROTOCOL.md); QEMU opens it as a pipe chardev
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -78,6 +65,7 @@ class LaunchPlan:
     name: str  # a short name for the VM (the hostname)
     accel: str  # "kvm" or "tcg", decided at plan time
     accel_reason: str  # why, for --verbose
+    machine: Machine  # what the VM is, in no VMM's words; `qemu` is its lowering
     qemu: tuple[ArgGroup, ...]
     virtiofsd: tuple[VirtiofsdPlan, ...]
     cmdline: str  # the kernel command line, exactly as passed to -append
@@ -99,6 +87,7 @@ class LaunchPlan:
             "name": self.name,
             "accel": self.accel,
             "accel_reason": self.accel_reason,
+            "machine": self.machine.to_dict(),
             "qemu": [g.to_dict() for g in self.qemu],
             "qemu_argv": list(self.qemu_argv),
             "virtiofsd": [v.to_dict() for v in self.virtiofsd],
@@ -120,6 +109,7 @@ class LaunchPlan:
             name=d["name"],
             accel=d["accel"],
             accel_reason=d["accel_reason"],
+            machine=Machine.from_dict(d["machine"]),
             qemu=tuple(
                 ArgGroup(keys=tuple(g["keys"]), comment=g["comment"], args=tuple(g["args"]))
                 for g in d["qemu"]

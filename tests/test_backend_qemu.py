@@ -32,6 +32,7 @@ from microvmc.backends.host import tsc_khz
 from microvmc.backends.qemu import run_plan
 from microvmc.compiler.host import VirtiofsdFlavour
 from microvmc.compiler.launch import ArgGroup, LaunchPlan, VirtiofsdPlan
+from microvmc.compiler.machine import PORTS, Fd, Machine
 from microvmc.errors import ExitStatus, HostError
 
 # --- helpers shared by both kinds of test ------------------------------------------------------
@@ -49,6 +50,8 @@ def make_plan(
         name="test",
         accel="tcg",
         accel_reason="a test",
+        machine=Machine(name="test", accel="tcg", accel_reason="a test", cpus=1, memory_mib=256, kernel="", initrd="",
+                        cmdline="", console=Fd.CONSOLE, ports=PORTS, filesystems=()),
         qemu=(ArgGroup(keys=(), comment="", args=tuple(qemu_argv)),),
         virtiofsd=tuple(
             VirtiofsdPlan(

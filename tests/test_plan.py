@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -207,3 +208,21 @@ def test_argv_and_env_within_what_execve_takes(tmp_path: Path) -> None:
     [line] = err.value.lines()
     assert line.startswith("m.toml: process: argv and env take 2100") and line.endswith(
         "bytes; Linux gives a program at most 2097152 (a quarter of its 8 MiB stack)")
+
+
+def test_the_machine_is_described_once_and_lowered_to_the_argv(tmp_path: Path) -> None:
+    from microvmc.compiler.machine import Link, Machine, Port
+    from microvmc.compiler.qemu import lower
+
+    c = compiled(tmp_path, '[process]\nargv = ["true"]\n[resources]\ncpus = 2\nmemory = 512\n')
+    machine = c.plan.machine
+    assert (machine.cpus, machine.memory_mib, machine.cmdline) == (2, 512, c.plan.cmdline)
+    assert [p.name for p in machine.ports] == ["stdin", "stdout", "stderr", "status", "control"]
+    assert Machine.from_dict(machine.to_dict()) == machine
+    assert tuple(a for g in lower(machine, fake_facts()) for a in g.args) == c.plan.qemu_argv
+    # A socket port: QEMU listens in the run directory, the host connects when it needs it.
+    sock = Port(name="channel", link=Link.SOCKET, socket="channel.sock")
+    argv = [a for g in lower(replace(machine, ports=(sock,)), fake_facts()) for a in g.args]
+    assert argv[argv.index("virtio-serial-device") + 1:][:4] == [
+        "-chardev", "socket,id=channel,path=channel.sock,server=on,wait=off",
+        "-device", "virtserialport,chardev=channel,name=channel"]

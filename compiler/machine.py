@@ -1,0 +1,135 @@
+"""The machine: what a VM is made of, said without any VMM's words.
+
+    Graph ─describe─▶ Machine ─lower─▶ one VMM's command line (compiler/qemu.py: QEMU's microvm)
+
+The description says which CPUs, memory, kernel, initramfs and kernel command line the VM has, which
+named channels connect the guest init to the host and how the host end is attached (a descriptor
+the backend sets up, or a socket the host connects to), and which host directories the guest sees.
+A lowering turns it into argv for one VMM and refuses, before anything runs, what that VMM cannot do.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import IntEnum, StrEnum
+from typing import Any
+
+__all__ = ["Fd", "Link", "Port", "Filesystem", "Machine", "PORTS", "CHANNEL_SOCKET"]
+
+CHANNEL_SOCKET = "channel.sock"  # in the run directory: the exec channel's host end (init/PROTOCOL.md)
+
+
+class Fd(IntEnum):
+    """The descriptors the VMM is started with: the host ends of the ports, its log, the console.
+    It runs in the run directory, so sockets are relative paths and no runtime path is baked in."""
+
+    STDIN = 0  # the program's stdin (a `stdio` chardev: its EOF is the program's EOF)
+    STDOUT = 1  # the program's stdout
+    QEMU_LOG = 2  # QEMU's own messages
+    STDERR = 3  # the program's stderr
+    STATUS = 4  # init's reports (init/PROTOCOL.md)
+    CONSOLE = 5  # the guest console: kernel messages, kept in the run's console log
+    CONTROL = 6  # requests to init (`signal <n>`, init/PROTOCOL.md); QEMU opens it as a pipe chardev
+
+
+class Link(StrEnum):
+    """How the host end of a guest port is attached."""
+
+    READ = "read"  # the guest reads what the host writes into descriptor `fd`
+    WRITE = "write"  # the guest writes into descriptor `fd`
+    SOCKET = "socket"  # both ways, through a socket in the run directory that the host connects to
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Port:
+    """A named byte stream between the guest init and the host (init/PROTOCOL.md)."""
+
+    name: str  # what init looks for
+    link: Link
+    fd: Fd | None = None  # READ, WRITE
+    socket: str = ""  # SOCKET: relative to the run directory
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "link": str(self.link), "fd": int(self.fd) if self.fd is not None else None,
+                "socket": self.socket}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Port":
+        return cls(name=d["name"], link=Link(d["link"]), fd=Fd(d["fd"]) if d["fd"] is not None else None,
+                   socket=d["socket"])
+
+
+# The ports every VM has: the program's three streams, init's reports and the host's requests.
+PORTS: tuple[Port, ...] = (
+    Port(name="stdin", link=Link.READ, fd=Fd.STDIN),
+    Port(name="stdout", link=Link.WRITE, fd=Fd.STDOUT),
+    Port(name="stderr", link=Link.WRITE, fd=Fd.STDERR),
+    Port(name="status", link=Link.WRITE, fd=Fd.STATUS),
+    Port(name="control", link=Link.READ, fd=Fd.CONTROL),
+)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Filesystem:
+    """A host directory the guest mounts by its tag."""
+
+    tag: str
+    transport: str  # "virtiofs" (through a virtiofsd) or "9p" (served by the VMM)
+    host_dir: str
+    read_only: bool  # enforced on the host side, whatever the guest's mount flags say
+    keys: tuple[str, ...]  # the manifest keys it comes from
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"tag": self.tag, "transport": self.transport, "host_dir": self.host_dir,
+                "read_only": self.read_only, "keys": list(self.keys)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Filesystem":
+        return cls(tag=d["tag"], transport=d["transport"], host_dir=d["host_dir"], read_only=d["read_only"],
+                   keys=tuple(d["keys"]))
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Machine:
+    name: str
+    accel: str  # "kvm" or "tcg"
+    accel_reason: str
+    cpus: int
+    memory_mib: int
+    kernel: str  # the image the VMM boots (an ELF with a PVH note, or a bzImage)
+    initrd: str
+    cmdline: str
+    console: Fd  # where the guest's serial console (kernel messages) goes
+    ports: tuple[Port, ...]
+    filesystems: tuple[Filesystem, ...]  # the root first
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "accel": self.accel,
+            "accel_reason": self.accel_reason,
+            "cpus": self.cpus,
+            "memory_mib": self.memory_mib,
+            "kernel": self.kernel,
+            "initrd": self.initrd,
+            "cmdline": self.cmdline,
+            "console": int(self.console),
+            "ports": [p.to_dict() for p in self.ports],
+            "filesystems": [f.to_dict() for f in self.filesystems],
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Machine":
+        return cls(
+            name=d["name"],
+            accel=d["accel"],
+            accel_reason=d["accel_reason"],
+            cpus=d["cpus"],
+            memory_mib=d["memory_mib"],
+            kernel=d["kernel"],
+            initrd=d["initrd"],
+            cmdline=d["cmdline"],
+            console=Fd(d["console"]),
+            ports=tuple(Port.from_dict(p) for p in d["ports"]),
+            filesystems=tuple(Filesystem.from_dict(f) for f in d["filesystems"]),
+        )

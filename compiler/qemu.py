@@ -1,0 +1,80 @@
+"""The QEMU lowering of a Machine: the `microvm` machine's exact argv, in commented groups.
+
+Each group names the manifest keys it comes from; launch.sh prints them as comments above its lines.
+"""
+
+from __future__ import annotations
+
+from microvmc.compiler.host import HostFacts
+from microvmc.compiler.launch import ArgGroup, Fd
+from microvmc.compiler.machine import Filesystem, Link, Machine, Port
+from microvmc.compiler.qemuopts import opts
+
+__all__ = ["lower", "CPU_MODEL"]
+
+CPU_MODEL = {"kvm": "host", "tcg": "max"}
+
+
+def _chardev(port: Port) -> tuple[str, ...]:
+    """The chardev for one port's host end."""
+    if port.link is Link.SOCKET:
+        # QEMU listens; the host connects when it needs the port, and may reconnect.
+        return ("-chardev", opts("socket", ("id", port.name), ("path", port.socket), ("server", True),
+                                 ("wait", False)))
+    assert port.fd is not None
+    if port.link is Link.WRITE:
+        return ("-chardev", opts("file", ("id", port.name), ("path", f"/dev/fd/{int(port.fd)}"), ("append", True)))
+    if port.fd is Fd.STDIN:
+        # stdio: its end of input is the guest's (signal=off: a terminal's Ctrl-C is not QEMU's to take)
+        return ("-chardev", opts("stdio", ("id", port.name), ("signal", False)))
+    return ("-chardev", opts("pipe", ("id", port.name), ("path", f"/dev/fd/{int(port.fd)}")))
+
+
+def _filesystem(fs: Filesystem) -> ArgGroup:
+    chardev = f"fs-{fs.tag}"
+    if fs.transport == "virtiofs":
+        args = ("-chardev", opts("socket", ("id", chardev), ("path", f"{chardev}.sock")),
+                "-device", opts("vhost-user-fs-device", ("chardev", chardev), ("tag", fs.tag)))
+    else:
+        args = ("-fsdev", opts("local", ("id", chardev), ("path", fs.host_dir), ("security_model", "none"),
+                               ("readonly", fs.read_only)),
+                "-device", opts("virtio-9p-device", ("fsdev", chardev), ("mount_tag", fs.tag)))
+    comment = f"share {fs.tag!r}: {fs.host_dir} over {fs.transport}" + (" (read-only)" if fs.read_only else "")
+    return ArgGroup(keys=fs.keys, comment=comment, args=args)
+
+
+def lower(machine: Machine, facts: HostFacts) -> tuple[ArgGroup, ...]:
+    """QEMU's argv for the machine, as groups of options."""
+    memory = f"{machine.memory_mib}M"
+    ports: list[str] = ["-device", "virtio-serial-device"]
+    for port in machine.ports:
+        ports += [*_chardev(port), "-device", opts("virtserialport", ("chardev", port.name), ("name", port.name))]
+    groups = [
+        ArgGroup(keys=(), comment="the microvm machine: no firmware, no PCI, no default devices",
+                 args=(facts.qemu, "-M", opts("microvm", ("memory-backend", "mem")),
+                       "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot")),
+        ArgGroup(keys=("resources.accel",), comment=f"accelerator: {machine.accel_reason}",
+                 args=("-accel", machine.accel, "-cpu", CPU_MODEL[machine.accel])),
+        ArgGroup(keys=("resources.cpus", "resources.memory"),
+                 comment="CPUs and memory; a shared memfd so virtiofsd can map guest memory",
+                 args=("-smp", str(machine.cpus), "-m", memory,
+                       "-object", opts("memory-backend-memfd", ("id", "mem"), ("size", memory), ("share", True)))),
+    ]
+    if any(fs.transport == "virtiofs" for fs in machine.filesystems):
+        # The C virtiofsd (libvhost-user) refuses legacy virtio, microvm's default for virtio-mmio.
+        groups.append(ArgGroup(keys=(), comment="vhost-user-fs needs modern (non-legacy) virtio-mmio",
+                               args=("-global", "virtio-mmio.force-legacy=false")))
+    groups += [
+        ArgGroup(keys=("kernel.source", "kernel.cmdline", "process", "hostname"),
+                 comment="kernel, initramfs (init + modules), and the command line that configures init",
+                 args=("-kernel", machine.kernel, "-initrd", machine.initrd, "-append", machine.cmdline)),
+        ArgGroup(keys=(), comment=f"guest console (kernel messages) to fd {int(machine.console)}, the run's console log",
+                 args=("-serial", "chardev:console", "-chardev",
+                       opts("file", ("id", "console"), ("path", f"/dev/fd/{int(machine.console)}"), ("append", True)))),
+        ArgGroup(keys=("process",),
+                 comment="the program's stdin, stdout and stderr, init's status reports and the host's requests "
+                         "(signals for the program): separate virtio-serial ports",
+                 args=tuple(ports)),
+    ]
+    groups += [_filesystem(fs) for fs in machine.filesystems]
+    return tuple(groups)
