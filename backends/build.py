@@ -18,7 +18,7 @@ from typing import Callable, Iterator
 from microvmc.compiler.builtin_image import DIRECTORIES
 from microvmc.compiler.cmdline import SPILL_PATH
 from microvmc.compiler.cpio import Entry, EntryKind, gzip_deterministic, write_newc
-from microvmc.compiler.graph import INIT_CFLAGS, Builder, Graph, Node
+from microvmc.compiler.graph import INIT_CFLAGS, Builder, Graph, Node, init_sources
 from microvmc.compiler.pipeline import Compiled
 from microvmc.errors import BuildError, KernelError
 
@@ -81,12 +81,15 @@ def _boot_kernel(node: Node, graph: Graph, out: Path) -> None:
 
 
 def _init(node: Node, graph: Graph, out: Path) -> None:
-    source = graph.node("init.c").path
+    source = graph.node("init-src").path
     cc = node.param("cc")
+    names = init_sources(source)
     with tempfile.TemporaryDirectory(prefix="microvmc-init-") as work:
-        shutil.copyfile(source, os.path.join(work, "init.c"))
+        for name in names:
+            shutil.copyfile(os.path.join(source, name), os.path.join(work, name))
+        units = [name for name in names if name.endswith(".c")]
         try:
-            result = subprocess.run([cc, *INIT_CFLAGS, "-o", "init", "init.c"], cwd=work,
+            result = subprocess.run([cc, *INIT_CFLAGS, "-o", "init", *units], cwd=work,
                                     capture_output=True, text=True)
         except FileNotFoundError:
             raise BuildError(f"cannot compile the guest init: the C compiler {cc!r} is not installed",

@@ -64,7 +64,7 @@ def _cache_dir(environ: Mapping[str, str]) -> Path:
 
 
 def _code_fingerprint() -> list[Any]:
-    """microvmc's own files (sources, schema, init.c) by size and mtime: a new version, or an edit
+    """microvmc's own files (sources, schema, the init sources) by size and mtime: a new version, or an edit
     in a development checkout, invalidates every entry."""
     import importlib
 
@@ -73,7 +73,7 @@ def _code_fingerprint() -> list[Any]:
         package = importlib.import_module(name)  # their __init__ files are empty: cheap
         for location in getattr(package, "__path__", []):
             for entry in sorted(os.scandir(location), key=lambda e: e.name):
-                if entry.is_file() and entry.name.endswith((".py", ".json", ".c")):
+                if entry.is_file() and entry.name.endswith((".py", ".json", ".c", ".h")):
                     st = entry.stat()
                     out.append([name, entry.name, st.st_size, st.st_mtime_ns])
     return out

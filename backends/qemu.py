@@ -271,6 +271,7 @@ class _Supervisor:
         self.status_buffer = b""
         self.selector = selectors.PollSelector()
         self.watched: set[int] = set()  # pipes and sinks registered by _watch
+        self.closed: set[Fd] = set()  # outputs whose reader went away, as init has been told
         start = time.monotonic()
         self.boot_deadline = start + plan.boot_timeout if plan.boot_timeout > 0 else None
         self.run_deadline = start + plan.timeout if plan.timeout > 0 else None
@@ -364,6 +365,14 @@ class _Supervisor:
         """(Un)register pipes and sinks for what each waits for now: a reader pauses while
         its sink is full, a sink is watched only while it holds data."""
         wanted: dict[int, tuple[int, object]] = {}
+        for kind, sink in self.sinks.items():
+            if sink.broken and kind not in self.closed:
+                # The reader went away: init closes the program's end too, so it gets EPIPE (SIGPIPE).
+                self.closed.add(kind)
+                try:
+                    os.write(self.control, f"close {kind.name.lower()}\n".encode("ascii"))
+                except OSError:
+                    pass
         for sink in self.sinks.values():
             if sink.pending and sink.pollable and not sink.broken:
                 wanted[sink.fd] = (selectors.EVENT_WRITE, sink)

@@ -33,6 +33,7 @@ done
     -chardev file,id=stderr,path="$dir/stderr" -device virtserialport,chardev=stderr,name=stderr \
     -chardev file,id=status,path="$dir/status" -device virtserialport,chardev=status,name=status \
     -chardev null,id=control -device virtserialport,chardev=control,name=control \
+    -chardev null,id=channel -device virtserialport,chardev=channel,name=channel \
     -chardev socket,id=fs,path="$dir/fs.sock" -device vhost-user-fs-device,chardev=fs,tag=root \
     2>"$dir/qemu.log" || exit 121
 

@@ -172,9 +172,10 @@ def launch_script(plan: LaunchPlan) -> str:
         '    pids="$pids $!"',
         "    exec 9<stdin.pipe",
         "fi",
-        "cat stdout.pipe 7>&- &",  # (7: the lock is this script's alone)
+        "# A reader that goes away (`| head`) is told to init, which closes the program's end: it gets EPIPE.",
+        "{ cat <&3 || { printf 'close stdout\\n' >&8; cat <&3 >/dev/null; }; } 3<stdout.pipe 7>&- &",  # (7: the lock)
         'relays="$!"',
-        "cat stderr.pipe >&2 7>&- &",
+        "{ cat <&3 >&2 || { printf 'close stderr\\n' >&8; cat <&3 >/dev/null; }; } 3<stderr.pipe 7>&- &",
         'relays="$relays $!"',
         f'$die_with_us "$@" {fds} &',
         "qemu=$!",

@@ -7,7 +7,7 @@ the build order and is what `microvmc graph` prints.
     busybox ─▶ rootfs ─▶ share:root ─▶ virtiofsd:root ─┐
     kernel ─▶ boot-kernel ─────────────────────────────┤
     kernel ─▶ modules ─┐                               ├─▶ plan
-    init.c ─▶ init ────┴─▶ initramfs ──────────────────┘
+    init-src ─▶ init ──┴─▶ initramfs ──────────────────┘
     share:<tag> ─▶ virtiofsd:<tag> ─────────────────────┘
 """
 
@@ -35,7 +35,7 @@ from microvmc.compiler.manifest import (
 from microvmc.compiler.store import digest, file_digest, store_path
 from microvmc.errors import HostError, KernelError, ManifestError, Problem
 
-__all__ = ["Builder", "Node", "Graph", "Sources", "resolve", "base_kernel_params", "INIT_CFLAGS"]
+__all__ = ["Builder", "Node", "Graph", "Sources", "resolve", "base_kernel_params", "init_sources", "INIT_CFLAGS"]
 
 # Bumped when a builder's output changes for the same inputs, so old store paths are not reused.
 BUILDER_VERSION = 1
@@ -53,7 +53,7 @@ class Builder(StrEnum):
     BUSYBOX_ROOTFS = "busybox-rootfs"  # the built-in image
     BOOT_KERNEL = "boot-kernel"  # the ELF vmlinux when it has a PVH entry, else the image as is
     MODULES = "modules"  # the module closure the plan needs (a choice, not an output)
-    INIT = "init"  # init/init.c compiled static
+    INIT = "init"  # init/*.c compiled static
     INITRAMFS = "initramfs"  # init + modules + spilled configuration, a deterministic cpio
     VIRTIOFSD = "virtiofsd"  # a process at run time, not a store path
     PLAN = "plan"  # the build output: launch.sh, plan.json, ...
@@ -125,7 +125,13 @@ class Sources:
 
     digest: Callable[[str], str] = file_digest
     read: Callable[[str], bytes] = lambda p: Path(p).read_bytes()
-    init_source: str = field(default_factory=lambda: str(Path(__file__).resolve().parent.parent / "init" / "init.c"))
+    # the guest init's sources: a directory of .c and .h files, compiled together
+    init_source: str = field(default_factory=lambda: str(Path(__file__).resolve().parent.parent / "init"))
+
+
+def init_sources(directory: str) -> tuple[str, ...]:
+    """The files of the guest init, by name: every .c and .h in its directory."""
+    return tuple(sorted(name for name in os.listdir(directory) if name.endswith((".c", ".h"))))
 
 
 def base_kernel_params(accel: str, facts: HostFacts) -> tuple[str, ...]:
@@ -358,8 +364,10 @@ def resolve(manifest: Manifest, facts: HostFacts, store: str, sources: Sources =
     except CmdlineError as err:
         raise ManifestError([Problem(manifest.name, "kernel.cmdline", str(err))]) from None
 
-    source("init.c", sources.init_source, (), content=True)
-    derive("init", Builder.INIT, "init", ("init.c",), {"cc": facts.cc or "cc", "cc_version": facts.cc_version,
+    init_files = init_sources(sources.init_source)
+    add(Node(id="init-src", builder=Builder.SOURCE, digest=digest({"files": [[n, sources.digest(os.path.join(sources.init_source, n))] for n in init_files]}),
+             path=sources.init_source))
+    derive("init", Builder.INIT, "init", ("init-src",), {"cc": facts.cc or "cc", "cc_version": facts.cc_version,
                                                      "cflags": list(INIT_CFLAGS)}, ())
     spill = cmdline.spill.decode("ascii") if cmdline.spill else None
     derive("initramfs", Builder.INITRAMFS, "initramfs", ("init", "modules"), {"spill": spill},

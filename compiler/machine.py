@@ -59,13 +59,15 @@ class Port:
                    socket=d["socket"])
 
 
-# The ports every VM has: the program's three streams, init's reports and the host's requests.
+# The ports every VM has: the program's three streams, init's reports, the host's requests, and the
+# channel that carries any number of further process sessions (exec).
 PORTS: tuple[Port, ...] = (
     Port(name="stdin", link=Link.READ, fd=Fd.STDIN),
     Port(name="stdout", link=Link.WRITE, fd=Fd.STDOUT),
     Port(name="stderr", link=Link.WRITE, fd=Fd.STDERR),
     Port(name="status", link=Link.WRITE, fd=Fd.STATUS),
     Port(name="control", link=Link.READ, fd=Fd.CONTROL),
+    Port(name="channel", link=Link.SOCKET, socket=CHANNEL_SOCKET),
 )
 
 

@@ -37,7 +37,7 @@ def fake_facts(**changes) -> HostFacts:
     return HostFacts(**base)
 
 
-FIXTURE_SOURCES = Sources(init_source=str(FIXTURES / "init.c"))
+FIXTURE_SOURCES = Sources(init_source=str(FIXTURES / "init"))
 
 
 @pytest.fixture

@@ -38,7 +38,7 @@ def placed() -> None:
 def _rendered(name: str) -> dict[str, str]:
     manifest = read_manifest(PLACE / "examples" / f"{name}.toml", cwd=str(PLACE))
     facts = fake_facts(default_kernel_dir=str(PLACE / "fixtures" / "kernel"), busybox=str(PLACE / "fixtures" / "busybox"))
-    sources = Sources(init_source=str(PLACE / "fixtures" / "init.c"))
+    sources = Sources(init_source=str(PLACE / "fixtures" / "init"))
     compiled = compile_manifest(manifest, facts=facts, store=STORE, sources=sources)
     files = dict((n, d.decode()) for n, d, _ in compiled.output.files)
     return {

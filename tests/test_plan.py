@@ -120,7 +120,7 @@ def test_the_graph_says_what_is_built_from_what(tmp_path: Path) -> None:
     edges = set(c.graph.edges)
     assert {("busybox", "rootfs"), ("rootfs", "share:root"), ("share:root", "virtiofsd:root"),
             ("share:data", "virtiofsd:data"), ("kernel", "boot-kernel"), ("kernel", "modules"),
-            ("init.c", "init"), ("init", "initramfs"), ("modules", "initramfs"),
+            ("init-src", "init"), ("init", "initramfs"), ("modules", "initramfs"),
             ("initramfs", "plan"), ("boot-kernel", "plan"), ("virtiofsd:root", "plan"), ("virtiofsd:data", "plan")} <= edges
     order = [n.id for n in c.graph.nodes]
     assert order.index("init") < order.index("initramfs") < order.index("plan")
@@ -217,7 +217,7 @@ def test_the_machine_is_described_once_and_lowered_to_the_argv(tmp_path: Path) -
     c = compiled(tmp_path, '[process]\nargv = ["true"]\n[resources]\ncpus = 2\nmemory = 512\n')
     machine = c.plan.machine
     assert (machine.cpus, machine.memory_mib, machine.cmdline) == (2, 512, c.plan.cmdline)
-    assert [p.name for p in machine.ports] == ["stdin", "stdout", "stderr", "status", "control"]
+    assert [p.name for p in machine.ports] == ["stdin", "stdout", "stderr", "status", "control", "channel"]
     assert Machine.from_dict(machine.to_dict()) == machine
     assert tuple(a for g in lower(machine, fake_facts()) for a in g.args) == c.plan.qemu_argv
     # A socket port: QEMU listens in the run directory, the host connects when it needs it.

@@ -162,6 +162,34 @@ def test_pipeline_of_two_vms(env) -> None:
     assert b.returncode == 0
 
 
+@pytest.mark.parametrize("how", ["run", "launch.sh"])
+def test_a_reader_that_goes_away_ends_the_program_as_locally(env, tmp_path: Path, how: str) -> None:
+    """`yes | head -n 1`: the program sees its stdout closed (SIGPIPE), as it would locally, and the
+    run ends; with SIGPIPE ignored it gets EPIPE and ends its own way."""
+    manifest = tmp_path / "yes.toml"
+    manifest.write_text('version = 1\n[process]\nargv = ["/bin/sh", "-c", "yes; echo status $? >&2"]\n')
+    ignoring = tmp_path / "ignoring.toml"
+    ignoring.write_text('version = 1\n[process]\nargv = ["/bin/sh", "-c", "trap \'\' PIPE; yes; echo status $? >&2"]\n')
+    results = []
+    for m in (manifest, ignoring):
+        if how == "run":
+            cmd = [*MICROVMC, "run", str(m)]
+        else:
+            out = tmp_path / f"out-{m.stem}"
+            subprocess.run([*MICROVMC, "build", "-o", str(out), str(m)], env=env, check=True, capture_output=True,
+                           timeout=TIMEOUT)
+            cmd = ["sh", str(out / "launch.sh")]
+        vm = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        head = subprocess.run(["head", "-n", "1"], stdin=vm.stdout, capture_output=True, timeout=TIMEOUT)
+        vm.stdout.close()
+        err = vm.stderr.read()
+        results.append((head.stdout, vm.wait(timeout=TIMEOUT), err))
+    # the shell's `yes` was killed by SIGPIPE (141 as $?); sh then exits 0 after its echo
+    assert results[0] == (b"y\n", 0, b"status 141\n")
+    assert results[1][:2] == (b"y\n", 0) and results[1][2].endswith(b"status 1\n")
+    assert leftovers(env) == []
+
+
 def test_shares_overlay_and_9p(env) -> None:
     r = run(env, str(EXAMPLES / "shares.toml"))
     assert (r.returncode, r.stdout, r.stderr) == (0, b"shared from the host\nscratch\n", b"")

@@ -82,7 +82,7 @@ set -- "$@" \
 # kernel.source, kernel.cmdline, process, hostname: kernel, initramfs (init + modules), and the command line that configures init
 set -- "$@" \
     -kernel /microvmc/store/f5rhunnrvv6p53ivm4gkgd46ao5qzwp6-kernel/kernel \
-    -initrd /microvmc/store/xhwyzs5ij4tzrsqqt6xwd5m675y7gbyq-initramfs/initramfs.cpio.gz \
+    -initrd /microvmc/store/6js6yfdrho3swvfsqajqo5gzr43brlll-initramfs/initramfs.cpio.gz \
     -append 'console=ttyS0 reboot=t panic=-1 quiet cryptomgr.notests tsc_early_khz=2000000 tsc=reliable MVMC_ROOT=9p:root:ro MVMC_HOSTNAME=ninep MVMC_CWD=/ MVMC_A0=/bin/sh MVMC_A1=-c MVMC_A2=grep%20%27%20/%20%27%20/proc/mounts%20%7C%20cut%20-d%27%20%27%20-f3 MVMC_E0=PATH=/usr/local/sbin%3A/usr/local/bin%3A/usr/sbin%3A/usr/bin%3A/sbin%3A/bin'
 # guest console (kernel messages) to fd 5, the run's console log
 set -- "$@" \
@@ -100,7 +100,9 @@ set -- "$@" \
     -chardev file,id=status,path=/dev/fd/4,append=on \
     -device virtserialport,chardev=status,name=status \
     -chardev pipe,id=control,path=/dev/fd/6 \
-    -device virtserialport,chardev=control,name=control
+    -device virtserialport,chardev=control,name=control \
+    -chardev socket,id=channel,path=channel.sock,server=on,wait=off \
+    -device virtserialport,chardev=channel,name=channel
 # image.path, image.transport, image.mode: share 'root': /microvmc/store/7illbsd6rxc2cfvtxjafugckbea7ghko-busybox-rootfs over 9p (read-only)
 set -- "$@" \
     -fsdev local,id=fs-root,path=/microvmc/store/7illbsd6rxc2cfvtxjafugckbea7ghko-busybox-rootfs,security_model=none,readonly=on \
@@ -116,9 +118,10 @@ if [ -t 9 ]; then  # a terminal keeps its line mode (QEMU would make it raw): ca
     pids="$pids $!"
     exec 9<stdin.pipe
 fi
-cat stdout.pipe 7>&- &
+# A reader that goes away (`| head`) is told to init, which closes the program's end: it gets EPIPE.
+{ cat <&3 || { printf 'close stdout\n' >&8; cat <&3 >/dev/null; }; } 3<stdout.pipe 7>&- &
 relays="$!"
-cat stderr.pipe >&2 7>&- &
+{ cat <&3 >&2 || { printf 'close stderr\n' >&8; cat <&3 >/dev/null; }; } 3<stderr.pipe 7>&- &
 relays="$relays $!"
 $die_with_us "$@" 0<&9 1>stdout.pipe 3>stderr.pipe 4>status 5>console.log 6<&8 2>qemu.log 7>&- 8<&- 9<&- &
 qemu=$!
