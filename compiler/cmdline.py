@@ -27,6 +27,8 @@ __all__ = [
     "INIT_ARG_BUDGET",
     "GuestConfig",
     "GuestMount",
+    "GuestUser",
+    "Rlimit",
     "KernelCmdline",
     "CmdlineError",
     "encode",
@@ -81,6 +83,24 @@ class GuestMount:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class GuestUser:
+    """Who the program runs as: numbers, resolved by the compiler (init knows no names)."""
+
+    uid: int
+    gid: int
+    groups: tuple[int, ...] = ()  # supplementary groups
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Rlimit:
+    """A resource limit for the program: RLIMIT_<name>, None for unlimited."""
+
+    name: str  # "NOFILE", "NPROC", ... (RLIMIT_* without the prefix)
+    soft: int | None
+    hard: int | None
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class GuestConfig:
     """What the guest init needs to know; PROTOCOL.md says how each field is written."""
 
@@ -90,6 +110,10 @@ class GuestConfig:
     hostname: str
     root: GuestMount
     shares: tuple[GuestMount, ...] = ()
+    user: GuestUser | None = None  # root with no supplementary groups when None
+    rlimits: tuple[Rlimit, ...] = ()
+    tty: bool = False  # a pty as the program's terminal; its size comes over the control port
+    hold: bool = False  # run the program only when the host says `start`
     debug: bool = False
 
 
@@ -101,9 +125,21 @@ def guest_params(config: GuestConfig) -> tuple[tuple[str, str], ...]:
         ("MVMC_CWD", encode(config.cwd)),
     ]
     params += [(f"MVMC_S{i}", f"{s.fs}:{s.tag}:{s.mode}:{encode(s.path)}") for i, s in enumerate(config.shares)]
+    if config.user is not None:
+        u = config.user
+        params.append(("MVMC_USER", f"{u.uid}:{u.gid}:{','.join(map(str, u.groups))}"))
+    params += [(f"MVMC_R{i}", f"{r.name}:{_limit(r.soft)}:{_limit(r.hard)}") for i, r in enumerate(config.rlimits)]
+    if config.tty:
+        params.append(("MVMC_TTY", "1"))
+    if config.hold:
+        params.append(("MVMC_HOLD", "1"))
     params += [(f"MVMC_A{i}", encode(arg)) for i, arg in enumerate(config.argv)]
     params += [(f"MVMC_E{i}", f"{encode(name)}={encode(value)}") for i, (name, value) in enumerate(config.env)]
     return tuple(params)
+
+
+def _limit(value: int | None) -> str:
+    return "inf" if value is None else str(value)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -260,11 +260,15 @@ def _needed_modules(manifest: Manifest, root_mode: str) -> tuple[str, ...]:
     return tuple(wanted)
 
 
-def guest_config(manifest: Manifest, root_mode: str) -> GuestConfig:
+def guest_config(manifest: Manifest, root_mode: str, *, hold: bool = False) -> GuestConfig:
     return GuestConfig(
         argv=manifest.process.argv,
         env=manifest.process.env,
         cwd=manifest.process.cwd,
+        user=manifest.process.user,
+        rlimits=manifest.process.rlimits,
+        tty=manifest.process.tty,
+        hold=hold,
         hostname=manifest.hostname,
         root=GuestMount(fs=str(manifest.image.transport), tag=ROOT_TAG, mode=root_mode),
         # Mounted in this order: a share before any share mounted inside it.
@@ -275,7 +279,8 @@ def guest_config(manifest: Manifest, root_mode: str) -> GuestConfig:
     )
 
 
-def resolve(manifest: Manifest, facts: HostFacts, store: str, sources: Sources = Sources()) -> Graph:
+def resolve(manifest: Manifest, facts: HostFacts, store: str, sources: Sources = Sources(), *,
+            hold: bool = False) -> Graph:
     """The dependency graph of a manifest. Reads source files (to hash them and to read kernel
     module metadata) but builds nothing."""
     assert Transport.AUTO not in {manifest.image.transport, *(s.transport for s in manifest.shares)}, \
@@ -358,7 +363,7 @@ def resolve(manifest: Manifest, facts: HostFacts, store: str, sources: Sources =
            ("kernel.source", "image.transport", "image.mode", "shares"), {"modules_dir": modules_dir})
 
     # The guest's configuration travels on the kernel command line, or spills into the initramfs.
-    config = guest_config(manifest, root_mode)
+    config = guest_config(manifest, root_mode, hold=hold)
     try:
         cmdline = compose(base_kernel_params(accel, facts), manifest.kernel.cmdline, config)
     except CmdlineError as err:
@@ -391,7 +396,7 @@ def resolve(manifest: Manifest, facts: HostFacts, store: str, sources: Sources =
             plan_inputs.append(f"virtiofsd:{tag}")
         else:
             plan_inputs.append(f"share:{tag}")
-    derive("plan", Builder.PLAN, "plan", tuple(sorted(plan_inputs)), {"manifest": manifest.to_dict(), "accel": accel,
+    derive("plan", Builder.PLAN, "plan", tuple(sorted(plan_inputs)), {"manifest": manifest.to_dict(), "accel": accel, **({"hold": True} if hold else {}),
                                                          "cmdline": str(cmdline), "host": facts.to_dict()}, ())
     return Graph(nodes=tuple(_build_order(nodes, edges)), edges=tuple(sorted(set(edges))), cmdline=cmdline,
                  accel=accel, accel_reason=accel_reason)

@@ -16,6 +16,7 @@ from enum import StrEnum
 from functools import cache
 from typing import Any
 
+from microvmc.compiler.cmdline import GuestUser, Rlimit
 from microvmc.compiler.load import KeyPath, Loaded, display_path, key_path
 from microvmc.errors import ManifestError, Problem
 
@@ -109,6 +110,9 @@ class Process:
     argv: tuple[str, ...]
     env: tuple[tuple[str, str], ...] = ()  # sorted by name
     cwd: str = "/"
+    tty: bool = False  # a terminal in the guest (`run -t`)
+    user: GuestUser | None = None  # numeric; the images work resolves names against the image
+    rlimits: tuple[Rlimit, ...] = ()
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -165,6 +169,11 @@ class Manifest:
                 "argv": list(self.process.argv),
                 "env": dict(self.process.env),
                 "cwd": self.process.cwd,
+                **({"tty": True} if self.process.tty else {}),
+                **({"user": {"uid": self.process.user.uid, "gid": self.process.user.gid,
+                             "groups": list(self.process.user.groups)}} if self.process.user else {}),
+                **({"rlimits": [[r.name, r.soft, r.hard] for r in self.process.rlimits]}
+                   if self.process.rlimits else {}),
             },
             "kernel": {**_fields(self.kernel), "cmdline": list(self.kernel.cmdline)},
             "resources": _fields(self.resources),

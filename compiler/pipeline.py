@@ -40,9 +40,10 @@ def read_manifest(
 
 
 def compile_manifest(
-    manifest: Manifest, *, facts: HostFacts, store: str, sources: Sources = Sources()
+    manifest: Manifest, *, facts: HostFacts, store: str, sources: Sources = Sources(), hold: bool = False
 ) -> Compiled:
+    """`hold`: the program waits for the host's `start` (init/PROTOCOL.md; the OCI runtime's create)."""
     manifest = choose_transports(manifest, facts)
-    graph = resolve(manifest, facts, store, sources)
+    graph = resolve(manifest, facts, store, sources, hold=hold)
     launch = plan(manifest, graph, facts)
     return Compiled(manifest=manifest, graph=graph, plan=launch, output=emit(launch, graph, store))

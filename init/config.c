@@ -278,7 +278,9 @@ struct procspec *procspec_parse(const struct params *p, const char *prefix, cons
 			goto bad;
 		spec->nlimits = i + 1;
 	}
-	if ((raw = get_named(p, prefix, "TTY"))) {
+	if ((raw = get_named(p, prefix, "TTY")) && strcmp(raw, "1") == 0) {
+		spec->tty = 1; /* its size comes with the host's first `resize` */
+	} else if (raw) {
 		const char *s[2], *e[2];
 		unsigned long long rows, cols;
 		if (split(raw, s, e, 2) != 2 || parse_number(s[0], e[0], 65535, 0, &rows) ||

@@ -24,6 +24,7 @@
 #define RELAY_SIZE 65536
 #define STOP_DEADLINE_MS 1000 /* after the program ends, what is left gets this long to die */
 #define MAX_POLL 1024
+#define TTY_SIZE_WAIT_MS 1000 /* for the host's first `resize` */
 
 /* Bytes on their way from one descriptor to another, never blocking the loop. */
 struct relay {
@@ -40,6 +41,7 @@ static int program_tty_master = -1;
 static int program_status, program_ended;
 static long stop_deadline;
 static int closed_early[2]; /* `close stdout|stderr` before the program ran */
+static int sized;	    /* the host said the terminal's size */
 
 static void relay_init(struct relay *r, int from, int to)
 {
@@ -182,9 +184,13 @@ static void control_line(const char *line)
 			start_program();
 	} else if (strncmp(line, "resize ", 7) == 0) {
 		long rows = strtol(line + 7, &end, 10), cols = *end == ' ' ? strtol(end + 1, &end, 10) : -1;
-		if (*end || rows < 0 || rows > 65535 || cols < 0 || cols > 65535 || program_tty_master < 0)
+		if (*end || rows < 0 || rows > 65535 || cols < 0 || cols > 65535 || !program->tty)
 			return;
-		set_window(program_tty_master, rows, cols);
+		program->rows = rows;
+		program->cols = cols;
+		sized = 1;
+		if (program_tty_master >= 0)
+			set_window(program_tty_master, rows, cols);
 	} else if (strcmp(line, "close stdout") == 0 || strcmp(line, "close stderr") == 0) {
 		struct relay *r = strcmp(line + 6, "stdout") == 0 ? &r_out : &r_err;
 		if (program_pid)
@@ -357,6 +363,15 @@ int main(void)
 	}
 	report("time mounts %ld", uptime_ms());
 	int sigfd = setup_signals();
+	if (program->tty && !program->rows) {
+		/* MVMC_TTY=1: the host sends the terminal's size first; the program starts with it */
+		long deadline = uptime_ms() + TTY_SIZE_WAIT_MS;
+		while (!sized && ports[PORT_CONTROL] >= 0 && uptime_ms() < deadline) {
+			struct pollfd pfd = {.fd = ports[PORT_CONTROL], .events = POLLIN};
+			if (poll(&pfd, 1, deadline - uptime_ms()) > 0)
+				read_control();
+		}
+	}
 	if (cfg.hold)
 		report("ready"); /* the program runs when the host writes `start` */
 	else

@@ -108,3 +108,19 @@ def test_extra_parameters_that_cannot_fit_are_an_error() -> None:
 
     with pytest.raises(CmdlineError, match="exceed the kernel's 2047-byte command line"):
         compose(BASE, tuple(f"opt{i}=" + "z" * 100 for i in range(25)), config())
+
+
+def test_user_limits_tty_and_hold_reach_init_as_parameters() -> None:
+    from microvmc.compiler.cmdline import GuestUser, Rlimit, guest_params
+
+    config = GuestConfig(argv=("id",), env=(), cwd="/", hostname="h", root=GuestMount(fs="9p", tag="root", mode="ro"),
+                         user=GuestUser(uid=1000, gid=100, groups=(10, 20)),
+                         rlimits=(Rlimit(name="NOFILE", soft=1024, hard=None),), tty=True, hold=True)
+    params = dict(guest_params(config))
+    assert params["MVMC_USER"] == "1000:100:10,20"
+    assert params["MVMC_R0"] == "NOFILE:1024:inf"
+    assert (params["MVMC_TTY"], params["MVMC_HOLD"]) == ("1", "1")
+    no_groups = GuestConfig(argv=("id",), env=(), cwd="/", hostname="h", root=GuestMount(fs="9p", tag="root", mode="ro"),
+                            user=GuestUser(uid=0, gid=0))
+    assert dict(guest_params(no_groups))["MVMC_USER"] == "0:0:"
+    assert "MVMC_TTY" not in dict(guest_params(no_groups)) and "MVMC_HOLD" not in dict(guest_params(no_groups))
