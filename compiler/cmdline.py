@@ -36,12 +36,19 @@ __all__ = [
     "guest_params",
     "compose",
     "SPILL_PATH",
+    "extra_problem",
 ]
 
 COMMAND_LINE_MAX = 2047  # bytes; COMMAND_LINE_SIZE is 2048 on x86, including the NUL
 INIT_ENV_BUDGET = 32 - 2  # MAX_INIT_ENVS minus HOME=/ and TERM=linux
 INIT_ARG_BUDGET = 32 - 1  # MAX_INIT_ARGS minus argv[0]
 SPILL_PATH = "/microvmc/config"  # where the initramfs carries a spilled configuration
+# What the manifest's kernel.cmdline may take, on any host: the rest is kept for microvmc's own
+# parameters (they vary with the host: tsc_early_khz=) and what QEMU may append, so that validation
+# refuses exactly what compose would.
+EXTRA_BYTES_MAX = COMMAND_LINE_MAX - 1024
+EXTRA_ARGS_MAX = INIT_ARG_BUDGET - 8
+EXTRA_ENVS_MAX = INIT_ENV_BUDGET - 4
 
 _SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_./,@+")
 
@@ -165,10 +172,28 @@ def _init_args(params: Sequence[str]) -> int:
     return sum(1 for p in params if "=" not in p)
 
 
+def extra_problem(extra: Sequence[str]) -> str | None:
+    """Why the manifest's own kernel parameters cannot be carried on any host, or None."""
+    size = len(" ".join(extra))
+    if size > EXTRA_BYTES_MAX:
+        return (f"takes {size} bytes; the kernel's command line holds {COMMAND_LINE_MAX}, of which microvmc "
+                f"leaves {EXTRA_BYTES_MAX} to the manifest")
+    if _init_args(extra) > EXTRA_ARGS_MAX:
+        return (f"has {_init_args(extra)} bare words, which reach init as arguments; at most {EXTRA_ARGS_MAX} "
+                "are left to the manifest")
+    if _init_envs(extra) > EXTRA_ENVS_MAX:
+        return (f"has {_init_envs(extra)} name=value parameters, which reach init as environment entries; "
+                f"at most {EXTRA_ENVS_MAX} are left to the manifest")
+    return None
+
+
 def compose(base: Sequence[str], extra: Sequence[str], config: GuestConfig, *, reserve: int = 0) -> KernelCmdline:
     """The command line: microvmc's `base` parameters, the manifest's `extra` ones, then the guest
     configuration, spilled to the initramfs when it does not fit. `reserve` bytes are kept free for
     what QEMU appends itself."""
+    problem = extra_problem(extra)
+    if problem:
+        raise CmdlineError(problem)
     fixed = (*base, *extra)
     limit = COMMAND_LINE_MAX - reserve
     marker = ("MVMC_DEBUG=1",) if config.debug else ()

@@ -9,6 +9,7 @@ the file, the key path and the value.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from enum import StrEnum
 from functools import cache
 from typing import Any
 
-from microvmc.compiler.cmdline import GuestUser, Rlimit
+from microvmc.compiler.cmdline import GuestUser, Rlimit, extra_problem
 from microvmc.compiler.load import KeyPath, Loaded, display_path, key_path
 from microvmc.errors import ManifestError, Problem
 
@@ -36,15 +37,13 @@ __all__ = [
     "Manifest",
     "validate",
     "schema",
+    "schema_node",
+    "with_defaults",
     "DEFAULT_PATH",
 ]
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
-MIN_MEMORY_MIB = 128  # measured: the Debian 6.1 kernel panics out of memory at 96 MiB and hangs at 64
-MAX_MEMORY_MIB = 1024 * 1024
-MAX_CPUS = 64
-MAX_BOOT_TIMEOUT = 3600
 MAX_ARG_STRLEN = 32 * 4096  # bytes of one argv or env string, NUL included (linux/binfmts.h)
 MAX_ARG_TOTAL = 8 * 1024 * 1024 // 4  # argv + env with pointers: a quarter of the default 8 MiB stack
 MAX_TAG = 31  # 9p mount tags are limited to 31 bytes; virtiofs to 36: use the smaller for both
@@ -97,19 +96,20 @@ class NetworkMode(StrEnum):
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Image:
-    source: ImageSource = ImageSource.BUILTIN
-    name: str = "busybox"
-    path: str | None = None
-    reference: str | None = None
-    mode: RootMode = RootMode.READ_ONLY
-    transport: Transport = Transport.AUTO
+    source: ImageSource
+    name: str
+    path: str | None
+    reference: str | None
+    mode: RootMode
+    transport: Transport
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Process:
     argv: tuple[str, ...]
-    env: tuple[tuple[str, str], ...] = ()  # sorted by name
-    cwd: str = "/"
+    env: tuple[tuple[str, str], ...]  # sorted by name, PATH included
+    cwd: str
+    # Not manifest keys (yet): what `run -t` and the OCI runtime set.
     tty: bool = False  # a terminal in the guest (`run -t`)
     user: GuestUser | None = None  # numeric; the images work resolves names against the image
     rlimits: tuple[Rlimit, ...] = ()
@@ -117,20 +117,20 @@ class Process:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Kernel:
-    source: KernelSource = KernelSource.DEFAULT
-    image: str | None = None
-    modules: str | None = None
-    cmdline: tuple[str, ...] = ()
+    source: KernelSource
+    image: str | None
+    modules: str | None
+    cmdline: tuple[str, ...]
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Resources:
-    cpus: int = 1
-    memory: int = 256  # MiB
-    accel: Accel = Accel.AUTO
-    boot_timeout: float = 60
-    stop_timeout: float = 10  # seconds the program gets after a signal passed on to it
-    timeout: float = 0
+    cpus: int
+    memory: int  # MiB
+    accel: Accel
+    boot_timeout: float
+    stop_timeout: float  # seconds the program gets after a signal passed on to it
+    timeout: float
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -138,13 +138,13 @@ class Share:
     tag: str
     host: str
     guest: str
-    read_only: bool = False
-    transport: Transport = Transport.AUTO
+    read_only: bool
+    transport: Transport
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Network:
-    mode: NetworkMode = NetworkMode.NONE
+    mode: NetworkMode
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -205,33 +205,91 @@ def show(value: Any) -> str:
     return str(value)
 
 
-def _schema_problems(loaded: Loaded) -> list[Problem]:
-    from jsonschema import Draft202012Validator
+def schema_node(path: KeyPath) -> dict[str, Any]:
+    """The schema of the value at `path` ({} where the schema says nothing): ("resources", "memory"),
+    ("shares", "<any tag>", "host"), ("kernel", "cmdline", 0)."""
+    node = schema()
+    for part in path:
+        if isinstance(part, int):
+            node = node.get("items", {})
+        elif part in node.get("properties", {}):
+            node = node["properties"][part]
+        elif isinstance(node.get("additionalProperties"), dict):
+            node = node["additionalProperties"]
+        else:
+            return {}
+    return node
 
+
+def with_defaults(data: Any, node: dict[str, Any] | None = None) -> Any:
+    """The document with every absent key that has a schema `default` filled in, in tables present
+    or absent (an absent [resources] is a table of defaults). Values of the wrong type are left as they
+    are, for the checks to report."""
+    node = schema() if node is None else node
+    if isinstance(data, list) and isinstance(node.get("items"), dict):
+        return [with_defaults(item, node["items"]) for item in data]
+    if not isinstance(data, dict):
+        return data
+    properties = node.get("properties", {})
+    extra = node.get("additionalProperties")
+    out = {}
+    for key, value in data.items():
+        child = properties.get(key, extra if isinstance(extra, dict) else {})
+        out[key] = with_defaults(value, child)
+    for key, child in properties.items():
+        if key in out:
+            continue
+        if "default" in child:
+            out[key] = child["default"]
+        elif child.get("type") == "object" and any("default" in c for c in child.get("properties", {}).values()):
+            out[key] = with_defaults({}, child)
+    return out
+
+
+def _finite(value: Any) -> bool:
+    return not isinstance(value, float) or math.isfinite(value)
+
+
+def _validator():
+    from jsonschema import Draft202012Validator, validators
+
+    checker = Draft202012Validator.TYPE_CHECKER.redefine_many({
+        # TOML writes integers without a dot: 2.0 is a float, which -smp or -m would not take.
+        "integer": lambda _, value: isinstance(value, int) and not isinstance(value, bool),
+        # TOML has nan and inf; JSON numbers, and every number microvmc takes, are finite.
+        "number": lambda _, value: isinstance(value, (int, float)) and not isinstance(value, bool) and _finite(value),
+    })
+    return validators.extend(Draft202012Validator, type_checker=checker)(schema())
+
+
+def _schema_problems(loaded: Loaded) -> list[tuple[KeyPath, Problem]]:
     problems = []
-    validator = Draft202012Validator(schema())
-    for err in sorted(validator.iter_errors(loaded.data), key=lambda e: [str(p) for p in e.absolute_path]):
+    for err in _validator().iter_errors(loaded.data):
         path: KeyPath = tuple(err.absolute_path)
-        message = _schema_message(err)
+        if err.validator in ("minimum", "maximum") and not _finite(err.instance):
+            continue  # reported once, by "type"
         if err.validator == "additionalProperties":
             extra = sorted(set(err.instance) - set(err.schema.get("properties", {})))
             for key in extra:
                 where = (*path, key)
-                problems.append(Problem(loaded.origin(where), key_path(where), "unknown key"))
+                problems.append((where, Problem(loaded.origin(where), key_path(where), "unknown key")))
             continue
         if err.validator == "required":
             missing = err.message.split("'")[1]
             where = (*path, missing)
-            problems.append(Problem(loaded.origin(path), key_path(where), "is required"))
+            problems.append((where, Problem(loaded.origin(path), key_path(where), "is required")))
             continue
-        problems.append(Problem(loaded.origin(path), key_path(path), message))
+        problems.append((path, Problem(loaded.origin(path), key_path(path), _schema_message(err))))
     return problems
 
 
 def _schema_message(err: Any) -> str:
     kind = err.validator
     value = show(err.instance)
+    unit = f" {err.schema['x-unit']}" if "x-unit" in err.schema else ""
     if kind == "type":
+        if isinstance(err.instance, float) and not _finite(err.instance):
+            return f"{value} is not a finite number"
         expected = err.validator_value
         names = {"integer": "an integer", "number": "a number", "string": "a string", "boolean": "true or false",
                  "array": "a list", "object": "a table"}
@@ -241,6 +299,10 @@ def _schema_message(err: Any) -> str:
         return f"{value} is not one of " + ", ".join(show(v) for v in err.validator_value)
     if kind == "const":
         return f"{value} is not supported; this microvmc reads version {show(err.validator_value)}"
+    if kind == "minimum":
+        return f"{value} is below the minimum of {show(err.validator_value)}{unit}"
+    if kind == "maximum":
+        return f"{value} is above the maximum of {show(err.validator_value)}{unit}"
     if kind == "minItems":
         return f"{value} must have at least {err.validator_value} item" + ("s" if err.validator_value != 1 else "")
     if kind == "minLength":
@@ -248,12 +310,33 @@ def _schema_message(err: Any) -> str:
     return f"{value}: {err.message}"
 
 
-def _semantic_problems(loaded: Loaded) -> list[Problem]:
-    data = loaded.data
-    problems: list[Problem] = []
+def _order(path: KeyPath, data: Any) -> tuple[int, ...]:
+    """Where a key path sits, for listing problems: in the schema's key order, the keys of a table
+    of anything (shares, env) and list items in the document's order, unknown keys last."""
+    node, order = schema(), []
+    for part in path:
+        properties = list(node.get("properties", {}))
+        if isinstance(part, int):
+            order.append(part)
+            node = node.get("items", {})
+        elif part in properties:
+            order.append(properties.index(part))
+            node = node["properties"][part]
+        else:
+            keys = list(data) if isinstance(data, dict) else []
+            order.append(len(properties) + (keys.index(part) if part in keys else len(keys)))
+            node = node.get("additionalProperties") if isinstance(node.get("additionalProperties"), dict) else {}
+        data = data[part] if isinstance(data, dict) and part in data else (
+            data[part] if isinstance(data, list) and isinstance(part, int) and part < len(data) else None)
+    return tuple(order)
+
+
+def _semantic_problems(loaded: Loaded) -> list[tuple[KeyPath, Problem]]:
+    data = with_defaults(loaded.data)
+    problems: list[tuple[KeyPath, Problem]] = []
 
     def add(path: KeyPath, message: str, hint: str = "") -> None:
-        problems.append(Problem(loaded.origin(path), key_path(path), message, hint))
+        problems.append((path, Problem(loaded.origin(path), key_path(path), message, hint)))
 
     hostname = data.get("hostname")
     if isinstance(hostname, str):
@@ -299,7 +382,7 @@ def _semantic_problems(loaded: Loaded) -> list[Problem]:
         add(("process", "cwd"), f"{show(cwd)} is not an absolute path")
 
     image = data.get("image") if isinstance(data.get("image"), dict) else {}
-    source = image.get("source", "builtin")
+    source = image.get("source")
     if source in ("registry", "oci-layout", "docker-archive", "oci-bundle"):
         add(("image", "source"), f"{show(source)} is not supported yet",
             "use source = \"builtin\" or \"directory\"")
@@ -318,7 +401,7 @@ def _semantic_problems(loaded: Loaded) -> list[Problem]:
                 "use \"overlay\" for a writable root whose changes are discarded")
 
     kernel = data.get("kernel") if isinstance(data.get("kernel"), dict) else {}
-    ksource = kernel.get("source", "default")
+    ksource = kernel.get("source")
     for key in ("image", "modules"):
         value = kernel.get(key)
         if ksource == "path":
@@ -343,25 +426,8 @@ def _semantic_problems(loaded: Loaded) -> list[Problem]:
                 add(("kernel", "cmdline", i), "\"--\" would hand the rest of the command line to init")
             elif name in RESERVED_KERNEL_PARAMS or name.startswith("MVMC_"):
                 add(("kernel", "cmdline", i), f"{show(param)} sets {show(name)}, which microvmc sets itself")
-
-    resources = data.get("resources") if isinstance(data.get("resources"), dict) else {}
-    bounds = {
-        "cpus": (1, MAX_CPUS, ""),
-        "memory": (MIN_MEMORY_MIB, MAX_MEMORY_MIB, " MiB"),
-        "boot_timeout": (0.1, MAX_BOOT_TIMEOUT, " seconds"),
-        "timeout": (0, 7 * 24 * 3600, " seconds"),
-        "stop_timeout": (0, MAX_BOOT_TIMEOUT, " seconds"),
-    }
-    for key, (low, high, unit) in bounds.items():
-        value = resources.get(key)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            continue
-        if value != value or value in (float("inf"), float("-inf")):  # TOML has nan and inf
-            add(("resources", key), f"{show(value)} is not a finite number")
-        elif value < low:
-            add(("resources", key), f"{show(value)} is below the minimum of {low}{unit}")
-        elif value > high:
-            add(("resources", key), f"{show(value)} is above the maximum of {high}{unit}")
+        if all(isinstance(p, str) for p in cmdline) and (problem := extra_problem(cmdline)):
+            add(("kernel", "cmdline"), problem)
 
     shares = data.get("shares") if isinstance(data.get("shares"), dict) else {}
     seen_guest: dict[str, str] = {}
@@ -391,70 +457,67 @@ def _semantic_problems(loaded: Loaded) -> list[Problem]:
     network = data.get("network") if isinstance(data.get("network"), dict) else {}
     if network.get("mode") == "user":
         add(("network", "mode"), "\"user\" is not supported yet", "use \"none\"")
-    if network.get("forwards") and network.get("mode", "none") == "none":
+    if network.get("forwards") and network.get("mode") == "none":
         add(("network", "forwards"), "need network.mode = \"user\"")
     return problems
 
 
 def validate(loaded: Loaded) -> Manifest:
     """The Manifest a loaded document describes; ManifestError with every problem otherwise."""
-    problems = _schema_problems(loaded) + _semantic_problems(loaded)
-    if problems:
-        # The same value can fail both passes; report it once, in file/key order.
-        unique = list(dict.fromkeys(problems))
-        raise ManifestError(unique)
-    return _build(loaded)
+    found = _schema_problems(loaded) + _semantic_problems(loaded)
+    if found:
+        # In key order whichever pass found them; the same problem found by both passes, once.
+        found.sort(key=lambda item: _order(item[0], loaded.data))
+        raise ManifestError(list(dict.fromkeys(problem for _, problem in found)))
+    return _build(with_defaults(loaded.data), loaded)
 
 
-def _build(loaded: Loaded) -> Manifest:
-    data = loaded.data
-    image = data.get("image", {})
-    process = data["process"]
-    kernel = data.get("kernel", {})
-    resources = data.get("resources", {})
+def _build(data: dict[str, Any], loaded: Loaded) -> Manifest:
+    """The Manifest of a valid document whose defaults are filled in (with_defaults)."""
+    image, process, kernel, resources = data["image"], data["process"], data["kernel"], data["resources"]
     env = dict(process.get("env", {}))
     env.setdefault("PATH", DEFAULT_PATH)
     return Manifest(
         version=data["version"],
-        hostname=data.get("hostname", "microvm"),
+        hostname=data["hostname"],
         image=Image(
-            source=ImageSource(image.get("source", "builtin")),
-            name=image.get("name", "busybox"),
+            source=ImageSource(image["source"]),
+            name=image["name"],
             path=image.get("path"),
             reference=image.get("reference"),
-            mode=RootMode(image.get("mode", "read-only")),
-            transport=Transport(image.get("transport", "auto")),
+            mode=RootMode(image["mode"]),
+            transport=Transport(image["transport"]),
         ),
         process=Process(
             argv=tuple(process["argv"]),
             env=tuple(sorted(env.items())),
-            cwd=process.get("cwd", "/"),
+            cwd=process["cwd"],
         ),
         kernel=Kernel(
-            source=KernelSource(kernel.get("source", "default")),
+            source=KernelSource(kernel["source"]),
             image=kernel.get("image"),
             modules=kernel.get("modules"),
             cmdline=tuple(kernel.get("cmdline", ())),
         ),
         resources=Resources(
-            cpus=resources.get("cpus", 1),
-            memory=resources.get("memory", 256),
-            accel=Accel(resources.get("accel", "auto")),
-            boot_timeout=resources.get("boot_timeout", 60),
-            stop_timeout=resources.get("stop_timeout", 10),
-            timeout=resources.get("timeout", 0),
+            cpus=resources["cpus"],
+            memory=resources["memory"],
+            accel=Accel(resources["accel"]),
+            boot_timeout=resources["boot_timeout"],
+            stop_timeout=resources["stop_timeout"],
+            timeout=resources["timeout"],
         ),
         shares=tuple(
             Share(
                 tag=tag,
                 host=share["host"],
                 guest=os.path.normpath(share["guest"]),
-                read_only=share.get("read_only", False),
-                transport=Transport(share.get("transport", "auto")),
+                read_only=share["read_only"],
+                transport=Transport(share["transport"]),
             )
             for tag, share in sorted(data.get("shares", {}).items())
         ),
-        network=Network(mode=NetworkMode(data.get("network", {}).get("mode", "none"))),
+        network=Network(mode=NetworkMode(data["network"]["mode"])),
         files=loaded.files,
         name=loaded.root,
     )

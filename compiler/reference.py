@@ -31,7 +31,12 @@ def _type(node: dict[str, Any]) -> str:
         return f"list of {_type(node.get('items', {}))}"
     if kind == "object" and isinstance(node.get("additionalProperties"), dict) and "properties" not in node:
         return f"table of {_type(node['additionalProperties'])}"
-    return {"object": "table", "integer": "integer", "number": "number", "string": "string", "boolean": "boolean"}.get(kind, kind)
+    name = {"object": "table", "integer": "integer", "number": "number", "string": "string", "boolean": "boolean"}.get(kind, kind)
+    if "minimum" in node or "maximum" in node:
+        unit = f" {node['x-unit']}" if "x-unit" in node else ""
+        low, high = node.get("minimum", "…"), node.get("maximum", "…")
+        name += f", {low} to {high}{unit}"
+    return name
 
 
 def _rows(node: dict[str, Any], prefix: str, required: set[str]) -> Iterator[str]:

@@ -93,7 +93,7 @@ shaped = st.fixed_dictionaries(
             "cpus": st.integers(1, 64), "memory": st.integers(64, 1 << 20), "accel": st.sampled_from(["auto", "tcg"]),
             "boot_timeout": st.one_of(st.integers(1, 3600), st.floats(1, 3600)),
             "timeout": st.one_of(st.integers(0, 10**5), st.floats(0, 10**5))}),
-        "kernel": st.fixed_dictionaries({}, optional={"cmdline": st.lists(st.from_regex(r"[a-z_]{1,10}(=[a-z0-9,]{0,8})?", fullmatch=True), max_size=5)}),
+        "kernel": st.fixed_dictionaries({}, optional={"cmdline": st.lists(st.from_regex(r"[a-z_]{1,10}(=[a-z0-9,]{0,8})?", fullmatch=True) | st.text("ab=", min_size=900, max_size=1100), max_size=40)}),
         "shares": st.dictionaries(st.from_regex(r"[a-z]{1,8}", fullmatch=True).filter(lambda t: t != "root"),
                                   st.fixed_dictionaries({"host": st.just("/tmp"), "guest": st.sampled_from(["/mnt/a", "/data", "/x y"])},
                                                         optional={"read_only": st.booleans(), "transport": st.sampled_from(["virtiofs", "9p"])}),
@@ -116,5 +116,25 @@ def test_every_valid_document_compiles(doc: dict) -> None:
         return
     try:
         compile_manifest(manifest, facts=fake_facts(), store="/s", sources=FIXTURE_SOURCES)
+    except ManifestError as err:  # validate must refuse what plan refuses (issue 6, item 9)
+        raise AssertionError(f"valid, but plan refuses it: {err}") from None
     except MicrovmcError as err:
         assert err.lines()
+
+
+def test_kernel_parameters_plan_refuses_are_refused_by_validate() -> None:
+    """Issue 6, item 9: a 2204-byte kernel.cmdline item was valid, and plan refused it."""
+    from conftest import FIXTURE_SOURCES, fake_facts
+    from microvmc.compiler.pipeline import compile_manifest
+
+    doc = {"version": 1, "process": {"argv": ["true"]}, "kernel": {"cmdline": ["x=" + "y" * 2202]}}
+    try:
+        validate(Loaded(data=doc, origins={}, files=("/m.toml",), root="m.toml"))
+    except ManifestError as err:
+        assert err.lines() == ["m.toml: kernel.cmdline: takes 2204 bytes; the kernel's command line holds 2047, "
+                               "of which microvmc leaves 1023 to the manifest"]
+    else:
+        raise AssertionError("validate accepted it")
+    doc["kernel"]["cmdline"] = ["x=" + "y" * 1021]  # the most it takes: plan takes it too
+    manifest = validate(Loaded(data=doc, origins={}, files=("/m.toml",), root="m.toml"))
+    assert compile_manifest(manifest, facts=fake_facts(), store="/s", sources=FIXTURE_SOURCES).plan.cmdline
