@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from microvmc.backends._procs import Child, running
-from microvmc.compiler.launch import Fd, LaunchPlan, VirtiofsdPlan
+from microvmc.compiler.launch import C_VIRTIOFSD_PID_DIR, Fd, LaunchPlan, VirtiofsdPlan, c_virtiofsd_pid_file
 from microvmc.compiler.status import interpret_status
 from microvmc.errors import ExitStatus, HostError
 
@@ -607,8 +607,23 @@ def sweep_runtime_dirs(min_age: float = 10.0) -> list[str]:
         finally:
             os.close(fd)
         shutil.rmtree(entry.path, ignore_errors=True)
+        _remove_pid_files(entry.path)
         removed.append(entry.path)
     return removed
+
+
+def _remove_pid_files(rundir: str) -> None:
+    """The pid files a C virtiofsd of a killed launch.sh left for its sockets in `rundir`."""
+    prefix = os.path.basename(c_virtiofsd_pid_file(rundir))[: -len(".pid")] + "."  # and then the socket's name
+    try:
+        names = [n for n in os.listdir(C_VIRTIOFSD_PID_DIR) if n.startswith(prefix) and n.endswith(".pid")]
+    except OSError:
+        return
+    for name in names:
+        try:
+            os.unlink(os.path.join(C_VIRTIOFSD_PID_DIR, name))
+        except OSError:
+            pass
 
 
 def _bind(sock: socket.socket, path: Path) -> None:

@@ -45,7 +45,7 @@ def baseline_env(plan: dict) -> dict[str, str]:
     root = next(v for v in plan["virtiofsd"] if v["tag"] == "root")
     return {
         "QEMU": argv[0],
-        "VIRTIOFSD": root["argv"][0],
+        "VIRTIOFSD": root["argv"][root["argv"].index("-o") - 1],  # past the read-only jail
         "ROOTFS": root["shared_dir"],
         "KERNEL": plan["kernel"],
         "INITRD": plan["initramfs"],
@@ -73,6 +73,8 @@ def differences(plan: dict) -> list[str]:
         options = [argv[i + 1] for i, a in enumerate(argv) if a == "-o"]
         if sorted(o for o in options if not o.startswith("source=")) != ["cache=auto", "sandbox=chroot"]:
             found.append(f"the plan's virtiofsd options differ: {argv[1:]}")
+        if argv[0] != "unshare":
+            found.append("the plan's root is not served read-only, as the baseline's is")
     return found
 
 

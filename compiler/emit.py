@@ -15,7 +15,8 @@ from typing import Any
 
 from microvmc import __version__
 from microvmc.compiler.graph import Graph
-from microvmc.compiler.launch import Fd, LaunchPlan
+from microvmc.compiler.host import VirtiofsdFlavour
+from microvmc.compiler.launch import C_VIRTIOFSD_PID_DIR, Fd, LaunchPlan
 from microvmc.compiler.status import EXEC_ERRNO_STATUS
 from microvmc.compiler.store import digest, store_path
 from microvmc.errors import ExitStatus
@@ -40,7 +41,25 @@ _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def _comment(text: str) -> str:
-    return "# " + " ".join(text.split())
+    """A shell comment showing `text` on one line, whatever it holds: a newline would end the comment
+    and make the rest a command; other control characters could hide text from a reviewer."""
+    return "# " + _printable(text)
+
+
+def _printable(text: str) -> str:
+    """`text` with backslashes, characters that do not print (newline, tab, escape, U+2028, ...) and
+    bytes that are not UTF-8 (lone surrogates) written as Python escapes."""
+    out = []
+    for c in text:
+        if c == "\\":
+            out.append("\\\\")
+        elif "\udc80" <= c <= "\udcff":  # a byte that is not UTF-8, as os.fsdecode keeps it
+            out.append(f"\\x{ord(c) - 0xDC00:02x}")
+        elif c == " " or c.isprintable() and not "\ud800" <= c <= "\udfff":
+            out.append(c)
+        else:
+            out.append(c.encode("unicode_escape").decode("ascii"))
+    return "".join(out)
 
 
 def _q(args: tuple[str, ...] | list[str]) -> str:
@@ -65,8 +84,8 @@ def launch_script(plan: LaunchPlan) -> str:
     s = ExitStatus
     lines = [
         "#!/bin/sh",
-        f"# microvmc {__version__} launch script for {plan.name!r}, compiled from:",
-        *[f"#   {src}" for src in plan.sources],
+        _comment(f"microvmc {__version__} launch script for {plan.name!r}, compiled from:"),
+        *[_comment(f"  {src}") for src in plan.sources],
         "# Runs the VM on its own: starts virtiofsd, boots QEMU, connects the program's stdin, stdout",
         "# and stderr to this script's, and exits with the program's exit status. Generated: rebuild, don't edit.",
         "set -u",
@@ -83,6 +102,8 @@ def launch_script(plan: LaunchPlan) -> str:
         "cleanup() {",
         '    for pid in $pids; do kill "$pid" 2>/dev/null; done',
         "    wait 2>/dev/null",
+        *[f'    rm -f "{C_VIRTIOFSD_PID_DIR}/$(printf %s "$rundir/"{shlex.quote(v.socket)} | tr / .).pid"'
+          for v in plan.virtiofsd if v.flavour is VirtiofsdFlavour.C],
         '    rm -rf "$rundir"',
         "}",
         "trap cleanup EXIT",
@@ -143,7 +164,8 @@ def launch_script(plan: LaunchPlan) -> str:
         lines += [
             "",
             _comment(f"{', '.join(v.keys)}: share {v.tag!r}, {v.shared_dir}" + (" (read-only)" if v.read_only else "")),
-            f'$die_with_us {_q(v.argv)} "--socket-path=$rundir/{v.socket}" 2>{shlex.quote(f"virtiofsd-{v.tag}.log")} 7>&- &',
+            f'$die_with_us {_q(v.argv)} "--socket-path=$rundir/"{shlex.quote(v.socket)} '
+            f'2>{shlex.quote(f"virtiofsd-{v.tag}.log")} 7>&- &',
             'pids="$pids $!"',
             f"wait_for_socket {shlex.quote(v.socket)} $! {shlex.quote(f'virtiofsd for share {v.tag}')} "
             + shlex.quote(f"virtiofsd-{v.tag}.log"),

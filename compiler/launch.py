@@ -11,7 +11,15 @@ from dataclasses import dataclass
 from microvmc.compiler.host import VirtiofsdFlavour
 from microvmc.compiler.machine import Fd, Machine
 
-__all__ = ["Fd", "ArgGroup", "VirtiofsdPlan", "LaunchPlan"]
+__all__ = ["Fd", "ArgGroup", "VirtiofsdPlan", "LaunchPlan", "C_VIRTIOFSD_PID_DIR", "c_virtiofsd_pid_file"]
+
+# The C virtiofsd started with --socket-path locks a pid file named after that path (every / turned
+# into .) here, and never removes it: launch.sh does, and so does the sweep of a killed script's runs.
+C_VIRTIOFSD_PID_DIR = "/var/run/virtiofsd"
+
+
+def c_virtiofsd_pid_file(socket_path: str) -> str:
+    return f"{C_VIRTIOFSD_PID_DIR}/{socket_path.replace('/', '.')}.pid"
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -11,7 +11,7 @@ from microvmc.compiler.machine import PORTS, Filesystem, Machine
 from microvmc.compiler.manifest import Manifest, RootMode, Transport
 from microvmc.errors import HostError
 
-__all__ = ["plan", "describe", "fuse_escape", "virtiofsd_argv"]
+__all__ = ["plan", "describe", "fuse_escape", "virtiofsd_argv", "read_only_jail"]
 
 
 def fuse_escape(value: str) -> str:
@@ -19,13 +19,31 @@ def fuse_escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace(",", "\\,")
 
 
+# The C virtiofsd (QEMU <= 7.2) has no read-only mode, and the guest's mount flags protect nothing (a
+# guest can remount). So a read-only share is served from a read-only bind mount of itself, made in a
+# private mount namespace (util-linux unshare) that only this virtiofsd lives in: the host's mount
+# table is untouched, and every write the guest sends fails on the host with EROFS. The bind is not
+# recursive, so no writable mount below the directory shows through. The script is fixed text; the
+# directory and virtiofsd's argv (to which the socket option is appended) are its arguments.
+READ_ONLY_JAIL = ('dir=$1; shift; mount --bind -- "$dir" "$dir" && mount -o remount,bind,ro -- "$dir" && '
+                  'exec "$@"')
+
+
+def read_only_jail(shared_dir: str) -> tuple[str, ...]:
+    """The argv prefix that runs the rest of an argv with `shared_dir` read-only, for it alone."""
+    return ("unshare", "--mount", "--propagation", "private", "--",
+            "sh", "-c", READ_ONLY_JAIL, "microvmc-read-only", shared_dir)
+
+
 def virtiofsd_argv(binary: str, flavour: VirtiofsdFlavour, shared_dir: str, read_only: bool) -> tuple[str, ...]:
-    """virtiofsd's argv without its socket option. The C virtiofsd (QEMU <= 7.2) has no read-only
-    mode: the guest mounts such a share read-only instead."""
+    """virtiofsd's argv without its socket option (appended last). A read-only share is refused
+    writes on the host: by the Rust virtiofsd's --readonly, or by a read-only bind mount that the C
+    virtiofsd is confined to (read_only_jail)."""
     if flavour is VirtiofsdFlavour.RUST:
         argv = [binary, "--shared-dir", shared_dir, "--cache", "auto", "--sandbox", "chroot"]
         return tuple(argv + (["--readonly"] if read_only else []))
-    return (binary, "-o", f"source={fuse_escape(shared_dir)}", "-o", "cache=auto", "-o", "sandbox=chroot")
+    argv = (binary, "-o", f"source={fuse_escape(shared_dir)}", "-o", "cache=auto", "-o", "sandbox=chroot")
+    return (*read_only_jail(shared_dir), *argv) if read_only else argv
 
 
 def describe(manifest: Manifest, graph: Graph) -> Machine:

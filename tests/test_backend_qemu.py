@@ -14,6 +14,7 @@ import lzma
 import os
 import pty
 import select
+import shlex
 import shutil
 import signal
 import stat
@@ -828,3 +829,20 @@ def test_boot_virtiofsd_killed(run, tmp_path, vmlinux):
         f"log: {run.logs}/virtiofsd-root.log\n"
     )
     run.assert_clean(str(tmp_path))
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a mount namespace needs root, as virtiofsd does")
+def test_the_read_only_jail_refuses_writes_and_leaves_the_host_mounts_alone(tmp_path):
+    from microvmc.compiler.plan import read_only_jail
+
+    share = tmp_path / "a dir, with\nodd name"
+    share.mkdir()
+    (share / "f").write_text("original\n")
+    before = Path("/proc/self/mountinfo").read_text()
+    probe = f"echo pwned > {shlex.quote(str(share / 'f'))}; echo $?"
+    done = subprocess.run([*read_only_jail(str(share)), "sh", "-c", probe], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "2\n" and done.stderr.endswith(": Read-only file system\n")
+    assert (share / "f").read_text() == "original\n"
+    (share / "g").write_text("the host still writes\n")
+    assert Path("/proc/self/mountinfo").read_text() == before

@@ -12,6 +12,7 @@ from microvmc.compiler.host import VirtiofsdFlavour
 from microvmc.compiler.load import load
 from microvmc.compiler.manifest import validate
 from microvmc.compiler.pipeline import compile_manifest
+from microvmc.compiler.plan import READ_ONLY_JAIL
 from microvmc.errors import HostError, ManifestError
 
 
@@ -50,8 +51,15 @@ def test_virtiofsd_flavours(tmp_path: Path) -> None:
     text = '[process]\nargv = ["true"]\n[shares.data]\nhost = "d,ata"\nguest = "/mnt"\nread_only = true\n'
     c = compiled(tmp_path, text)
     share = c.plan.virtiofsd[1]
-    assert share.argv == ("/usr/lib/qemu/virtiofsd", "-o", f"source={tmp_path}/d\\,ata", "-o", "cache=auto", "-o", "sandbox=chroot")
+    # The C virtiofsd has no read-only mode: it serves a read-only bind mount of the share, made in a
+    # mount namespace of its own (issue 6, item 1).
+    assert share.argv == ("unshare", "--mount", "--propagation", "private", "--", "sh", "-c", READ_ONLY_JAIL,
+                          "microvmc-read-only", f"{tmp_path}/d,ata",
+                          "/usr/lib/qemu/virtiofsd", "-o", f"source={tmp_path}/d\\,ata", "-o", "cache=auto", "-o", "sandbox=chroot")
     assert share.argv_with_fd(7)[-1] == "--fd=7"
+    assert c.plan.virtiofsd[0].argv[:5] == ("unshare", "--mount", "--propagation", "private", "--")  # the read-only root
+    writable = compiled(tmp_path, text.replace("read_only = true", "read_only = false"))
+    assert writable.plan.virtiofsd[1].argv[0] == "/usr/lib/qemu/virtiofsd"
     rust = compiled(tmp_path, text, virtiofsd="/usr/libexec/virtiofsd", virtiofsd_flavour=VirtiofsdFlavour.RUST)
     assert rust.plan.virtiofsd[1].argv == ("/usr/libexec/virtiofsd", "--shared-dir", f"{tmp_path}/d,ata",
                                            "--cache", "auto", "--sandbox", "chroot", "--readonly")

@@ -35,6 +35,13 @@ def run(env, *args: str, input: bytes | None = None, cwd: Path | None = None) ->
                           capture_output=True, timeout=TIMEOUT, cwd=cwd)
 
 
+def pid_files(env) -> list[str]:
+    """Pid files the C virtiofsd left in /run/virtiofsd for sockets in this session's runtime directory."""
+    prefix = env["XDG_RUNTIME_DIR"].replace("/", ".")
+    folder = Path("/run/virtiofsd")
+    return [p.name for p in folder.iterdir() if p.name.startswith(prefix)] if folder.is_dir() else []
+
+
 def leftovers(env) -> list[str]:
     """Processes started for this test session's store, and runtime directories left behind."""
     store = env["MICROVMC_STORE"]
@@ -364,10 +371,11 @@ def test_sigkill_of_launch_sh_leaves_no_process(env, tmp_path: Path) -> None:
         p.stdout.close()
         p.stderr.close()
     [stale] = Path(env["XDG_RUNTIME_DIR"]).glob("microvmc-*")
+    assert pid_files(env)  # its virtiofsd's, which it could not remove
     past = time.time() - 60  # as if left a minute ago (a younger one may be a run starting)
     os.utime(stale / ".lock", (past, past))
     assert run(env, str(EXAMPLES / "hello.toml")).returncode == 0
-    assert not leftovers(env)
+    assert not leftovers(env) and not pid_files(env)
 
 
 def test_a_dead_virtiofsd_stops_the_run(env) -> None:
@@ -482,4 +490,45 @@ def test_a_guest_init_failure_is_reported(env, tmp_path: Path) -> None:
     message = r.stderr.decode()
     assert message.startswith("microvmc: guest init failed at mount: ") and "/proc" in message
     assert message.count("\n") == 1 and "console log: " in message
+    assert not leftovers(env)
+
+
+def _write_attempts(*paths: str) -> str:
+    """Guest shell: remount each path's filesystem read-write, then try to write to it; prints
+    `<path> written` or `<path> refused` for each (and the shell's reason on stderr)."""
+    return "; ".join(f"mount -o remount,rw {os.path.dirname(p) or '/'} 2>/dev/null; "
+                     f"if echo pwned > {p}; then echo {p} written; else echo {p} refused; fi"
+                     for p in paths)
+
+
+def test_read_only_is_enforced_on_the_host(env, tmp_path: Path) -> None:
+    """Issue 6, item 1: the guest can remount anything read-write, so a read-only root (the store's
+    shared busybox image), the image under an overlay, and read_only shares over virtiofs must refuse
+    writes on the host side; 9p's readonly=on already does."""
+    for name in ("v", "p"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "f").write_text("original\n")
+    shares = ('[shares.v]\nhost = "v"\nguest = "/mnt"\nread_only = true\ntransport = "virtiofs"\n'
+              '[shares.p]\nhost = "p"\nguest = "/tmp/p"\nread_only = true\ntransport = "9p"\n')
+    read_only = tmp_path / "ro.toml"  # /mnt is in the image and /tmp/p on a tmpfs: the root stays plain read-only
+    program = _write_attempts("/pwned", "/mnt/f", "/tmp/p/f") + "; grep ' / ' /proc/mounts | cut -d' ' -f3"
+    read_only.write_text(f'version = 1\n[process]\nargv = ["/bin/sh", "-c", {json.dumps(program)}]\n' + shares)
+    subprocess.run([*MICROVMC, "build", str(read_only)], env=env, cwd=tmp_path, capture_output=True, check=True)
+    script = ["sh", str(tmp_path / "result" / "launch.sh")]
+    for r in (run(env, str(read_only)), subprocess.run(script, env=env, capture_output=True, timeout=TIMEOUT)):
+        assert (r.returncode, r.stdout.decode()) == (0, "/pwned refused\n/mnt/f refused\n/tmp/p/f refused\nvirtiofs\n")
+        assert r.stderr.decode() == "".join(f"/bin/sh: can't create {p}: Read-only file system\n"
+                                            for p in ("/pwned", "/mnt/f", "/tmp/p/f"))
+    assert pid_files(env) == []  # issue 6, item 9: the C virtiofsd's, which launch.sh names by --socket-path
+    overlay = tmp_path / "overlay.toml"  # the image below the overlay, mounted again by the guest
+    program = "mkdir /r && mount -t virtiofs root /r && " + _write_attempts("/r/pwned")
+    overlay.write_text(f'version = 1\n[image]\nmode = "overlay"\n'
+                       f'[process]\nargv = ["/bin/sh", "-c", {json.dumps(program)}]\n')
+    r = run(env, str(overlay))
+    assert (r.returncode, r.stdout.decode()) == (0, "/r/pwned refused\n")
+    assert r.stderr.decode() == "/bin/sh: can't create /r/pwned: Read-only file system\n"
+    for name in ("v", "p"):
+        assert (tmp_path / name / "f").read_text() == "original\n"
+    rootfs = [p for p in Path(env["MICROVMC_STORE"]).iterdir() if p.name.endswith("-busybox-rootfs")]
+    assert rootfs and not any((p / "pwned").exists() for p in rootfs)
     assert not leftovers(env)
