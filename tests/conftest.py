@@ -63,3 +63,7 @@ def boot_env(tmp_path_factory) -> dict[str, str]:
         XDG_CACHE_HOME=str(root / "cache"),
     )
     return env
+
+
+# The container engines (podman, dockerd, containerd) for the OCI runtime's tests: tests/oci_engines.py.
+from oci_engines import busybox_archive, busybox_tree, containerd, docker, engines_root, podman  # noqa: E402,F401
