@@ -29,6 +29,8 @@ __all__ = [
     "KernelSource",
     "NetworkMode",
     "Image",
+    "MountKind",
+    "Mount",
     "Process",
     "Kernel",
     "Resources",
@@ -36,6 +38,8 @@ __all__ = [
     "Network",
     "Manifest",
     "validate",
+    "from_document",
+    "with_defaults",
     "schema",
     "schema_node",
     "with_defaults",
@@ -104,6 +108,25 @@ class Image:
     transport: Transport
 
 
+class MountKind(StrEnum):
+    BIND = "bind"  # a guest path (a file or directory of a share) mounted at another
+    TMPFS = "tmpfs"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Mount:
+    """A mount the guest makes after the shares, in order."""
+
+    kind: MountKind
+    target: str  # absolute guest path
+    source: str = ""  # bind: the guest path mounted there
+    read_only: bool = False
+    options: str = ""  # tmpfs: its data options (mode=..., size=...)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in _fields(self).items() if v not in ("", False)}
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Process:
     argv: tuple[str, ...]
@@ -140,6 +163,8 @@ class Share:
     guest: str
     read_only: bool
     transport: Transport
+    # Not a manifest key: the OCI runtime's staged single files.
+    hidden: bool = False  # mounted only for `Manifest.mounts` to bind from, then detached
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -159,9 +184,12 @@ class Manifest:
     network: Network
     files: tuple[str, ...]  # every manifest file it was loaded from, absolute
     name: str  # the root manifest's display path, for messages
+    mounts: tuple[Mount, ...] = ()  # made in the guest after the shares, in order
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        # Keys absent when unset, so that manifests without them keep their digests.
+        extra = {"mounts": [m.to_dict() for m in self.mounts]} if self.mounts else {}
+        return extra | {
             "version": self.version,
             "hostname": self.hostname,
             "image": _fields(self.image),
@@ -177,7 +205,8 @@ class Manifest:
             },
             "kernel": {**_fields(self.kernel), "cmdline": list(self.kernel.cmdline)},
             "resources": _fields(self.resources),
-            "shares": {s.tag: {k: v for k, v in _fields(s).items() if k != "tag"} for s in self.shares},
+            "shares": {s.tag: {k: v for k, v in _fields(s).items() if k != "tag" and (k, v) != ("hidden", False)}
+                       for s in self.shares},
             "network": _fields(self.network),
         }
 
@@ -469,11 +498,12 @@ def validate(loaded: Loaded) -> Manifest:
         # In key order whichever pass found them; the same problem found by both passes, once.
         found.sort(key=lambda item: _order(item[0], loaded.data))
         raise ManifestError(list(dict.fromkeys(problem for _, problem in found)))
-    return _build(with_defaults(loaded.data), loaded)
+    return from_document(with_defaults(loaded.data), files=loaded.files, name=loaded.root)
 
 
-def _build(data: dict[str, Any], loaded: Loaded) -> Manifest:
-    """The Manifest of a valid document whose defaults are filled in (with_defaults)."""
+def from_document(data: dict[str, Any], *, files: tuple[str, ...], name: str) -> Manifest:
+    """The Manifest of a valid document whose defaults are filled in (with_defaults); also how the
+    OCI runtime builds one from config.json (compiler/oci.py)."""
     image, process, kernel, resources = data["image"], data["process"], data["kernel"], data["resources"]
     env = dict(process.get("env", {}))
     env.setdefault("PATH", DEFAULT_PATH)
@@ -518,6 +548,6 @@ def _build(data: dict[str, Any], loaded: Loaded) -> Manifest:
             for tag, share in sorted(data.get("shares", {}).items())
         ),
         network=Network(mode=NetworkMode(data["network"]["mode"])),
-        files=loaded.files,
-        name=loaded.root,
+        files=files,
+        name=name,
     )
