@@ -27,6 +27,7 @@ __all__ = [
     "INIT_ARG_BUDGET",
     "GuestConfig",
     "GuestMount",
+    "GuestMountOp",
     "GuestUser",
     "Rlimit",
     "KernelCmdline",
@@ -90,6 +91,16 @@ class GuestMount:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class GuestMountOp:
+    """A mount init makes after the shares (MVMC_M<n>): bind-ro/bind-rw a → b, tmpfs/tmpfs-ro at a
+    with data options b, detach a (a hidden share: unmounted, its directory removed)."""
+
+    kind: str
+    a: str
+    b: str = ""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class GuestUser:
     """Who the program runs as: numbers, resolved by the compiler (init knows no names)."""
 
@@ -117,6 +128,7 @@ class GuestConfig:
     hostname: str
     root: GuestMount
     shares: tuple[GuestMount, ...] = ()
+    mounts: tuple[GuestMountOp, ...] = ()
     user: GuestUser | None = None  # root with no supplementary groups when None
     rlimits: tuple[Rlimit, ...] = ()
     tty: bool = False  # a pty as the program's terminal; its size comes over the control port
@@ -132,6 +144,7 @@ def guest_params(config: GuestConfig) -> tuple[tuple[str, str], ...]:
         ("MVMC_CWD", encode(config.cwd)),
     ]
     params += [(f"MVMC_S{i}", f"{s.fs}:{s.tag}:{s.mode}:{encode(s.path)}") for i, s in enumerate(config.shares)]
+    params += [(f"MVMC_M{i}", f"{m.kind}:{encode(m.a)}:{encode(m.b)}") for i, m in enumerate(config.mounts)]
     if config.user is not None:
         u = config.user
         params.append(("MVMC_USER", f"{u.uid}:{u.gid}:{','.join(map(str, u.groups))}"))

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from microvmc.compiler.builtin_image import has_directory
-from microvmc.compiler.cmdline import CmdlineError, GuestConfig, GuestMount, KernelCmdline, compose
+from microvmc.compiler.cmdline import CmdlineError, GuestConfig, GuestMount, GuestMountOp, KernelCmdline, compose
 from microvmc.compiler.host import HostFacts
 from microvmc.compiler.manifest import (
     ROOT_TAG,
@@ -29,6 +29,8 @@ from microvmc.compiler.manifest import (
     ImageSource,
     KernelSource,
     Manifest,
+    Mount,
+    MountKind,
     RootMode,
     Transport,
 )
@@ -214,32 +216,35 @@ WRITABLE_BEFORE_SHARES = ("/tmp", "/run", "/dev")
 
 
 def missing_mount_points(manifest: Manifest) -> tuple[str, ...]:
-    """The shares' mount points init could not make on the read-only root: not directories of the
-    image, and not below a writable filesystem mounted before them (a tmpfs, /dev, a writable
-    share) nor present in the read-only share above them."""
+    """The mount points init could not make on the read-only root (the shares', and the targets of
+    `mounts`): not in the image, and not below a writable filesystem mounted before them (a tmpfs,
+    /dev, a writable share) nor present in the read-only share above them. A share's or tmpfs's
+    mount point must be a directory; a bind's may be a file."""
     if manifest.image.mode is not RootMode.READ_ONLY:
         return ()
     image = manifest.image
 
-    def in_image(path: str) -> bool:
+    def in_image(path: str, exists: Callable[[str], bool]) -> bool:
         if image.source is ImageSource.BUILTIN:
             return has_directory(path)
-        return image.path is not None and os.path.isdir(os.path.join(image.path, path.lstrip("/")))
+        return image.path is not None and exists(os.path.join(image.path, path.lstrip("/")))
 
     mounted = {os.path.normpath(s.guest): s for s in manifest.shares}
 
-    def possible(path: str) -> bool:
+    def possible(path: str, exists: Callable[[str], bool]) -> bool:
         parent = os.path.dirname(path)
         while parent != "/":
             share = mounted.get(parent)
             if parent in WRITABLE_BEFORE_SHARES or (share is not None and not share.read_only):
                 return True
             if share is not None:
-                return os.path.isdir(os.path.join(share.host, os.path.relpath(path, parent)))
+                return exists(os.path.join(share.host, os.path.relpath(path, parent)))
             parent = os.path.dirname(parent)
-        return in_image(path)
+        return in_image(path, exists)
 
-    return tuple(s.guest for s in manifest.shares if not possible(os.path.normpath(s.guest)))
+    points = [(s.guest, os.path.isdir) for s in manifest.shares]
+    points += [(m.target, os.path.lexists if m.kind is MountKind.BIND else os.path.isdir) for m in manifest.mounts]
+    return tuple(path for path, exists in points if not possible(os.path.normpath(path), exists))
 
 
 def root_mode_flag(manifest: Manifest) -> str:
@@ -276,7 +281,17 @@ def guest_config(manifest: Manifest, root_mode: str, *, hold: bool = False) -> G
             GuestMount(fs=str(s.transport), tag=s.tag, mode="ro" if s.read_only else "rw", path=s.guest)
             for s in sorted(manifest.shares, key=lambda s: (s.guest.rstrip("/").count("/"), s.guest))
         ),
+        # Then the mounts, in order, and the hidden shares they bound from are detached.
+        mounts=tuple(_mount_op(m) for m in manifest.mounts)
+        + tuple(GuestMountOp(kind="detach", a=s.guest) for s in manifest.shares if s.hidden),
     )
+
+
+def _mount_op(mount: Mount) -> GuestMountOp:
+    suffix = "-ro" if mount.read_only else ""
+    if mount.kind is MountKind.BIND:
+        return GuestMountOp(kind="bind" + (suffix or "-rw"), a=mount.source, b=mount.target)
+    return GuestMountOp(kind="tmpfs" + suffix, a=mount.target, b=mount.options)
 
 
 def resolve(manifest: Manifest, facts: HostFacts, store: str, sources: Sources = Sources(), *,

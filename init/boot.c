@@ -257,6 +257,54 @@ void mount_api_filesystems(void)
 	}
 }
 
+/* A bind mount's target: a directory for a directory, an (empty) file for anything else. */
+static void make_target(const char *source, const char *target)
+{
+	struct stat st;
+	if (stat(source, &st) < 0)
+		fail("mount", errno, "bind %s: stat", source);
+	if (S_ISDIR(st.st_mode)) {
+		make_dirs("mount", target);
+		return;
+	}
+	char *parent = need(strdup(target));
+	*strrchr(parent, '/') = '\0';
+	if (*parent)
+		make_dirs("mount", parent);
+	free(parent);
+	int fd = open(target, O_WRONLY | O_CREAT | O_CLOEXEC | O_NOCTTY, 0644);
+	if (fd < 0 && errno != EISDIR && errno != EROFS && errno != EEXIST)
+		fail("mount", errno, "cannot make mount point %s", target);
+	if (fd >= 0)
+		close(fd);
+}
+
+/* MVMC_M<n>, after the shares they bind from (the OCI runtime's single files and tmpfs mounts). */
+static void mount_ops(void)
+{
+	for (size_t i = 0; i < cfg.nops; i++) {
+		const struct mountop *op = &cfg.ops[i];
+		switch (op->kind) {
+		case OP_BIND:
+			make_target(op->a, op->b);
+			mount_at(op->a, op->b, "bind", MS_BIND, NULL);
+			if (op->readonly && mount(NULL, op->b, NULL, MS_REMOUNT | MS_BIND | MS_RDONLY, NULL) < 0)
+				fail("mount", errno, "remount %s read-only", op->b);
+			break;
+		case OP_TMPFS:
+			make_dirs("mount", op->a);
+			mount_at("tmpfs", op->a, "tmpfs", MS_NOSUID | MS_NODEV | (op->readonly ? MS_RDONLY : 0),
+				 op->b);
+			break;
+		case OP_DETACH:
+			step("detach %s", op->a);
+			if (umount2(op->a, MNT_DETACH) < 0 || rmdir(op->a) < 0)
+				fail("mount", errno, "detach %s", op->a);
+			break;
+		}
+	}
+}
+
 /* After the API filesystems, so that a share under /tmp or /run is not hidden by a tmpfs. */
 void mount_shares(void)
 {
@@ -264,6 +312,7 @@ void mount_shares(void)
 		make_dirs("mount", cfg.shares[i].path);
 		mount_share(&cfg.shares[i], cfg.shares[i].path, strcmp(cfg.shares[i].mode, "ro") == 0);
 	}
+	mount_ops();
 	/* overlay-ro: the mount points a read-only image lacked are made; now the root is read-only */
 	if (strcmp(cfg.root.mode, "overlay-ro") == 0) {
 		step("remount / read-only");

@@ -320,6 +320,32 @@ static void parse_fsspec(const char *name, const char *raw, int nfields, struct 
 		fail("config", 0, "%s: guest path %s is not absolute", name, spec->path);
 }
 
+/* "kind:enc(a):enc(b)" with kind bind-ro, bind-rw, tmpfs, tmpfs-ro or detach. */
+static void parse_mountop(const char *name, const char *raw, struct mountop *op)
+{
+	static const struct {
+		const char *name;
+		enum mountop_kind kind;
+		int readonly;
+	} kinds[] = {{"bind-ro", OP_BIND, 1}, {"bind-rw", OP_BIND, 0}, {"tmpfs", OP_TMPFS, 0},
+		     {"tmpfs-ro", OP_TMPFS, 1}, {"detach", OP_DETACH, 0}};
+	const char *s[3], *e[3];
+	size_t i;
+	if (split(raw, s, e, 3) != 3)
+		fail("config", 0, "%s=%s: expected kind:a:b", name, raw);
+	for (i = 0; i < sizeof kinds / sizeof *kinds; i++)
+		if ((size_t)(e[0] - s[0]) == strlen(kinds[i].name) && !strncmp(s[0], kinds[i].name, e[0] - s[0]))
+			break;
+	if (i == sizeof kinds / sizeof *kinds)
+		fail("config", 0, "%s=%s: unknown mount kind", name, raw);
+	op->kind = kinds[i].kind;
+	op->readonly = kinds[i].readonly;
+	op->a = decode(s[1], e[1] - s[1], name);
+	op->b = decode(s[2], e[2] - s[2], name);
+	if (op->a[0] != '/' || (op->kind == OP_BIND && op->b[0] != '/'))
+		fail("config", 0, "%s: guest path is not absolute", name);
+}
+
 void read_config(void)
 {
 	extern char **environ;
@@ -359,5 +385,15 @@ void read_config(void)
 		parse_fsspec(name, params_get(p, name), 4, &cfg.shares[i]);
 	}
 	cfg.nshares = nshares;
+	size_t nops = 0;
+	while (get_indexed(p, "MVMC_", "M", nops))
+		nops++;
+	cfg.ops = need(calloc(nops + 1, sizeof *cfg.ops));
+	for (size_t i = 0; i < nops; i++) {
+		char name[32];
+		snprintf(name, sizeof name, "MVMC_M%zu", i);
+		parse_mountop(name, params_get(p, name), &cfg.ops[i]);
+	}
+	cfg.nops = nops;
 	params_free(p);
 }

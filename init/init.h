@@ -83,11 +83,22 @@ char *decode(const char *s, size_t len, const char *what);
 struct procspec *procspec_parse(const struct params *p, const char *prefix, const char **error);
 void procspec_free(struct procspec *spec);
 
+/* MVMC_M<n>: a mount made after the shares, in order. bind: a to b; tmpfs: at a, data b;
+ * detach: unmount a (a hidden share, bound from) and remove its directory. */
+enum mountop_kind { OP_BIND, OP_TMPFS, OP_DETACH };
+struct mountop {
+	enum mountop_kind kind;
+	int readonly;
+	char *a, *b;
+};
+
 extern struct config {
 	struct procspec *program;
 	char *hostname;
 	struct fsspec root, *shares;
 	size_t nshares;
+	struct mountop *ops;
+	size_t nops;
 	int hold; /* MVMC_HOLD: run the program only when the host says `start` */
 } cfg;
 

@@ -238,3 +238,32 @@ def test_every_problem_at_once() -> None:
 ])
 def test_container_ids(container_id: str, ok: bool) -> None:
     assert valid_container_id(container_id) is ok
+
+
+def test_guest_mounts_on_the_command_line(tmp_path) -> None:
+    """Manifest.mounts and the hidden share reach init as MVMC_M<n>, in order, the detach last; a
+    read-only root that lacks a bind's target file becomes overlay-ro."""
+    from microvmc.compiler.cmdline import GuestMountOp, guest_params
+    from microvmc.compiler.graph import guest_config, missing_mount_points, root_mode_flag
+
+    rootfs = tmp_path / "rootfs"
+    (rootfs / "etc").mkdir(parents=True)
+    (rootfs / "etc" / "hosts").write_text("")
+    config = load("docker-binds-config")
+    config["root"]["path"] = str(rootfs)
+    m = translate(config).manifest
+    config_ops = guest_config(m, root_mode_flag(m)).mounts
+    assert config_ops == (
+        GuestMountOp(kind="tmpfs", a="/scratch"),
+        GuestMountOp(kind="bind-ro", a=f"{STAGING_GUEST}/0", b="/etc/f.txt"),
+        GuestMountOp(kind="bind-ro", a=f"{STAGING_GUEST}/1", b="/etc/resolv.conf"),
+        GuestMountOp(kind="bind-ro", a=f"{STAGING_GUEST}/2", b="/etc/hostname"),
+        GuestMountOp(kind="bind-ro", a=f"{STAGING_GUEST}/3", b="/etc/hosts"),
+        GuestMountOp(kind="detach", a=STAGING_GUEST),
+    )
+    params = dict(guest_params(guest_config(m, root_mode_flag(m))))
+    assert params["MVMC_M1"] == "bind-ro:/run/.microvmc-files/0:/etc/f.txt"
+    assert params["MVMC_M5"] == "detach:/run/.microvmc-files:"
+    # /etc/hosts is in the image; /scratch, /data, f.txt, resolv.conf, hostname are not.
+    assert missing_mount_points(m) == ("/data", "/scratch", "/etc/f.txt", "/etc/resolv.conf", "/etc/hostname")
+    assert root_mode_flag(m) == "overlay-ro"
