@@ -15,18 +15,18 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
 
-from microvmc.compiler.builtin_image import DIRECTORIES
+from microvmc.compiler.builtin_image import DIRECTORIES, GROUP, PASSWD
 from microvmc.compiler.cmdline import SPILL_PATH
 from microvmc.compiler.cpio import Entry, EntryKind, gzip_deterministic, write_newc
 from microvmc.compiler.graph import INIT_CFLAGS, Builder, Graph, Node, init_sources
 from microvmc.compiler.pipeline import Compiled
 from microvmc.errors import BuildError, KernelError
 
-__all__ = ["realize", "BUILDERS"]
+__all__ = ["realize", "BUILDERS", "staging"]
 
 
 @contextlib.contextmanager
-def _staging(out: str) -> Iterator[Path]:
+def staging(out: str) -> Iterator[Path]:
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{os.path.basename(out)}-", dir=parent))
@@ -59,8 +59,8 @@ def _busybox_rootfs(node: Node, graph: Graph, out: Path) -> None:
     for d, mode in DIRECTORIES:
         (out / d).mkdir(parents=True, exist_ok=True)
         os.chmod(out / d, mode)
-    (out / "etc" / "passwd").write_text("root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n")
-    (out / "etc" / "group").write_text("root:x:0:\nnogroup:x:65534:\n")
+    (out / "etc" / "passwd").write_text(PASSWD)
+    (out / "etc" / "group").write_text(GROUP)
 
 
 def _boot_kernel(node: Node, graph: Graph, out: Path) -> None:
@@ -139,11 +139,11 @@ def realize(compiled: Compiled) -> str:
         build = BUILDERS.get(node.builder)
         if build is None or os.path.isdir(node.path):
             continue
-        with _staging(node.path) as tmp:
+        with staging(node.path) as tmp:
             build(node, compiled.graph, tmp)
     output = compiled.output
     if not os.path.isdir(output.path):
-        with _staging(output.path) as tmp:
+        with staging(output.path) as tmp:
             for name, data, mode in output.files:
                 (tmp / name).write_bytes(data)
                 os.chmod(tmp / name, mode)

@@ -38,6 +38,7 @@ class CacheKey:
     env: tuple[tuple[str, str], ...]
     store: str
     facts: HostFacts
+    locked: bool = False  # --locked: a hit must have been checked against the lockfile too
 
     def digest(self) -> str:
         value = {
@@ -47,6 +48,7 @@ class CacheKey:
             "env": [list(e) for e in self.env],
             "store": self.store,
             "facts": self.facts.to_dict(),
+            **({"locked": True} if self.locked else {}),
             "code": _code_fingerprint(),
         }
         return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()

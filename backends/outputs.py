@@ -8,7 +8,7 @@ compiles (compiler/) and builds what the store lacks (backends/build.py).
 from __future__ import annotations
 
 import os
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 from microvmc.compiler.host import HostFacts
 from microvmc.compiler.launch import LaunchPlan
@@ -18,33 +18,84 @@ __all__ = ["build", "link_result"]
 
 
 def build(manifest: str, *, argv: Sequence[str] | None, env: Mapping[str, str] | None, store: str,
-          facts: HostFacts, environ: Mapping[str, str] = os.environ) -> tuple[str, LaunchPlan]:
+          facts: HostFacts, environ: Mapping[str, str] = os.environ, locked: bool = False,
+          progress: Any = None) -> tuple[str, LaunchPlan]:
     """The output path and plan of a manifest, compiling and building only what changed.
 
     An unchanged manifest on an unchanged host is answered from the evaluation cache
-    (backends/evalcache.py) without compiling at all."""
+    (backends/evalcache.py) without compiling at all. A lockfile beside the manifest pins its
+    image; `locked`: it must exist and match what the manifest resolves to now."""
     from microvmc.backends import evalcache
 
     key = evalcache.CacheKey(manifest=os.path.abspath(manifest), argv=tuple(argv or ()),
-                             env=tuple(sorted((env or {}).items())), store=store, facts=facts)
+                             env=tuple(sorted((env or {}).items())), store=store, facts=facts, locked=locked)
     hit = evalcache.lookup(key, environ)
     if hit is not None:
         return hit.output, hit.plan
+    compiled, image, lock_file = compile_with_image(manifest, argv=argv, env=env, store=store, facts=facts,
+                                                    environ=environ, locked=locked, progress=progress)
     from microvmc.backends.build import BUILDERS, realize
     from microvmc.compiler.graph import Builder
-    from microvmc.compiler.pipeline import compile_manifest, read_manifest
 
-    compiled = compile_manifest(read_manifest(manifest, argv=argv, env=env), facts=facts, store=store)
     output = realize(compiled)
     graph = compiled.graph
     sources = [n.path for n in graph.nodes if n.builder is Builder.SOURCE and n.path]
     modules = graph.node("modules")
     modules_dir = modules.location("modules_dir")
     sources += [modules_dir] + [os.path.join(modules_dir, m["path"]) for m in modules.param("modules")]
-    requires = [n.path for n in graph.nodes if n.builder in BUILDERS]
+    sources += [*image.inputs, lock_file]  # a re-pulled tag, a changed layout or lockfile: compile again
+    requires = [n.path for n in graph.nodes if n.builder in BUILDERS or n.builder is Builder.IMAGE]
     evalcache.record(key, files=compiled.manifest.files, sources=sources, requires=requires, output=output,
                      environ=environ)
     return output, compiled.plan
+
+
+def compile_with_image(manifest: str, *, argv: Sequence[str] | None, env: Mapping[str, str] | None, store: str,
+                       facts: HostFacts, environ: Mapping[str, str] = os.environ, locked: bool = False,
+                       update: bool = False, progress: Any = None, notes: list[str] | None = None):
+    """(compiled, the image it uses, the lockfile's path): the manifest read, its image fetched and
+    unpacked as needed (pinned by the lockfile unless `update`), then compiled."""
+    from microvmc.backends.images import resolve_image
+    from microvmc.compiler import lockfile
+    from microvmc.compiler.pipeline import compile_manifest, read_manifest
+
+    value = read_manifest(manifest, argv=argv, env=env)
+    lock_file = lockfile.lock_path(os.path.abspath(manifest))
+    lock = read_lock(lock_file)
+    if locked and lock is None:
+        raise BuildError(f"{display(lock_file)} is missing, and --locked needs it",
+                         hint=f"make it with: microvmc lock {manifest}")
+    pins = lock.pins() if lock is not None and not update else None
+    image = resolve_image(value, store=store, pins=pins, environ=environ, progress=progress, notes=notes,
+                          refresh=update)
+    compiled = compile_manifest(value, facts=facts, store=store, image=image)
+    if locked:
+        assert lock is not None
+        now = lockfile.from_graph(compiled.graph, facts, image)
+        stale = lockfile.changes(lock, now)
+        if stale:
+            raise BuildError(f"{display(lock_file)} is stale: " + "; ".join(stale),
+                             hint=f"refresh it with: microvmc lock --update {manifest}")
+    return compiled, image, lock_file
+
+
+def read_lock(path: str):
+    from microvmc.compiler import lockfile
+
+    try:
+        text = open(path, encoding="utf-8").read()
+    except FileNotFoundError:
+        return None
+    try:
+        return lockfile.parse(text, display(path))
+    except lockfile.LockError as err:
+        raise BuildError(str(err)) from None
+
+
+def display(path: str) -> str:
+    from microvmc.compiler.load import display_path
+
+    return display_path(path)
 
 
 def link_result(target: str, link: str) -> None:

@@ -7,13 +7,15 @@ create a missing mount point.
 
 from __future__ import annotations
 
-__all__ = ["DIRECTORIES", "APPLET_DIRECTORIES", "has_directory"]
+__all__ = ["DIRECTORIES", "APPLET_DIRECTORIES", "PASSWD", "GROUP", "has_directory"]
 
 # (path, mode), made empty in the image.
 DIRECTORIES: tuple[tuple[str, int], ...] = (
     ("proc", 0o555), ("sys", 0o555), ("dev", 0o755), ("tmp", 0o1777), ("run", 0o755), ("root", 0o700),
     ("etc", 0o755), ("mnt", 0o755), ("home", 0o755), ("var/tmp", 0o1777),
 )
+PASSWD = "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n"
+GROUP = "root:x:0:\nnogroup:x:65534:\n"
 # Where `busybox --list-full` puts its applet links.
 APPLET_DIRECTORIES = ("bin", "sbin", "usr/bin", "usr/sbin")
 

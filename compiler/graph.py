@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterator
 from microvmc.compiler.builtin_image import has_directory
 from microvmc.compiler.cmdline import CmdlineError, GuestConfig, GuestMount, GuestMountOp, KernelCmdline, compose
 from microvmc.compiler.host import HostFacts
+from microvmc.compiler.ociimage import ResolvedImage
 from microvmc.compiler.manifest import (
     ROOT_TAG,
     Accel,
@@ -57,6 +58,7 @@ class Builder(StrEnum):
     MODULES = "modules"  # the module closure the plan needs (a choice, not an output)
     INIT = "init"  # init/*.c compiled static
     INITRAMFS = "initramfs"  # init + modules + spilled configuration, a deterministic cpio
+    IMAGE = "image"  # a container image unpacked into the store (backends/images.py, before resolve)
     VIRTIOFSD = "virtiofsd"  # a process at run time, not a store path
     PLAN = "plan"  # the build output: launch.sh, plan.json, ...
 
@@ -76,6 +78,9 @@ class Node:
 
     def param(self, name: str) -> Any:
         return dict(self.params)[name]
+
+    def params_dict(self) -> dict[str, Any]:
+        return dict(self.params)
 
     def location(self, name: str) -> str:
         return dict(self.locations)[name]
@@ -163,9 +168,16 @@ def choose_accel(manifest: Manifest, facts: HostFacts) -> tuple[str, str]:
     return "tcg", f"auto: KVM is not usable ({facts.kvm_reason})"
 
 
-def choose_transports(manifest: Manifest, facts: HostFacts) -> Manifest:
+def choose_transports(manifest: Manifest, facts: HostFacts, resolved: ResolvedImage | None = None) -> Manifest:
     """The manifest with every `transport = "auto"` made concrete: virtiofs where virtiofsd can run
-    here, else 9p. An explicit virtiofs that cannot work is refused now, not when the VM boots."""
+    here, else 9p. An explicit virtiofs that cannot work is refused now, not when the VM boots. An
+    image whose ownership is kept in xattrs (unpacked by an ordinary user) is served by 9p."""
+    if resolved is not None and resolved.ownership == "mapped-xattr":
+        if manifest.image.transport is Transport.VIRTIOFS:
+            raise HostError(f"{manifest.name}: image.transport: \"virtiofs\" cannot serve an image unpacked by an "
+                            "ordinary user (its owners are in user.virtfs xattrs, which only 9p reads)",
+                            hint="use \"auto\" or \"9p\"")
+        manifest = replace(manifest, image=replace(manifest.image, transport=Transport.NINEP))
 
     def choose(wanted: Transport, key: str) -> Transport:
         if wanted is Transport.AUTO:
@@ -215,19 +227,27 @@ def _kernel_config(image: str, modules_dir: str, release: str) -> str | None:
 WRITABLE_BEFORE_SHARES = ("/tmp", "/run", "/dev")
 
 
-def missing_mount_points(manifest: Manifest) -> tuple[str, ...]:
-    """The mount points init could not make on the read-only root (the shares', and the targets of
-    `mounts`): not in the image, and not below a writable filesystem mounted before them (a tmpfs,
-    /dev, a writable share) nor present in the read-only share above them. A share's or tmpfs's
-    mount point must be a directory; a bind's may be a file."""
+# What init mounts on every root (init/PROTOCOL.md); a container image often lacks them.
+REQUIRED_MOUNT_POINTS = ("/proc", "/sys", "/dev")
+
+
+def missing_mount_points(manifest: Manifest, rootfs: str | None = None) -> tuple[str, ...]:
+    """The mount points init could not make on the read-only root (/proc, /sys, /dev, the shares',
+    and the targets of `mounts`): not in the image, and not below a writable filesystem mounted
+    before them (a tmpfs, /dev, a writable share) nor present in the read-only share above them. A
+    share's or tmpfs's mount point must be a directory; a bind's may be a file. `rootfs`: where an
+    image's root filesystem is (for the sources that have no image.path)."""
     if manifest.image.mode is not RootMode.READ_ONLY:
         return ()
     image = manifest.image
+    rootfs = rootfs or image.path
 
     def in_image(path: str, exists: Callable[[str], bool]) -> bool:
         if image.source is ImageSource.BUILTIN:
             return has_directory(path)
-        return image.path is not None and exists(os.path.join(image.path, path.lstrip("/")))
+        return rootfs is not None and exists(os.path.join(rootfs, path.lstrip("/")))
+
+    required = tuple(p for p in REQUIRED_MOUNT_POINTS if not in_image(p, os.path.isdir))
 
     mounted = {os.path.normpath(s.guest): s for s in manifest.shares}
 
@@ -244,13 +264,13 @@ def missing_mount_points(manifest: Manifest) -> tuple[str, ...]:
 
     points = [(s.guest, os.path.isdir) for s in manifest.shares]
     points += [(m.target, os.path.lexists if m.kind is MountKind.BIND else os.path.isdir) for m in manifest.mounts]
-    return tuple(path for path, exists in points if not possible(os.path.normpath(path), exists))
+    return required + tuple(path for path, exists in points if not possible(os.path.normpath(path), exists))
 
 
-def root_mode_flag(manifest: Manifest) -> str:
-    """How init mounts the root (MVMC_ROOT): a read-only root that lacks a share's mount point is
-    an overlay whose tmpfs gets the mount points, made read-only once the shares are mounted."""
-    if missing_mount_points(manifest):
+def root_mode_flag(manifest: Manifest, rootfs: str | None = None) -> str:
+    """How init mounts the root (MVMC_ROOT): a read-only root that lacks a mount point is an
+    overlay whose tmpfs gets the mount points, made read-only once the shares are mounted."""
+    if missing_mount_points(manifest, rootfs):
         return "overlay-ro"
     return ROOT_MODE_FLAG[manifest.image.mode]
 
@@ -295,9 +315,10 @@ def _mount_op(mount: Mount) -> GuestMountOp:
 
 
 def resolve(manifest: Manifest, facts: HostFacts, store: str, sources: Sources = Sources(), *,
-            hold: bool = False) -> Graph:
+            hold: bool = False, image: ResolvedImage | None = None) -> Graph:
     """The dependency graph of a manifest. Reads source files (to hash them and to read kernel
-    module metadata) but builds nothing."""
+    module metadata) but builds nothing. `image`: the container image backends/images.py found
+    and unpacked for it (registry, OCI layout, docker archive, OCI bundle)."""
     assert Transport.AUTO not in {manifest.image.transport, *(s.transport for s in manifest.shares)}, \
         "choose_transports first"
     from microvmc.kernel.image import inspect_kernel
@@ -332,13 +353,24 @@ def resolve(manifest: Manifest, facts: HostFacts, store: str, sources: Sources =
     accel, accel_reason = choose_accel(manifest, facts)
 
     # The root filesystem.
-    image = manifest.image
+    image, resolved = manifest.image, image
     if image.source is ImageSource.BUILTIN:
         if not facts.busybox or not os.path.isfile(facts.busybox):
             raise ManifestError([Problem(manifest.name, "image.source", "the built-in image needs a static busybox, which is not installed",
                                          "run scripts/setup (Debian: apt-get install busybox-static)")])
         source("busybox", facts.busybox, ("image.name",), content=True)
         derive("rootfs", Builder.BUSYBOX_ROOTFS, f"{image.name}-rootfs", ("busybox",), {"name": image.name}, ("image.source", "image.name"))
+    elif resolved is not None and resolved.manifest_digest:
+        # Unpacked once per image digest and ownership representation; read-only from then on.
+        keys = ("image.reference",) if image.source is ImageSource.REGISTRY else ("image.path", "image.tag")
+        add(Node(id="rootfs", builder=Builder.IMAGE, path=resolved.rootfs, keys=("image.source", *keys),
+                 digest=digest({"image": resolved.manifest_digest, "ownership": resolved.ownership}),
+                 params=tuple(sorted({"source": resolved.source, "digest": resolved.digest,
+                                      "manifest": resolved.manifest_digest, "platform": resolved.platform,
+                                      "ownership": resolved.ownership}.items()))))
+    elif image.source is ImageSource.OCI_BUNDLE:
+        assert resolved is not None, "an OCI bundle is read by backends/images.py first"
+        source("rootfs", resolved.rootfs, ("image.path",), content=False)  # the bundle's rootfs, live
     else:
         assert image.path
         source("rootfs", image.path, ("image.path",), content=False)
@@ -360,7 +392,7 @@ def resolve(manifest: Manifest, facts: HostFacts, store: str, sources: Sources =
     def read_module(path: Path) -> bytes:
         return module_bytes.setdefault(str(path), sources.read(str(path)))
 
-    root_mode = root_mode_flag(manifest)  # looks at the image's directories: once
+    root_mode = root_mode_flag(manifest, resolved.rootfs if resolved else None)  # looks at the image's directories: once
     resolved = resolve_modules(tree, _needed_modules(manifest, root_mode), release=release, read=read_module)
     # Modules are identified by content, so the same modules elsewhere give the same initramfs.
     module_files = [

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Callable
 
+from microvmc.errors import MicrovmcError
+
 __all__ = ["LayerError", "Kind", "Action", "classify", "resolve_in_root", "WHITEOUT", "OPAQUE",
            "MAX_NAME", "MAX_COMPONENT", "MAX_SPECIAL_HEADER", "MAX_SYMLINK_HOPS"]
 
@@ -27,7 +29,7 @@ MAX_SPECIAL_HEADER = 1 << 20  # pax and GNU long-name headers: Go's archive/tar 
 MAX_SYMLINK_HOPS = 40  # Linux's MAXSYMLINKS
 
 
-class LayerError(Exception):
+class LayerError(MicrovmcError):
     """A layer member that cannot be unpacked safely; the message names the member."""
 
 

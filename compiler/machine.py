@@ -80,15 +80,19 @@ class Filesystem:
     host_dir: str
     read_only: bool  # enforced on the host side, whatever the guest's mount flags say
     keys: tuple[str, ...]  # the manifest keys it comes from
+    # How the files' owners and modes are kept: "native" (as they are), or "mapped-xattr" (in
+    # user.virtfs.* xattrs: an image an ordinary user unpacked; 9p only).
+    ownership: str = "native"
 
     def to_dict(self) -> dict[str, Any]:
         return {"tag": self.tag, "transport": self.transport, "host_dir": self.host_dir,
-                "read_only": self.read_only, "keys": list(self.keys)}
+                "read_only": self.read_only, "keys": list(self.keys),
+                **({"ownership": self.ownership} if self.ownership != "native" else {})}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Filesystem":
         return cls(tag=d["tag"], transport=d["transport"], host_dir=d["host_dir"], read_only=d["read_only"],
-                   keys=tuple(d["keys"]))
+                   keys=tuple(d["keys"]), ownership=d.get("ownership", "native"))
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -56,6 +56,9 @@ ROOT_TAG = "root"
 # guest protocol.
 RESERVED_KERNEL_PARAMS = ("init", "rdinit", "console", "reboot", "panic")
 
+# Sources that are container images: their config supplies the program's defaults.
+IMAGE_SOURCES = ("registry", "oci-layout", "docker-archive", "oci-bundle")
+
 _HOSTNAME_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
 _TAG = re.compile(r"[A-Za-z0-9_-]+")
 
@@ -106,6 +109,9 @@ class Image:
     reference: str | None
     mode: RootMode
     transport: Transport
+    tag: str | None = None  # which image of an OCI layout or docker archive
+    platform: str | None = None  # os/arch[/variant]; None: the host's
+    insecure: bool | None = None  # plain HTTP to a registry that is not on loopback
 
 
 class MountKind(StrEnum):
@@ -129,13 +135,16 @@ class Mount:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Process:
-    argv: tuple[str, ...]
-    env: tuple[tuple[str, str], ...]  # sorted by name, PATH included
+    argv: tuple[str, ...]  # () only for an image source, until the image's config fills it in
+    env: tuple[tuple[str, str], ...]  # sorted by name, PATH included (for an image source: once its Env is merged)
     cwd: str
     # Not manifest keys (yet): what `run -t` and the OCI runtime set.
     tty: bool = False  # a terminal in the guest (`run -t`)
-    user: GuestUser | None = None  # numeric; the images work resolves names against the image
+    user: GuestUser | None = None  # numeric: resolved from user_spec (or the image's User) by compiler/program.py
     rlimits: tuple[Rlimit, ...] = ()
+    entrypoint: tuple[str, ...] | None = None  # replaces an image's Entrypoint
+    user_spec: str | dict | None = None  # process.user as written: "name", "uid:gid", {uid, gid, groups}
+    explicit: tuple[str, ...] = ()  # the process keys the manifest set (an image's config fills in the rest)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -412,9 +421,49 @@ def _semantic_problems(loaded: Loaded) -> list[tuple[KeyPath, Problem]]:
 
     image = data.get("image") if isinstance(data.get("image"), dict) else {}
     source = image.get("source")
-    if source in ("registry", "oci-layout", "docker-archive", "oci-bundle"):
-        add(("image", "source"), f"{show(source)} is not supported yet",
-            "use source = \"builtin\" or \"directory\"")
+    if source not in IMAGE_SOURCES:
+        if "process" not in data:
+            add(("process",), "is required")
+        elif isinstance(data["process"], dict) and "argv" not in data["process"]:
+            add(("process", "argv"), "is required", f"only an image's config can supply it, and {show(source)} has none")
+    if "entrypoint" in process and source not in IMAGE_SOURCES:
+        add(("process", "entrypoint"), f"is not used when image.source is {show(source)}", "put the program in argv")
+    if isinstance(process.get("user"), str):
+        user = process["user"]
+        if user.count(":") > 1 or not all(part and ":" not in part and "\0" not in part for part in user.split(":")):
+            add(("process", "user"), f"{show(user)} is not a user", "a name or uid, or user:group")
+    for key, wanted in (("reference", ("registry",)), ("tag", ("oci-layout", "docker-archive")),
+                        ("platform", ("registry", "oci-layout", "docker-archive")), ("insecure", ("registry",))):
+        if key in image and source not in wanted:
+            add(("image", key), f"is not used when image.source is {show(source)}")
+    if source == "registry":
+        reference = image.get("reference")
+        if reference is None:
+            add(("image", "reference"), "is required when image.source is \"registry\"")
+        elif isinstance(reference, str):
+            from microvmc.compiler.ociimage import ImageError, parse_reference
+
+            try:
+                parse_reference(reference)
+            except ImageError as err:
+                add(("image", "reference"), str(err))
+    if isinstance(image.get("platform"), str):
+        from microvmc.compiler.ociimage import ImageError, parse_platform
+
+        try:
+            parse_platform(image["platform"])
+        except ImageError as err:
+            add(("image", "platform"), str(err))
+    if source in ("oci-layout", "docker-archive", "oci-bundle"):
+        path = image.get("path")
+        want_dir = source != "docker-archive"
+        if path is None:
+            add(("image", "path"), f"is required when image.source is {show(source)}")
+        elif isinstance(path, str) and not (os.path.isdir(path) if want_dir else os.path.isfile(path)):
+            add(("image", "path"), f"{show(display_path(path))} is not a {'directory' if want_dir else 'file'}")
+    if source in ("registry", "oci-layout", "docker-archive") and image.get("mode") == "read-write":
+        add(("image", "mode"), "\"read-write\" would modify the image in the store",
+            "use \"overlay\" for a writable root whose changes are discarded")
     if source == "directory":
         path = image.get("path")
         if path is None:
@@ -504,9 +553,12 @@ def validate(loaded: Loaded) -> Manifest:
 def from_document(data: dict[str, Any], *, files: tuple[str, ...], name: str) -> Manifest:
     """The Manifest of a valid document whose defaults are filled in (with_defaults); also how the
     OCI runtime builds one from config.json (compiler/oci.py)."""
-    image, process, kernel, resources = data["image"], data["process"], data["kernel"], data["resources"]
+    image, kernel, resources = data["image"], data["kernel"], data["resources"]
+    process = data.get("process", {})  # an image's config can supply all of it
+    from_image = image["source"] in IMAGE_SOURCES
     env = dict(process.get("env", {}))
-    env.setdefault("PATH", DEFAULT_PATH)
+    if not from_image:  # an image's Env comes first: its PATH too (compiler/ociimage.py image_process)
+        env.setdefault("PATH", DEFAULT_PATH)
     return Manifest(
         version=data["version"],
         hostname=data["hostname"],
@@ -517,11 +569,17 @@ def from_document(data: dict[str, Any], *, files: tuple[str, ...], name: str) ->
             reference=image.get("reference"),
             mode=RootMode(image["mode"]),
             transport=Transport(image["transport"]),
+            tag=image.get("tag"),
+            platform=image.get("platform"),
+            insecure=image.get("insecure"),
         ),
         process=Process(
-            argv=tuple(process["argv"]),
+            argv=tuple(process.get("argv", ())),
             env=tuple(sorted(env.items())),
-            cwd=process["cwd"],
+            cwd=process.get("cwd", "/"),  # an image's WorkingDir when it is not set (compiler/program.py)
+            entrypoint=tuple(process["entrypoint"]) if "entrypoint" in process else None,
+            user_spec=process.get("user"),
+            explicit=tuple(sorted(k for k in ("argv", "cwd", "env", "entrypoint", "user") if k in process)),
         ),
         kernel=Kernel(
             source=KernelSource(kernel["source"]),

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Mapping
 
+from microvmc.errors import MicrovmcError
+
 __all__ = [
     "MediaType",
     "MANIFEST_ACCEPT",
@@ -36,6 +38,7 @@ __all__ = [
     "resolve_user",
     "ProcessDefaults",
     "image_process",
+    "ResolvedImage",
 ]
 
 
@@ -77,7 +80,7 @@ DOCKER_HUB = "docker.io"
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024  # the distribution spec's limit registries enforce
 
 
-class ImageError(Exception):
+class ImageError(MicrovmcError):
     """An image, reference or platform is malformed or cannot be used; one sentence."""
 
 
@@ -428,6 +431,7 @@ class ProcessDefaults:
     env: tuple[tuple[str, str], ...] = ()
     cwd: str = ""
     user: str = ""
+    groups: tuple[int, ...] | None = None  # supplementary groups given as numbers (an OCI bundle's)
 
     @classmethod
     def from_config(cls, config: ImageConfig) -> "ProcessDefaults":
@@ -461,3 +465,22 @@ def image_process(defaults: ProcessDefaults, *, argv: tuple[str, ...] | None, en
     merged.setdefault("PATH", default_path)
     return ProcessChoice(argv=(*chosen_entry, *chosen_cmd), env=tuple(sorted(merged.items())),
                          cwd=cwd or defaults.cwd or "/", user=user if user is not None else (defaults.user or None))
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ResolvedImage:
+    """What the compiler needs of a manifest's image, found by backends/images.py before compiling
+    (as HostFacts are probed before): where its root filesystem is and what its config says."""
+
+    kind: str  # the image.source
+    source: str = ""  # the reference, or oci:PATH[:TAG], docker-archive:PATH[:TAG]
+    digest: str = ""  # what the source resolved to (an index or a manifest)
+    manifest_digest: str = ""  # the platform's image manifest: names the unpacked root filesystem
+    platform: str = ""
+    rootfs: str = ""  # the unpacked store path, or the live directory (directory, bundle); "" builtin
+    live: bool = False  # a directory shared as it is (changes show), not a store path
+    ownership: str = "native"  # how the rootfs records ownership: "native" or "mapped-xattr" (9p)
+    defaults: ProcessDefaults = field(default_factory=ProcessDefaults)
+    passwd: str = ""  # the image's /etc/passwd, for process.user
+    group: str = ""
+    inputs: tuple[str, ...] = ()  # host files whose change makes this stale (for the evaluation cache)

@@ -11,7 +11,10 @@ from typing import Mapping, Sequence
 
 from microvmc.compiler.emit import Output, emit
 from microvmc.compiler.graph import Graph, Sources, choose_transports, resolve
+from microvmc.compiler.builtin_image import GROUP, PASSWD
 from microvmc.compiler.host import HostFacts
+from microvmc.compiler.ociimage import ResolvedImage
+from microvmc.compiler.program import apply_image
 from microvmc.compiler.launch import LaunchPlan
 from microvmc.compiler.load import load
 from microvmc.compiler.manifest import Manifest, validate
@@ -40,10 +43,14 @@ def read_manifest(
 
 
 def compile_manifest(
-    manifest: Manifest, *, facts: HostFacts, store: str, sources: Sources = Sources(), hold: bool = False
+    manifest: Manifest, *, facts: HostFacts, store: str, sources: Sources = Sources(), hold: bool = False,
+    image: ResolvedImage | None = None,
 ) -> Compiled:
-    """`hold`: the program waits for the host's `start` (init/PROTOCOL.md; the OCI runtime's create)."""
-    manifest = choose_transports(manifest, facts)
-    graph = resolve(manifest, facts, store, sources, hold=hold)
+    """`hold`: the program waits for the host's `start` (init/PROTOCOL.md; the OCI runtime's create).
+    `image`: what backends/images.py found for the manifest's image (needed for the OCI sources;
+    without it the built-in image's users are assumed)."""
+    manifest = apply_image(manifest, image or ResolvedImage(kind=str(manifest.image.source), passwd=PASSWD, group=GROUP))
+    manifest = choose_transports(manifest, facts, image)
+    graph = resolve(manifest, facts, store, sources, hold=hold, image=image)
     launch = plan(manifest, graph, facts)
     return Compiled(manifest=manifest, graph=graph, plan=launch, output=emit(launch, graph, store))

@@ -50,7 +50,8 @@ def describe(manifest: Manifest, graph: Graph) -> Machine:
     """The VM the graph builds, in no VMM's words."""
     filesystems = [Filesystem(tag=ROOT_TAG, transport=str(manifest.image.transport), host_dir=graph.node("share:root").path,
                               read_only=manifest.image.mode is not RootMode.READ_WRITE,
-                              keys=("image.path", "image.transport", "image.mode"))]
+                              keys=("image.path", "image.transport", "image.mode"),
+                              ownership=graph.node("rootfs").params_dict().get("ownership", "native"))]
     filesystems += [Filesystem(tag=s.tag, transport=str(s.transport), host_dir=s.host, read_only=s.read_only,
                                keys=(f"shares.{s.tag}",)) for s in manifest.shares]
     return Machine(

@@ -30,13 +30,19 @@ def _chardev(port: Port) -> tuple[str, ...]:
     return ("-chardev", opts("pipe", ("id", port.name), ("path", f"/dev/fd/{int(port.fd)}")))
 
 
+# 9p's security model for each way of keeping ownership: "none" serves files as they are;
+# "mapped-xattr" serves the owner, group and mode that the user.virtfs.* xattrs record.
+SECURITY_MODEL = {"native": "none", "mapped-xattr": "mapped-xattr"}
+
+
 def _filesystem(fs: Filesystem) -> ArgGroup:
     chardev = f"fs-{fs.tag}"
     if fs.transport == "virtiofs":
         args = ("-chardev", opts("socket", ("id", chardev), ("path", f"{chardev}.sock")),
                 "-device", opts("vhost-user-fs-device", ("chardev", chardev), ("tag", fs.tag)))
     else:
-        args = ("-fsdev", opts("local", ("id", chardev), ("path", fs.host_dir), ("security_model", "none"),
+        args = ("-fsdev", opts("local", ("id", chardev), ("path", fs.host_dir),
+                               ("security_model", SECURITY_MODEL[fs.ownership]),
                                ("readonly", fs.read_only)),
                 "-device", opts("virtio-9p-device", ("fsdev", chardev), ("mount_tag", fs.tag)))
     comment = f"share {fs.tag!r}: {fs.host_dir} over {fs.transport}" + (" (read-only)" if fs.read_only else "")

@@ -50,11 +50,23 @@ def _parser() -> argparse.ArgumentParser:
     p = manifest_cmd("build", "validate, resolve and write the launch script and plan into the store", overrides=True)
     p.add_argument("-o", "--out-link", default="result", metavar="PATH", help="symlink to the output (default: ./result)")
     p.add_argument("--no-link", action="store_true", help="do not create the symlink")
+    p.add_argument("--locked", action="store_true", help="fail unless the lockfile exists and matches")
     p = manifest_cmd("plan", "print the QEMU argv, virtiofsd argv and kernel command line", overrides=True)
     p.add_argument("--json", action="store_true", help="print the whole plan as JSON")
     p = manifest_cmd("graph", "print the resolved dependency graph (Graphviz dot)")
     p.add_argument("--json", action="store_true", help="print it as JSON")
-    manifest_cmd("run", "build, boot the VM, run the program; exit with its status", overrides=True)
+    p = manifest_cmd("run", "build, boot the VM, run the program; exit with its status", overrides=True)
+    p.add_argument("--locked", action="store_true", help="fail unless the lockfile exists and matches")
+    p = sub.add_parser("pull", help="fetch an image from a registry into the store; print its digest", parents=[common])
+    p.add_argument("reference", help="e.g. docker.io/library/alpine:3.20, 127.0.0.1:5000/tools/bbox@sha256:...")
+    p.add_argument("--platform", metavar="OS/ARCH[/VARIANT]", help="from a multi-platform image (default: linux/<host>)")
+    p.add_argument("--insecure", action="store_true", help="allow plain HTTP to a registry that is not on loopback")
+    p = sub.add_parser("images", help="list the images the store holds", parents=[common])
+    p.add_argument("--json", action="store_true", help="print them as JSON")
+    p = manifest_cmd("lock", "write the lockfile beside the manifest (app.toml -> app.lock): every input pinned")
+    p.add_argument("--update", action="store_true", help="ask the registry again what each tag names")
+    p = sub.add_parser("gc", help="remove what no result link, lockfile or live run uses", parents=[common])
+    p.add_argument("--dry-run", action="store_true", help="only say what would be removed")
     return parser
 
 
@@ -69,18 +81,18 @@ def _env_overrides(items: Sequence[str]) -> dict[str, str]:
 
 
 def _compile(args: argparse.Namespace, *, overrides: bool = True):
+    """plan and graph: compiled, with the manifest's image fetched and unpacked as a build would."""
     from microvmc.backends.host import probe_host
-    from microvmc.compiler.pipeline import compile_manifest, read_manifest
-    from microvmc.compiler.store import default_store_root
+    from microvmc.backends.outputs import compile_with_image
+    from microvmc.backends.progress import terminal_progress
 
-    manifest = read_manifest(
+    compiled, _, _ = compile_with_image(
         args.manifest,
         argv=getattr(args, "argv", None) if overrides else None,
         env=_env_overrides(getattr(args, "env", [])) if overrides else None,
+        store=_store(args), facts=probe_host(), progress=terminal_progress(),
     )
-    facts = probe_host()
-    store = os.path.abspath(args.store) if args.store else str(default_store_root())
-    return compile_manifest(manifest, facts=facts, store=store)
+    return compiled
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
@@ -105,18 +117,106 @@ def _built(args: argparse.Namespace):
     """(output path, plan) of the manifest: from the evaluation cache, or compiled and built."""
     from microvmc.backends.outputs import build
     from microvmc.backends.host import probe_host
+
+    from microvmc.backends.progress import terminal_progress
+
+    return build(args.manifest, argv=args.argv, env=_env_overrides(args.env), store=_store(args), facts=probe_host(),
+                 locked=args.locked, progress=terminal_progress())
+
+
+def _store(args: argparse.Namespace) -> str:
     from microvmc.compiler.store import default_store_root
 
-    store = os.path.abspath(args.store) if args.store else str(default_store_root())
-    return build(args.manifest, argv=args.argv, env=_env_overrides(args.env), store=store, facts=probe_host())
+    return os.path.abspath(args.store) if args.store else str(default_store_root())
+
+
+def _cmd_pull(args: argparse.Namespace) -> int:
+    from microvmc.backends.images import pull
+    from microvmc.backends.progress import terminal_progress
+    from microvmc.compiler.ociimage import ImageError, parse_platform
+
+    try:
+        platform = parse_platform(args.platform) if args.platform else None
+        pulled = pull(args.reference, store=_store(args), platform=platform, insecure=args.insecure,
+                      progress=terminal_progress())
+    except ImageError as err:
+        raise MicrovmcError(str(err)) from None
+    if args.verbose:
+        print(f"microvmc: {pulled.reference} for {pulled.platform}: manifest {pulled.manifest}", file=sys.stderr)
+    print(pulled.digest)
+    return 0
+
+
+def _cmd_images(args: argparse.Namespace) -> int:
+    from microvmc.backends.images import list_images
+
+    found = list_images(_store(args))
+    if args.json:
+        import json
+
+        sys.stdout.write(json.dumps(found, indent=2, sort_keys=True) + "\n")
+        return 0
+    rows = [("SOURCE", "DIGEST", "PLATFORM", "SIZE", "LAST USED")]
+    for image in found:
+        size = f"{image['size'] / 1e6:.1f} MB" + ("" if image["present"] else " (blobs missing)")
+        rows.append((image["source"], image["digest"][:19], image["platform"], size, image["last_used"] or "never"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    return 0
+
+
+def _cmd_lock(args: argparse.Namespace) -> int:
+    from microvmc.backends.gc import register_root
+    from microvmc.backends.host import probe_host
+    from microvmc.backends.outputs import compile_with_image, display
+    from microvmc.backends.progress import terminal_progress
+    from microvmc.compiler import lockfile
+
+    facts = probe_host()
+    compiled, image, path = compile_with_image(args.manifest, argv=None, env=None, store=_store(args), facts=facts,
+                                               update=args.update, progress=terminal_progress())
+    text = lockfile.render(lockfile.from_graph(compiled.graph, facts, image))
+    try:
+        old = open(path, encoding="utf-8").read()
+    except FileNotFoundError:
+        old = None
+    if old != text:
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    register_root(_store(args), path)
+    print(f"{display(path)}: {'unchanged' if old == text else 'written'}", file=sys.stderr)
+    return 0
+
+
+def _cmd_gc(args: argparse.Namespace) -> int:
+    from microvmc.backends.gc import collect
+
+    done = collect(_store(args), dry_run=args.dry_run)
+    verb = "would remove" if args.dry_run else "removed"
+    if args.verbose or args.dry_run:
+        for path in done.removed_paths:
+            print(f"{verb} {path}", file=sys.stderr)
+        for digest in done.removed_blobs:
+            print(f"{verb} blob {digest}", file=sys.stderr)
+        for source in done.removed_records:
+            print(f"{verb} image record {source}", file=sys.stderr)
+    print(f"{verb} {len(done.removed_paths)} store paths, {len(done.removed_blobs)} blobs, "
+          f"{len(done.removed_records)} image records: {done.freed / 1e6:.1f} MB; kept {len(done.kept)} store paths")
+    return 0
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
     from microvmc.backends.outputs import link_result
 
+    from microvmc.backends.gc import register_root
+
     out, _ = _built(args)
     if not args.no_link:
         link_result(out, args.out_link)
+        register_root(_store(args), args.out_link)
     print(out)
     return 0
 
@@ -182,6 +282,10 @@ COMMANDS = {
     "plan": _cmd_plan,
     "graph": _cmd_graph,
     "run": _cmd_run,
+    "pull": _cmd_pull,
+    "images": _cmd_images,
+    "lock": _cmd_lock,
+    "gc": _cmd_gc,
 }
 
 

@@ -65,5 +65,31 @@ def boot_env(tmp_path_factory) -> dict[str, str]:
     return env
 
 
+@pytest.fixture(scope="session")
+def image_layout(tmp_path_factory) -> Path:
+    """The test images as one OCI layout (tests/imagekit.py), the Debian userland included."""
+    import imagekit
+
+    for tool in ("umoci", "skopeo", "docker-registry", "mmdebstrap"):
+        assert shutil.which(tool) or os.path.exists(f"/usr/bin/{tool}"), f"{tool} is missing: run scripts/setup --test"
+    return imagekit.make_layout(tmp_path_factory.mktemp("images"))
+
+
+@pytest.fixture(scope="session")
+def registry(image_layout, tmp_path_factory):
+    """A real registry on 127.0.0.1 holding the test images as OCI, Docker v2s2 and indexes:
+    t/bbox:oci, t/bbox:v2s2, t/layered:oci, t/layered:v2s2, t/multi:oci (OCI index),
+    t/multi:v2s2 (Docker manifest list), t/debian:oci. Yields host:port."""
+    import imagekit
+
+    with imagekit.registry(tmp_path_factory.mktemp("registry")) as host:
+        for fmt in ("oci", "v2s2"):
+            imagekit.push(image_layout, "bbox", host, f"t/bbox:{fmt}", format=fmt)
+            imagekit.push(image_layout, "layered", host, f"t/layered:{fmt}", format=fmt)
+            imagekit.push(image_layout, "multi", host, f"t/multi:{fmt}", format=fmt, all_platforms=True)
+        imagekit.push(image_layout, "debian", host, "t/debian:oci", format="oci")
+        yield host
+
+
 # The container engines (podman, dockerd, containerd) for the OCI runtime's tests: tests/oci_engines.py.
 from oci_engines import busybox_archive, busybox_tree, containerd, docker, engines_root, podman  # noqa: E402,F401

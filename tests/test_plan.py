@@ -167,6 +167,9 @@ def test_a_read_only_root_lacking_a_mount_point_becomes_a_read_only_overlay(tmp_
     stays a plain read-only mount; otherwise it is an overlay made read-only after the shares."""
     (tmp_path / "ro" / "sub").mkdir(parents=True)
     (tmp_path / "img" / "opt" / "data").mkdir(parents=True)
+    for d in ("proc", "sys", "dev"):
+        (tmp_path / "img" / d).mkdir()
+    (tmp_path / "bare").mkdir()  # an image without /proc, /sys, /dev (a container image often is)
 
     def root_flag(*entries: tuple[str, str, bool], image: str = "") -> tuple[str, bool]:
         text = image + '[process]\nargv = ["true"]\n'
@@ -187,6 +190,7 @@ def test_a_read_only_root_lacking_a_mount_point_becomes_a_read_only_overlay(tmp_
     assert root_flag(("ro", "/mnt", True), (".", "/mnt/nope", False)) == ("overlay-ro", True)
     assert root_flag((".", "/opt/other", False), image=directory) == ("overlay-ro", True)
     assert root_flag((".", "/new", False), image='[image]\nmode = "overlay"\n') == ("overlay", True)
+    assert root_flag(image='[image]\nsource = "directory"\npath = "bare"\n') == ("overlay-ro", True)
 
 
 def test_a_share_is_mounted_before_the_shares_inside_it(tmp_path: Path) -> None:
