@@ -249,6 +249,8 @@ def test_guest_mounts_on_the_command_line(tmp_path) -> None:
     rootfs = tmp_path / "rootfs"
     (rootfs / "etc").mkdir(parents=True)
     (rootfs / "etc" / "hosts").write_text("")
+    for d in ("proc", "sys", "dev"):  # what init mounts on every root (else: an overlay-ro root)
+        (rootfs / d).mkdir()
     config = load("docker-binds-config")
     config["root"]["path"] = str(rootfs)
     m = translate(config).manifest
