@@ -34,6 +34,7 @@ from microvmc.compiler.manifest import (
     MountKind,
     RootMode,
     Transport,
+    guest_path,
 )
 from microvmc.compiler.store import digest, file_digest, store_path
 from microvmc.errors import HostError, KernelError, ManifestError, Problem
@@ -249,22 +250,21 @@ def missing_mount_points(manifest: Manifest, rootfs: str | None = None) -> tuple
 
     required = tuple(p for p in REQUIRED_MOUNT_POINTS if not in_image(p, os.path.isdir))
 
-    mounted = {os.path.normpath(s.guest): s for s in manifest.shares}
+    mounted = {guest_path(s.guest): s for s in manifest.shares}
 
     def possible(path: str, exists: Callable[[str], bool]) -> bool:
-        parent = os.path.dirname(path)
-        while parent != "/":
+        parts = path.strip("/").split("/")
+        for parent in ("/" + "/".join(parts[:n]) for n in range(len(parts) - 1, 0, -1)):  # nearest first
             share = mounted.get(parent)
             if parent in WRITABLE_BEFORE_SHARES or (share is not None and not share.read_only):
                 return True
             if share is not None:
                 return exists(os.path.join(share.host, os.path.relpath(path, parent)))
-            parent = os.path.dirname(parent)
         return in_image(path, exists)
 
     points = [(s.guest, os.path.isdir) for s in manifest.shares]
     points += [(m.target, os.path.lexists if m.kind is MountKind.BIND else os.path.isdir) for m in manifest.mounts]
-    return required + tuple(path for path, exists in points if not possible(os.path.normpath(path), exists))
+    return required + tuple(path for path, exists in points if not possible(guest_path(path), exists))
 
 
 def root_mode_flag(manifest: Manifest, rootfs: str | None = None) -> str:

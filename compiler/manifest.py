@@ -44,6 +44,7 @@ __all__ = [
     "schema_node",
     "with_defaults",
     "DEFAULT_PATH",
+    "guest_path",
 ]
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -58,6 +59,17 @@ RESERVED_KERNEL_PARAMS = ("init", "rdinit", "console", "reboot", "panic")
 
 # Sources that are container images: their config supplies the program's defaults.
 IMAGE_SOURCES = ("registry", "oci-layout", "docker-archive", "oci-bundle")
+
+# Mount points a share must not take: what init mounts first, which the program and init need.
+HIDDEN_BY_A_SHARE = ("/", "/proc", "/sys", "/dev", "/dev/pts", "/dev/shm")
+KERNEL_FILESYSTEMS = ("/proc", "/sys")  # nothing can be made in them
+
+
+def guest_path(path: str) -> str:
+    """An absolute guest path in its one normal form: "//x", "/x/" and "/a/../x" are all "/x" (POSIX
+    keeps a leading "//", which Linux treats as "/")."""
+    return "/" + os.path.normpath(path).lstrip("/")
+
 
 _HOSTNAME_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
 _TAG = re.compile(r"[A-Za-z0-9_-]+")
@@ -522,11 +534,15 @@ def _semantic_problems(loaded: Loaded) -> list[tuple[KeyPath, Problem]]:
             add(("shares", tag, "host"), f"{show(display_path(host))} is not a directory")
         guest = share.get("guest")
         if isinstance(guest, str):
-            normal = os.path.normpath(guest)
+            normal = guest_path(guest)
+            inside = next((k for k in KERNEL_FILESYSTEMS if normal.startswith(k + "/")), None)
             if not guest.startswith("/") or "\0" in guest:
                 add(("shares", tag, "guest"), f"{show(guest)} is not an absolute path")
-            elif normal in ("/", "/proc", "/sys", "/dev"):
+            elif normal in HIDDEN_BY_A_SHARE:
                 add(("shares", tag, "guest"), f"{show(guest)} would hide the guest's {normal}")
+            elif inside:
+                add(("shares", tag, "guest"), f"{show(guest)} is inside the guest's {inside}, where init cannot "
+                    "make a mount point")
             elif normal in seen_guest:
                 add(("shares", tag, "guest"), f"{show(guest)} is already the mount point of share {show(seen_guest[normal])}")
             else:
@@ -599,7 +615,7 @@ def from_document(data: dict[str, Any], *, files: tuple[str, ...], name: str) ->
             Share(
                 tag=tag,
                 host=share["host"],
-                guest=os.path.normpath(share["guest"]),
+                guest=guest_path(share["guest"]),
                 read_only=share["read_only"],
                 transport=Transport(share["transport"]),
             )

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import signal
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
+from typing import Iterator
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from conftest import FIXTURE_SOURCES, fake_facts
 from microvmc.compiler.host import VirtiofsdFlavour
@@ -238,3 +243,42 @@ def test_the_machine_is_described_once_and_lowered_to_the_argv(tmp_path: Path) -
     assert argv[argv.index("virtio-serial-device") + 1:][:4] == [
         "-chardev", "socket,id=channel,path=channel.sock,server=on,wait=off",
         "-device", "virtserialport,chardev=channel,name=channel"]
+
+
+@contextmanager
+def terminates(seconds: int) -> Iterator[None]:
+    """The block must end within `seconds`; a loop that does not is an error, not a hung suite."""
+    def hang(*_) -> None:
+        raise TimeoutError(f"did not end within {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, hang)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_share_mount_points_are_normalised_and_any_path_terminates(tmp_path: Path) -> None:
+    """Issue 6, item 3: `guest = "//x"` looped forever in missing_mount_points (dirname("//x") is "//")."""
+    from microvmc.compiler.cmdline import encode
+
+    with terminates(60):
+        c = compiled(tmp_path, '[process]\nargv = ["true"]\n[shares.s]\nhost = "."\nguest = "//srv//x/"\n')
+    assert c.manifest.shares[0].guest == "/srv/x"
+    assert f"MVMC_S0=virtiofs:s:rw:{encode('/srv/x')}" in c.plan.cmdline
+    assert c.plan.cmdline.split("MVMC_ROOT=")[1].split()[0] == "virtiofs:root:overlay-ro"  # /srv is not in the image
+
+    @settings(max_examples=100, deadline=None)
+    @given(st.lists(st.text(st.sampled_from("/.ab"), min_size=1, max_size=12), min_size=1, max_size=3))
+    def check(guests: list[str]) -> None:
+        text = '[process]\nargv = ["true"]\n' + "".join(
+            f'[shares.s{i}]\nhost = "."\nguest = "/{g}"\n' for i, g in enumerate(guests))
+        try:
+            compiled(tmp_path, text)
+        except ManifestError:
+            pass
+
+    with terminates(120):
+        check()
