@@ -457,14 +457,15 @@ class _Supervisor:
 
     def _daemon_ended(self, vp: VirtiofsdPlan, child: Child) -> None:
         status = child.exited()
-        if status is None:
-            return
+        if status is None or child.pidfd not in self.selector.get_map():
+            return  # (QEMU's end, seen in the same poll, has already accounted for the daemon)
         self.selector.unregister(child.pidfd)
         self._drain_status()
         if self.shutdown_deadline is not None:
             return  # the final report is in: the guest is shutting down
-        if self.qemu.wait(VIRTIOFSD_EXIT_GRACE) is not None:
-            return  # QEMU ended first (its pidfd event is next); the daemon followed
+        # A clean exit is what QEMU's shutdown causes (it closes the connection first): give QEMU longer.
+        if self.qemu.wait(VIRTIOFSD_EXIT_GRACE if status else QEMU_GRACE) is not None:
+            return  # QEMU ended too (its pidfd event is next): the daemon followed it
         self.end.dead_daemon = (vp, status)
 
     def _signalled(self) -> None:

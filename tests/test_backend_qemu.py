@@ -552,6 +552,31 @@ def test_children_die_with_a_killed_parent(marker):
         subprocess.run(["pkill", "-f", marker])
 
 
+def test_qemu_and_virtiofsd_seen_ending_at_once(run, tmp_path, marker):
+    """Issue 6, item 4: a guest that powers off with a virtiofs share: QEMU's and virtiofsd's ends
+    arrive in one poll, and QEMU's handler had already unregistered the daemon (KeyError, exit 1)."""
+    qemu = sh_qemu(tmp_path, "exit 0")
+    vfsd = executable(tmp_path / "virtiofsd", FAKE_VIRTIOFSD.format(body="exit 0"))
+    plan = make_plan([qemu], shares=(("root", "/srv", (vfsd, marker)),))
+    # Both have ended before the loop first polls: their pidfds are ready together, QEMU's first.
+    status, _, err = run(plan, booting=lambda: time.sleep(1))
+    assert status == ExitStatus.GUEST_CRASHED
+    assert err.decode() == ("microvmc: the VM stopped without reporting the program's status; "
+                            f"console log: {run.logs}/console.log\n")
+    run.assert_clean(marker)
+
+
+def test_virtiofsd_ending_cleanly_as_qemu_shuts_down(run, tmp_path, marker):
+    """QEMU's shutdown closes virtiofsd's connection, so virtiofsd ends first, with status 0; on a
+    busy host QEMU can take a while longer to end. Not a dead virtiofsd (122): the guest powered off."""
+    qemu = sh_qemu(tmp_path, f"touch {tmp_path}/go; sleep 1.5")
+    vfsd = executable(tmp_path / "virtiofsd", FAKE_VIRTIOFSD.format(
+        body=f"while [ ! -e {tmp_path}/go ]; do sleep 0.05; done; exit 0 # {marker}"))
+    status, _, err = run(make_plan([qemu], shares=(("root", "/srv", (vfsd,)),)))
+    assert status == ExitStatus.GUEST_CRASHED, err
+    run.assert_clean(marker)
+
+
 def test_qemu_failure_beside_a_healthy_virtiofsd(run, tmp_path, marker):
     qemu = sh_qemu(tmp_path, "echo 'qemu-system-x86_64: -device foo: no such device' >&2; exit 1")
     vfsd = executable(tmp_path / "virtiofsd", FAKE_VIRTIOFSD.format(body=f"sleep {marker}"))
