@@ -19,18 +19,27 @@ __all__ = ["main"]
 EPILOG = "exit statuses:\n" + "".join(f"  {code:<10} {meaning}\n" for code, meaning in EXIT_MEANINGS)
 
 
-def _parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--debug", action="store_true", help="show tracebacks for errors")
-    common.add_argument("-v", "--verbose", action="store_true", help="say what is decided and why")
-    common.add_argument("--store", metavar="DIR", help="the store (default: $MICROVMC_STORE or ~/.cache/microvmc/store)")
+def _global_options(*, defaults: bool) -> argparse.ArgumentParser:
+    """The options taken before the command and after it (`microvmc -v run x`, `microvmc run -v x`).
+    After it they have no defaults (SUPPRESS): a command's parser copies every value it has over the
+    main parser's, so a default there would undo `--store D` given before the command."""
+    options = argparse.ArgumentParser(add_help=False)
+    unset = {} if defaults else {"default": argparse.SUPPRESS}
+    options.add_argument("--debug", action="store_true", help="show tracebacks for errors", **unset)
+    options.add_argument("-v", "--verbose", action="store_true", help="say what is decided and why", **unset)
+    options.add_argument("--store", metavar="DIR", help="the store (default: $MICROVMC_STORE or ~/.cache/microvmc/store)",
+                         **unset)
+    return options
 
+
+def _parser() -> argparse.ArgumentParser:
+    common = _global_options(defaults=False)  # the parent of every command's parser
     parser = argparse.ArgumentParser(
         prog="microvmc",
         description="Compile a TOML manifest into a QEMU microVM, and run a program in it.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        parents=[common],
+        parents=[_global_options(defaults=True)],
     )
     parser.add_argument("--version", action="version", version=f"microvmc {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -72,3 +72,28 @@ def test_options_between_the_manifest_and_the_program_argv(boot_env, tmp_path: P
                           (["run", hello, "a", "--", "b"], "the program's argv is both before and after '--': 'a'")):
         r = subprocess.run([*MICROVMC, *argv], env=boot_env, capture_output=True, text=True, timeout=120)
         assert (r.returncode, r.stderr.splitlines()[-1]) == (2, f"microvmc: error: {message}")
+
+
+def test_global_options_before_or_after_the_command() -> None:
+    """Issue 6, item 6: `microvmc --store D build`, `microvmc -v run` and `--debug` before the command
+    were parsed, then silently reset by the command's own defaults."""
+    from microvmc.cli import _parse
+
+    for words in (["--store", "D", "-v", "--debug", "build", "m.toml"], ["build", "--store", "D", "-v", "--debug", "m.toml"],
+                  ["-v", "build", "m.toml", "--store", "D", "--debug"]):
+        args = _parse(words)
+        assert (args.command, args.store, args.verbose, args.debug, args.manifest) == ("build", "D", True, True, "m.toml")
+    args = _parse(["run", "m.toml"])
+    assert (args.store, args.verbose, args.debug) == (None, False, False)
+    assert _parse(["--store", "A", "validate", "--store", "B", "x.toml"]).store == "B"  # the later one wins
+
+
+def test_store_before_the_command_is_the_store_used(boot_env, tmp_path: Path) -> None:
+    store = tmp_path / "elsewhere"
+    out = cli(boot_env, "--store", str(store), "build", "--no-link", str(EXAMPLES / "hello.toml"))
+    assert out.returncode == 0, out.stderr
+    assert Path(out.stdout.strip()).parent == store
+    bad = tmp_path / "bad.toml"
+    bad.write_text("version = 2\n")
+    debug = cli(boot_env, "--debug", "build", str(bad))
+    assert "Traceback" in debug.stderr and "ManifestError" in debug.stderr
