@@ -18,7 +18,7 @@ from typing import Any, Mapping, Sequence
 
 from microvmc.errors import ManifestError, Problem
 
-__all__ = ["Loaded", "load", "display_path", "key_path"]
+__all__ = ["Loaded", "load", "display_path", "key_path", "clip", "MAX_MANIFEST_BYTES", "MAX_DEPTH"]
 
 # Keys whose values are host paths, relative to the file they are written in. "*" matches any key.
 PATH_KEYS: tuple[tuple[str, ...], ...] = (
@@ -28,11 +28,23 @@ PATH_KEYS: tuple[tuple[str, ...], ...] = (
     ("shares", "*", "host"),
 )
 
+# What a manifest may be: every stage after load walks the document recursively, and reads it whole.
+MAX_MANIFEST_BYTES = 4 << 20  # above the 2 MiB of argv and env execve takes
+MAX_DEPTH = 32  # the schema's deepest key is network.forwards[i].host, at depth 4
+
 KeyPath = tuple[str | int, ...]
 COMMAND_LINE = "command line"  # the origin of -e and -- overrides, in messages
 
 
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
+SHOWN_MAX = 100  # characters of one value or key that a message shows
+
+
+def clip(text: str, limit: int = SHOWN_MAX) -> str:
+    """`text` cut to `limit` characters, with "..." saying so: a message stays one readable line."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def key_path(path: KeyPath) -> str:
@@ -44,7 +56,7 @@ def key_path(path: KeyPath) -> str:
             out += f"[{part}]"
         else:
             text = part if _BARE_KEY.fullmatch(part) else json.dumps(part, ensure_ascii=False)
-            out += ("." if out else "") + text
+            out += ("." if out else "") + clip(text)
     return out
 
 
@@ -92,18 +104,43 @@ def _read_toml(path: Path, shown: str) -> dict[str, Any]:
         import tomllib
     except ModuleNotFoundError:  # Python 3.10
         import tomli as tomllib  # type: ignore[no-redef]
+
+    def problem(message: str) -> ManifestError:
+        return ManifestError([Problem(shown, "", message)])
+
     try:
-        raw = path.read_bytes()
+        with open(path, "rb") as f:  # at most one byte past the limit: /dev/zero is not read forever
+            raw = f.read(MAX_MANIFEST_BYTES + 1)
     except FileNotFoundError:
-        raise ManifestError([Problem(shown, "", "the file does not exist")]) from None
+        raise problem("the file does not exist") from None
+    except IsADirectoryError:
+        raise problem("is a directory, not a manifest") from None
     except OSError as err:
-        raise ManifestError([Problem(shown, "", f"cannot be read: {err.strerror}")]) from None
+        raise problem(f"cannot be read: {err.strerror}") from None
+    if len(raw) > MAX_MANIFEST_BYTES:
+        raise problem(f"is larger than {MAX_MANIFEST_BYTES // (1 << 20)} MiB, which no manifest needs")
     try:
-        return tomllib.loads(raw.decode("utf-8"))
+        doc = tomllib.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as err:
-        raise ManifestError([Problem(shown, "", f"is not UTF-8 (byte {err.start})")]) from None
+        raise problem(f"is not UTF-8 (byte {err.start})") from None
     except tomllib.TOMLDecodeError as err:
-        raise ManifestError([Problem(shown, "", f"is not valid TOML: {err}")]) from None
+        raise problem(f"is not valid TOML: {err}") from None
+    except RecursionError:  # tomllib parses nested arrays and inline tables recursively
+        raise problem(f"nests tables or lists more than {MAX_DEPTH} deep") from None
+    if _depth(doc) > MAX_DEPTH:
+        raise problem(f"nests tables or lists more than {MAX_DEPTH} deep")
+    return doc
+
+
+def _depth(value: Any) -> int:
+    """How deeply tables and lists nest in `value`, without recursion (every later stage recurses)."""
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        node, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if depth <= MAX_DEPTH and isinstance(node, (dict, list)):
+            stack.extend((child, depth + 1) for child in (node.values() if isinstance(node, dict) else node))
+    return deepest
 
 
 def _resolve_paths(doc: dict[str, Any], base: Path) -> None:
@@ -168,7 +205,8 @@ def load(path: str | os.PathLike[str], *, cwd: str | None = None) -> Loaded:
             raise ManifestError([Problem(where, key_path(key), f"import cycle: {cycle}")])
         if importer and not file.is_file():
             where, key = importer
-            raise ManifestError([Problem(where, key_path(key), f"{json.dumps(shown)} does not exist")])
+            what = "is a directory, not a manifest" if file.is_dir() else "does not exist"
+            raise ManifestError([Problem(where, key_path(key), f"{json.dumps(shown)} {what}")])
         doc = _read_toml(file, shown)
         imports = doc.pop("imports", [])
         if not isinstance(imports, list) or not all(isinstance(i, str) and i for i in imports):

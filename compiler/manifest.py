@@ -18,7 +18,7 @@ from functools import cache
 from typing import Any
 
 from microvmc.compiler.cmdline import GuestUser, Rlimit, extra_problem
-from microvmc.compiler.load import KeyPath, Loaded, display_path, key_path
+from microvmc.compiler.load import KeyPath, Loaded, clip, display_path, key_path
 from microvmc.errors import ManifestError, Problem
 
 __all__ = [
@@ -248,11 +248,10 @@ def show(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
-        return json.dumps(value, ensure_ascii=False)
+        return clip(json.dumps(value, ensure_ascii=False))
     if isinstance(value, (list, dict)):
-        text = json.dumps(value, ensure_ascii=False)
-        return text if len(text) <= 60 else text[:57] + "..."
-    return str(value)
+        return clip(json.dumps(value, ensure_ascii=False), 60)
+    return clip(str(value))
 
 
 def schema_node(path: KeyPath) -> dict[str, Any]:

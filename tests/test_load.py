@@ -104,3 +104,41 @@ def test_any_file_content_loads_or_is_explained(tmp_path_factory) -> None:
             assert all(line.startswith(("m.toml: ", "m.toml:")) for line in err.lines()), err.lines()
 
     check()
+
+
+@pytest.mark.parametrize("name, text, message", [
+    ("deep-lists", "version = 1\nx = " + "[" * 5000 + "]" * 5000 + "\n", "nests tables or lists more than 32 deep"),
+    ("deep-tables", "version = 1\n[" + ".".join(["a"] * 1000) + "]\nb = 1\n", "nests tables or lists more than 32 deep"),
+    ("deep-inline", "version = 1\nx = " + "{a = " * 600 + "1" + "}" * 600 + "\n", "nests tables or lists more than 32 deep"),
+    ("huge", "version = 1\n# " + "x" * (4 << 20) + "\n", "is larger than 4 MiB, which no manifest needs"),
+])
+def test_hostile_documents_are_one_line_errors(tmp_path: Path, name: str, text: str, message: str) -> None:
+    """Issue 6, item 7: these were RecursionError tracebacks (and /dev/zero a MemoryError)."""
+    path = write(tmp_path / f"{name}.toml", text)
+    with pytest.raises(ManifestError) as err:
+        validate(load(path, cwd=str(tmp_path)))
+    assert err.value.lines() == [f"{name}.toml: {message}"]
+
+
+def test_what_is_not_a_manifest_file_says_so(tmp_path: Path) -> None:
+    (tmp_path / "dir").mkdir()
+    for path, line in (("/dev/zero", "/dev/zero: is larger than 4 MiB, which no manifest needs"),
+                       ("dir", "dir: is a directory, not a manifest")):
+        with pytest.raises(ManifestError) as err:
+            load(path, cwd=str(tmp_path))
+        assert err.value.lines() == [line]
+    top = write(tmp_path / "top.toml", 'version = 1\nimports = ["dir"]\n')
+    with pytest.raises(ManifestError) as err:  # issue 6, item 9: it said "does not exist"
+        load(top, cwd=str(tmp_path))
+    assert err.value.lines() == ['top.toml: imports[0]: "dir" is a directory, not a manifest']
+
+
+def test_long_values_and_keys_are_shown_cut_short(tmp_path: Path) -> None:
+    top = write(tmp_path / "m.toml", f'version = 1\nhostname = "{"h" * 100_000}"\n"{"k" * 100_000}" = 1\n'
+                '[process]\nargv = ["true"]\n')
+    with pytest.raises(ManifestError) as err:
+        validate(load(top, cwd=str(tmp_path)))
+    assert err.value.lines() == [
+        f'm.toml: hostname: "{"h" * 96}... is not a valid hostname (letters, digits and \'-\', at most 63 per dot-separated label)',
+        f"m.toml: {'k' * 97}...: unknown key",
+    ]
