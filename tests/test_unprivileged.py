@@ -98,3 +98,22 @@ def test_an_explicit_virtiofs_is_refused_in_one_line(user, tmp_path: Path) -> No
     assert r.returncode == 121
     assert r.stderr.startswith(f'microvmc: {manifest}: image.transport: "virtiofs" is not usable here: ')
     assert "needs root" in r.stderr and r.stderr.endswith(' (use "auto" or "9p")\n') and r.stderr.count("\n") == 1
+
+
+def test_an_ordinary_users_image_keeps_its_owners_and_setuid_bits(user, registry) -> None:
+    """The user cannot chown: the unpacked image keeps owners and modes in 9p's mapped-xattr xattrs,
+    and the guest sees root's files as root's, setuid bits included, and runs the program as root."""
+    command, env = user
+    manifest = Path(env["HOME"]) / "debian.toml"
+    manifest.write_text(f'version = 1\n[resources]\nboot_timeout = 240\n[image]\nsource = "registry"\n'
+                        f'reference = "{registry}/t/debian:oci"\n[process]\nargv = ["/bin/bash", "-c", '
+                        '"ls -ln /usr/bin/passwd | cut -d\\" \\" -f1,3,4; stat -c \\"%u %g %a\\" /etc/shadow; id -u; '
+                        'readlink /bin/sh"]\n')
+    r = subprocess.run(as_nobody(*command, "run", str(manifest)), env=env, capture_output=True, timeout=2 * TIMEOUT)
+    assert (r.returncode, r.stderr) == (0, b""), r.stderr
+    assert r.stdout == b"-rwsr-xr-x 0 0\n0 42 640\n0\ndash\n"
+    store = Path(env["HOME"]) / ".cache" / "microvmc" / "store"
+    [rootfs] = list(store.glob("*-image-*"))
+    passwd = rootfs / "usr" / "bin" / "passwd"
+    assert passwd.stat().st_uid == NOBODY and passwd.stat().st_mode & 0o7777 == 0o600  # on the host: the user's
+    assert os.getxattr(passwd, "user.virtfs.uid") == b"\0\0\0\0"
