@@ -30,3 +30,15 @@ def test_run_true_benchmark_boots_every_column(boot_env) -> None:
     result = json.loads(r.stdout)
     assert result["differences"] == [] and result["left_in_tmpdir"] == [] and result["left_running"] == []
     assert set(result["commands"]) == {"microvmc", "baseline", "launch", "build"}
+
+
+def test_images_benchmark_runs_every_column(boot_env) -> None:
+    """One round of each: microvmc pull + unpack and skopeo + umoci from the same local registry,
+    then the image's boot and the directory root's; all exit 0 and leave nothing running."""
+    r = subprocess.run([sys.executable, "bench/images.py", "-n", "1", "--warmup", "0", "--json", "-q"],
+                       cwd=REPO, env=boot_env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout)
+    assert set(result["pull"]) == {"microvmc", "skopeo"} and set(result["boot"]) == {"image", "directory"}
+    assert result["pull_ratio"]["of_medians"] > 0 and result["boot_ratio"]["of_medians"] > 0
+    assert result["left_running"] == []
