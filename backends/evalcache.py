@@ -2,10 +2,11 @@
 
 Like Nix's evaluation cache. An entry is keyed by what the command asked for (the manifest's path,
 the command-line overrides, the store, the host facts, microvmc's own code) and records everything
-else the compiler read: every manifest file by content, and a fingerprint (size, mtime, inode) of
-every source file or directory the graph depends on. It is used only when all of these still match
-and the output and the store paths it needs are all present; otherwise the manifest is compiled
-afresh. A hit imports none of jsonschema, networkx and elftools, which is most of a cached build's
+else the compiler read: every manifest file by content, everything resolve looked at on the host and
+what it saw (compiler/hostfiles.py: whether a path is a file or a directory, a directory's entries, a
+file's fingerprint), and a fingerprint of what the image and lockfile came from. It is used only
+when every one of these looks gives the same answer again and the output and the store paths it
+needs are all present; otherwise the manifest is compiled afresh. A hit imports none of jsonschema, networkx and elftools, which is most of a cached build's
 time (bench/cached_build.py), and which a short `run` cannot afford (bench/run_true.py).
 
 An unreadable or stale entry is never an error, only a miss.
@@ -21,12 +22,13 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from microvmc.compiler.host import HostFacts
+from microvmc.compiler.hostfiles import Observation
 from microvmc.compiler.launch import LaunchPlan
 from microvmc.compiler.store import file_digest
 
 __all__ = ["CacheKey", "Hit", "lookup", "record"]
 
-FORMAT = 1
+FORMAT = 2
 _CODE_PACKAGES = ("microvmc", "microvmc.compiler", "microvmc.backends", "microvmc.kernel", "microvmc.init",
                   "microvmc.schemas")
 
@@ -106,6 +108,8 @@ def lookup(key: CacheKey, environ: Mapping[str, str] = os.environ) -> Hit | None
             return None
         if any(_fingerprint(p) != fp for p, fp in entry["sources"].items()):
             return None
+        if not all(Observation.from_list(o).holds() for o in entry["observed"]):
+            return None
         if not all(os.path.isdir(p) for p in [entry["output"], *entry["requires"]]):
             return None
         plan = LaunchPlan.from_dict(json.loads(Path(entry["output"], "plan.json").read_text())["plan"])
@@ -114,12 +118,14 @@ def lookup(key: CacheKey, environ: Mapping[str, str] = os.environ) -> Hit | None
     return Hit(output=entry["output"], plan=plan)
 
 
-def record(key: CacheKey, *, files: Sequence[str], sources: Sequence[str], requires: Sequence[str], output: str,
-           environ: Mapping[str, str] = os.environ) -> None:
-    """Remember a compiled output. Written aside and renamed, so a reader never sees half an entry."""
+def record(key: CacheKey, *, files: Sequence[str], sources: Sequence[str], observed: Sequence[Observation],
+           requires: Sequence[str], output: str, environ: Mapping[str, str] = os.environ) -> None:
+    """Remember a compiled output: `files` by content, `sources` by fingerprint, `observed` as seen
+    while compiling. Written aside and renamed, so a reader never sees half an entry."""
     entry = {
         "files": {f: _file_sha(f) for f in files},
         "sources": {p: _fingerprint(p) for p in sources},
+        "observed": [o.to_list() for o in observed],
         "requires": list(requires),
         "output": output,
     }

@@ -39,14 +39,10 @@ def build(manifest: str, *, argv: Sequence[str] | None, env: Mapping[str, str] |
 
     output = realize(compiled)
     graph = compiled.graph
-    sources = [n.path for n in graph.nodes if n.builder is Builder.SOURCE and n.path]
-    modules = graph.node("modules")
-    modules_dir = modules.location("modules_dir")
-    sources += [modules_dir] + [os.path.join(modules_dir, m["path"]) for m in modules.param("modules")]
-    sources += [*image.inputs, lock_file]  # a re-pulled tag, a changed layout or lockfile: compile again
+    sources = [*image.inputs, lock_file]  # a re-pulled tag, a changed layout or lockfile: compile again
     requires = [n.path for n in graph.nodes if n.builder in BUILDERS or n.builder is Builder.IMAGE]
-    evalcache.record(key, files=compiled.manifest.files, sources=sources, requires=requires, output=output,
-                     environ=environ)
+    evalcache.record(key, files=compiled.manifest.files, sources=sources, observed=graph.observed,
+                     requires=requires, output=output, environ=environ)
     return output, compiled.plan
 
 

@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterator
 from microvmc.compiler.builtin_image import has_directory
 from microvmc.compiler.cmdline import CmdlineError, GuestConfig, GuestMount, GuestMountOp, KernelCmdline, compose
 from microvmc.compiler.host import HostFacts
+from microvmc.compiler.hostfiles import HostFiles, Observation
 from microvmc.compiler.ociimage import ResolvedImage
 from microvmc.compiler.manifest import (
     ROOT_TAG,
@@ -36,7 +37,7 @@ from microvmc.compiler.manifest import (
     Transport,
     guest_path,
 )
-from microvmc.compiler.store import digest, file_digest, store_path
+from microvmc.compiler.store import digest, store_path
 from microvmc.errors import HostError, KernelError, ManifestError, Problem
 
 __all__ = ["Builder", "Node", "Graph", "Sources", "resolve", "base_kernel_params", "init_sources", "INIT_CFLAGS"]
@@ -105,6 +106,8 @@ class Graph:
     cmdline: KernelCmdline
     accel: str
     accel_reason: str
+    # What resolve looked at on the host and saw (compiler/hostfiles.py): while it all holds, so does the graph.
+    observed: tuple[Observation, ...] = ()
 
     def node(self, node_id: str) -> Node:
         for node in self.nodes:
@@ -129,17 +132,17 @@ class Graph:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Sources:
-    """How resolve reads the files it depends on (injectable for tests)."""
+    """Where resolve finds microvmc's own sources (injectable for tests). It reads them, and every
+    other file, through one HostFiles, which records each look."""
 
-    digest: Callable[[str], str] = file_digest
-    read: Callable[[str], bytes] = lambda p: Path(p).read_bytes()
     # the guest init's sources: a directory of .c and .h files, compiled together
     init_source: str = field(default_factory=lambda: str(Path(__file__).resolve().parent.parent / "init"))
 
 
-def init_sources(directory: str) -> tuple[str, ...]:
+def init_sources(directory: str, files: HostFiles | None = None) -> tuple[str, ...]:
     """The files of the guest init, by name: every .c and .h in its directory."""
-    return tuple(sorted(name for name in os.listdir(directory) if name.endswith((".c", ".h"))))
+    names = (files or HostFiles()).listdir(directory)
+    return tuple(sorted(name for name in names if name.endswith((".c", ".h"))))
 
 
 def base_kernel_params(accel: str, facts: HostFacts) -> tuple[str, ...]:
@@ -194,7 +197,7 @@ def choose_transports(manifest: Manifest, facts: HostFacts, resolved: ResolvedIm
     return replace(manifest, image=image, shares=shares)
 
 
-def _kernel_location(manifest: Manifest, facts: HostFacts) -> tuple[str, str]:
+def _kernel_location(manifest: Manifest, facts: HostFacts, files: HostFiles) -> tuple[str, str]:
     kernel = manifest.kernel
     if kernel.source is KernelSource.PATH:
         assert kernel.image and kernel.modules
@@ -207,19 +210,19 @@ def _kernel_location(manifest: Manifest, facts: HostFacts) -> tuple[str, str]:
         base = facts.default_kernel_dir
         image, modules = os.path.join(base, "vmlinuz"), os.path.join(base, "modules")
         what = "the default kernel"
-    if not os.path.isfile(image) or not os.path.isdir(modules):
-        missing = image if not os.path.isfile(image) else modules
+    if not files.is_file(image) or not files.is_dir(modules):
+        missing = image if not files.is_file(image) else modules
         hint = "run scripts/setup, or set kernel.source = \"path\"" if kernel.source is KernelSource.DEFAULT else "set kernel.source = \"path\""
         raise ManifestError([Problem(manifest.name, "kernel.source", f"{what} is not installed: {missing} is missing", hint)])
     return image, modules
 
 
-def _kernel_config(image: str, modules_dir: str, release: str) -> str | None:
+def _kernel_config(image: str, modules_dir: str, release: str, files: HostFiles) -> str | None:
     """The kernel's .config, where a kernel package or build tree keeps it, if anywhere."""
     folder = os.path.dirname(image)
     for candidate in (os.path.join(folder, "config"), os.path.join(folder, f"config-{release}"),
                       os.path.join(modules_dir, "build", ".config")):
-        if os.path.isfile(candidate):
+        if files.is_file(candidate):
             return candidate
     return None
 
@@ -232,14 +235,15 @@ WRITABLE_BEFORE_SHARES = ("/tmp", "/run", "/dev")
 REQUIRED_MOUNT_POINTS = ("/proc", "/sys", "/dev")
 
 
-def missing_mount_points(manifest: Manifest, rootfs: str | None = None) -> tuple[str, ...]:
+def missing_mount_points(manifest: Manifest, rootfs: str | None = None, files: HostFiles | None = None) -> tuple[str, ...]:
     """The mount points init could not make on the read-only root (/proc, /sys, /dev, the shares',
     and the targets of `mounts`): not in the image, and not below a writable filesystem mounted
     before them (a tmpfs, /dev, a writable share) nor present in the read-only share above them. A
     share's or tmpfs's mount point must be a directory; a bind's may be a file. `rootfs`: where an
-    image's root filesystem is (for the sources that have no image.path)."""
+    image's root filesystem is (for the sources that have no image.path). `files`: what records the looks."""
     if manifest.image.mode is not RootMode.READ_ONLY:
         return ()
+    files = files or HostFiles()
     image = manifest.image
     rootfs = rootfs or image.path
 
@@ -248,7 +252,7 @@ def missing_mount_points(manifest: Manifest, rootfs: str | None = None) -> tuple
             return has_directory(path)
         return rootfs is not None and exists(os.path.join(rootfs, path.lstrip("/")))
 
-    required = tuple(p for p in REQUIRED_MOUNT_POINTS if not in_image(p, os.path.isdir))
+    required = tuple(p for p in REQUIRED_MOUNT_POINTS if not in_image(p, files.is_dir))
 
     mounted = {guest_path(s.guest): s for s in manifest.shares}
 
@@ -262,15 +266,15 @@ def missing_mount_points(manifest: Manifest, rootfs: str | None = None) -> tuple
                 return exists(os.path.join(share.host, os.path.relpath(path, parent)))
         return in_image(path, exists)
 
-    points = [(s.guest, os.path.isdir) for s in manifest.shares]
-    points += [(m.target, os.path.lexists if m.kind is MountKind.BIND else os.path.isdir) for m in manifest.mounts]
+    points = [(s.guest, files.is_dir) for s in manifest.shares]
+    points += [(m.target, files.exists if m.kind is MountKind.BIND else files.is_dir) for m in manifest.mounts]
     return required + tuple(path for path, exists in points if not possible(guest_path(path), exists))
 
 
-def root_mode_flag(manifest: Manifest, rootfs: str | None = None) -> str:
+def root_mode_flag(manifest: Manifest, rootfs: str | None = None, files: HostFiles | None = None) -> str:
     """How init mounts the root (MVMC_ROOT): a read-only root that lacks a mount point is an
     overlay whose tmpfs gets the mount points, made read-only once the shares are mounted."""
-    if missing_mount_points(manifest, rootfs):
+    if missing_mount_points(manifest, rootfs, files):
         return "overlay-ro"
     return ROOT_MODE_FLAG[manifest.image.mode]
 
@@ -317,13 +321,15 @@ def _mount_op(mount: Mount) -> GuestMountOp:
 def resolve(manifest: Manifest, facts: HostFacts, store: str, sources: Sources = Sources(), *,
             hold: bool = False, image: ResolvedImage | None = None) -> Graph:
     """The dependency graph of a manifest. Reads source files (to hash them and to read kernel
-    module metadata) but builds nothing. `image`: the container image backends/images.py found
+    module metadata) but builds nothing; every look at the host goes through one HostFiles, and the
+    graph keeps what it saw (`observed`). `image`: the container image backends/images.py found
     and unpacked for it (registry, OCI layout, docker archive, OCI bundle)."""
     assert Transport.AUTO not in {manifest.image.transport, *(s.transport for s in manifest.shares)}, \
         "choose_transports first"
     from microvmc.kernel.image import inspect_kernel
     from microvmc.kernel.modules import resolve_modules, scan_modules, signatures_optional
 
+    files = HostFiles()
     nodes: dict[str, Node] = {}
     edges: list[tuple[str, str]] = []
 
@@ -347,7 +353,9 @@ def resolve(manifest: Manifest, facts: HostFacts, store: str, sources: Sources =
         if data is not None:
             d = hashlib.sha256(data).hexdigest()
         else:
-            d = sources.digest(path) if content else digest({"directory": path})
+            d = files.digest(path) if content else digest({"directory": path})
+        if not content:
+            files.is_dir(path)  # identified by path; while it is a directory
         return add(Node(id=node_id, builder=Builder.SOURCE, digest=d, path=path, keys=keys))
 
     accel, accel_reason = choose_accel(manifest, facts)
@@ -355,7 +363,7 @@ def resolve(manifest: Manifest, facts: HostFacts, store: str, sources: Sources =
     # The root filesystem.
     image, resolved = manifest.image, image
     if image.source is ImageSource.BUILTIN:
-        if not facts.busybox or not os.path.isfile(facts.busybox):
+        if not facts.busybox or not files.is_file(facts.busybox):
             raise ManifestError([Problem(manifest.name, "image.source", "the built-in image needs a static busybox, which is not installed",
                                          "run scripts/setup (Debian: apt-get install busybox-static)")])
         source("busybox", facts.busybox, ("image.name",), content=True)
@@ -376,9 +384,9 @@ def resolve(manifest: Manifest, facts: HostFacts, store: str, sources: Sources =
         source("rootfs", image.path, ("image.path",), content=False)
 
     # The kernel, what QEMU boots of it, and the modules the plan needs.
-    kernel_image, modules_dir = _kernel_location(manifest, facts)
+    kernel_image, modules_dir = _kernel_location(manifest, facts, files)
     kernel_keys = ("kernel.source", "kernel.image") if manifest.kernel.source is KernelSource.PATH else ("kernel.source",)
-    kernel_data = sources.read(kernel_image)
+    kernel_data = files.read(kernel_image)
     source("kernel", kernel_image, kernel_keys, content=True, data=kernel_data)
     info = inspect_kernel(kernel_data, path=kernel_image)
     release = info.release or os.path.basename(os.path.normpath(modules_dir))
@@ -386,13 +394,15 @@ def resolve(manifest: Manifest, facts: HostFacts, store: str, sources: Sources =
         raise KernelError(f"{kernel_image}: cannot tell which kernel release this is, so its modules cannot be checked",
                           hint="name the modules directory after the release, as lib/modules/<release> is")
     derive("boot-kernel", Builder.BOOT_KERNEL, "kernel", ("kernel",), {"release": release}, kernel_keys)
-    tree = scan_modules(Path(modules_dir))
+    tree = scan_modules(Path(modules_dir), files)
     module_bytes: dict[str, bytes] = {}  # read once: for .modinfo, then for the digest
 
     def read_module(path: Path) -> bytes:
-        return module_bytes.setdefault(str(path), sources.read(str(path)))
+        if str(path) not in module_bytes:
+            module_bytes[str(path)] = files.read(str(path))
+        return module_bytes[str(path)]
 
-    root_mode = root_mode_flag(manifest, resolved.rootfs if resolved else None)  # looks at the image's directories: once
+    root_mode = root_mode_flag(manifest, resolved.rootfs if resolved else None, files)  # looks at the image's directories: once
     resolved = resolve_modules(tree, _needed_modules(manifest, root_mode), release=release, read=read_module)
     # Modules are identified by content, so the same modules elsewhere give the same initramfs.
     module_files = [
@@ -400,10 +410,10 @@ def resolve(manifest: Manifest, facts: HostFacts, store: str, sources: Sources =
          "digest": hashlib.sha256(read_module(Path(modules_dir) / m.path)).hexdigest()}
         for m in resolved
     ]
-    config_path = _kernel_config(kernel_image, modules_dir, release)
+    config_path = _kernel_config(kernel_image, modules_dir, release, files)
     if config_path:
         source("kernel-config", config_path, kernel_keys, content=True)
-    strip = signatures_optional(sources.read(config_path).decode("utf-8", "replace") if config_path else None,
+    strip = signatures_optional(files.read(config_path).decode("utf-8", "replace") if config_path else None,
                                 manifest.kernel.cmdline)
     derive("modules", Builder.MODULES, "modules", ("kernel", *(("kernel-config",) if config_path else ())),
            {"release": release, "modules": module_files, "strip_signatures": strip},
@@ -416,8 +426,8 @@ def resolve(manifest: Manifest, facts: HostFacts, store: str, sources: Sources =
     except CmdlineError as err:
         raise ManifestError([Problem(manifest.name, "kernel.cmdline", str(err))]) from None
 
-    init_files = init_sources(sources.init_source)
-    add(Node(id="init-src", builder=Builder.SOURCE, digest=digest({"files": [[n, sources.digest(os.path.join(sources.init_source, n))] for n in init_files]}),
+    init_files = init_sources(sources.init_source, files)
+    add(Node(id="init-src", builder=Builder.SOURCE, digest=digest({"files": [[n, files.digest(os.path.join(sources.init_source, n))] for n in init_files]}),
              path=sources.init_source))
     derive("init", Builder.INIT, "init", ("init-src",), {"cc": facts.cc or "cc", "cc_version": facts.cc_version,
                                                      "cflags": list(INIT_CFLAGS)}, ())
@@ -446,7 +456,7 @@ def resolve(manifest: Manifest, facts: HostFacts, store: str, sources: Sources =
     derive("plan", Builder.PLAN, "plan", tuple(sorted(plan_inputs)), {"manifest": manifest.to_dict(), "accel": accel, **({"hold": True} if hold else {}),
                                                          "cmdline": str(cmdline), "host": facts.to_dict()}, ())
     return Graph(nodes=tuple(_build_order(nodes, edges)), edges=tuple(sorted(set(edges))), cmdline=cmdline,
-                 accel=accel, accel_reason=accel_reason)
+                 accel=accel, accel_reason=accel_reason, observed=files.observations())
 
 
 def _build_order(nodes: dict[str, Node], edges: list[tuple[str, str]]) -> Iterator[Node]:

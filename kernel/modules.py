@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from types import MappingProxyType
 
+from microvmc.compiler.hostfiles import HostFiles
 from microvmc.errors import KernelError
 
 __all__ = [
@@ -134,16 +135,18 @@ def read_modinfo(data: bytes, *, path: str) -> ModInfo:
     )
 
 
-def scan_modules(modules_dir: Path) -> ModuleTree:
-    """Index module names under `modules_dir`/kernel and the built-in ones, by name only."""
+def scan_modules(modules_dir: Path, files: HostFiles | None = None) -> ModuleTree:
+    """Index module names under `modules_dir`/kernel and the built-in ones, by name only. `files`:
+    what records the looks (compiler/hostfiles.py)."""
+    files = files or HostFiles()
     kernel_dir = modules_dir / "kernel"
-    if not kernel_dir.is_dir():
+    if not files.is_dir(str(kernel_dir)):
         raise KernelError(
             f"{modules_dir}: not a kernel modules directory (no kernel/ subdirectory)",
             hint="point it at lib/modules/<release> of the kernel",
         )
     found: dict[str, tuple[int, str]] = {}
-    for dirpath, _dirnames, filenames in os.walk(kernel_dir):
+    for dirpath, _dirnames, filenames in files.walk(str(kernel_dir)):
         relative_dir = os.path.relpath(dirpath, modules_dir).replace(os.sep, "/")
         for filename in filenames:
             rank = _suffix_rank(filename)
@@ -159,7 +162,7 @@ def scan_modules(modules_dir: Path) -> ModuleTree:
     return ModuleTree(
         root=modules_dir,
         modules=MappingProxyType(modules),
-        builtin=_read_builtin(modules_dir / "modules.builtin"),
+        builtin=_read_builtin(modules_dir / "modules.builtin", files),
     )
 
 
@@ -225,10 +228,10 @@ def _name_from_path(filename: str) -> str:
     return normalize_name(filename)
 
 
-def _read_builtin(path: Path) -> frozenset[str]:
+def _read_builtin(path: Path, files: HostFiles) -> frozenset[str]:
     # Custom builds without built-in modules may lack the file; it then lists nothing.
     try:
-        text = path.read_text(encoding="utf-8")
+        text = files.read(str(path)).decode("utf-8")
     except FileNotFoundError:
         return frozenset()
     return frozenset(_name_from_path(PurePosixPath(line).name) for line in text.split() if line)

@@ -173,6 +173,33 @@ def test_evaluation_cache_hits_only_while_every_input_is_unchanged(env, tmp_path
     assert (status, again, compiled) == (0, second, True)
 
 
+def _root_mode(output: str) -> str:
+    return next(p for p in Path(output, "cmdline").read_text().split() if p.startswith("MVMC_ROOT="))
+
+
+def test_evaluation_cache_sees_what_resolve_looked_at(env, tmp_path: Path) -> None:
+    """Issue 6, item 8: a directory image that loses the mount point of a share needs an overlay
+    root for it; the cache answered with the old plan (`run` failed 120, `plan` was right)."""
+    for d in ("image/proc", "image/sys", "image/dev", "image/data", "data"):
+        (tmp_path / d).mkdir(parents=True)
+    manifest = tmp_path / "m.toml"
+    manifest.write_text('version = 1\n[image]\nsource = "directory"\npath = "image"\nmode = "read-only"\n'
+                        '[process]\nargv = ["true"]\n[shares.data]\nhost = "data"\nguest = "/data"\n'
+                        'read_only = true\n')
+    status, first, _, compiled = _build_in_process(env, tmp_path, manifest)
+    assert (status, compiled) == (0, True) and _root_mode(first).endswith(":ro")
+    assert _build_in_process(env, tmp_path, manifest)[1:] == (first, "", False)
+
+    (tmp_path / "image" / "data").rmdir()  # nothing the manifest names changed; what resolve saw did
+    status, second, _, compiled = _build_in_process(env, tmp_path, manifest)
+    assert (status, compiled) == (0, True) and _root_mode(second).endswith(":overlay-ro")
+    plan = subprocess.run([*MICROVMC, "plan", str(manifest)], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert _root_mode(second) in plan.stdout.split()  # what `plan` compiles, fresh
+
+    (tmp_path / "image" / "etc").mkdir()  # what resolve did not look at: still a hit
+    assert _build_in_process(env, tmp_path, manifest)[1:] == (second, "", False)
+
+
 def test_a_kernel_given_by_path(env, tmp_path: Path, boot_env) -> None:
     """kernel.source = "path": the same bzImage is the same store path as the default kernel's;
     an ELF vmlinux works too; modules of another kernel are refused with the reason."""
