@@ -348,6 +348,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(err.status)
     except KeyboardInterrupt:
         return int(ExitStatus.INTERRUPTED)
+    except BrokenPipeError:
+        # Our stdout was closed (e.g. `microvmc plan x.toml | head -1`): not an error of ours.
+        # (Before OSError, of which it is one: it said "microvmc: Broken pipe", 125.)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except OSError as err:
         # The store or state directory cannot be written, a file vanished mid-build, ...
         if args.debug:
@@ -355,10 +360,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         where = f": {err.filename}" if err.filename else ""
         print(f"microvmc: {err.strerror or err}{where}", file=sys.stderr)
         return int(ExitStatus.INVALID)
-    except BrokenPipeError:
-        # Our stdout was closed (e.g. `microvmc plan x.toml | head -1`): not an error of ours.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
 
 
 def entry() -> NoReturn:

@@ -97,3 +97,18 @@ def test_store_before_the_command_is_the_store_used(boot_env, tmp_path: Path) ->
     bad.write_text("version = 2\n")
     debug = cli(boot_env, "--debug", "build", str(bad))
     assert "Traceback" in debug.stderr and "ManifestError" in debug.stderr
+
+
+def test_a_reader_that_went_away_is_not_an_error(boot_env, tmp_path: Path) -> None:
+    """Issue 6, item 9: `microvmc plan x.toml | head -c 10` said "microvmc: Broken pipe" and exited 125."""
+    import os
+
+    for command in (["plan", str(EXAMPLES / "hello.toml")], ["graph", "--json", str(EXAMPLES / "hello.toml")]):
+        read_end, write_end = os.pipe()
+        os.close(read_end)  # gone before anything is written: every write is EPIPE
+        try:
+            r = subprocess.run([*MICROVMC, *command], stdout=write_end, stderr=subprocess.PIPE, text=True,
+                               cwd=tmp_path, env=boot_env)
+        finally:
+            os.close(write_end)
+        assert (r.returncode, r.stderr) == (0, ""), command
