@@ -41,6 +41,7 @@ class CacheKey:
     store: str
     facts: HostFacts
     locked: bool = False  # --locked: a hit must have been checked against the lockfile too
+    tty: bool = False  # run -t: the program gets a pty
 
     def digest(self) -> str:
         value = {
@@ -51,6 +52,7 @@ class CacheKey:
             "store": self.store,
             "facts": self.facts.to_dict(),
             **({"locked": True} if self.locked else {}),
+            **({"tty": True} if self.tty else {}),
             "code": _code_fingerprint(),
         }
         return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()

@@ -76,34 +76,16 @@ def _size(path: str) -> int:
     return total
 
 
-def _alive(pid: object) -> bool:
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _live_outputs(state_roots: Iterable[Path]) -> set[str]:
-    """Outputs of runs that have not ended and whose microvmc (or monitor) still lives."""
+    """Outputs of runs whose monitor still lives (it holds the run's lock)."""
+    from microvmc.backends.runstore import RunStore
+
     out = set()
     for root in state_roots:
-        if not root.is_dir():
-            continue
-        for record in root.glob("*/run.json"):
-            try:
-                doc = json.loads(record.read_text())
-            except (OSError, ValueError):
-                continue
-            if not isinstance(doc, dict) or doc.get("ended") or doc.get("state") == "stopped":
-                continue
-            pids = doc.get("pids") if isinstance(doc.get("pids"), dict) else {}
-            if (_alive(doc.get("pid")) or _alive(pids.get("monitor"))) and isinstance(doc.get("output"), str):
-                out.add(os.path.realpath(doc["output"]))
+        for run in RunStore(root).all():
+            output = run.record().get("output")
+            if isinstance(output, str) and run.alive():
+                out.add(os.path.realpath(output))
     return out
 
 
@@ -148,12 +130,12 @@ def _image_blobs(blobs: BlobStore, digest: str) -> set[str]:
 
 def collect(store: str, *, environ: Mapping[str, str] = os.environ, dry_run: bool = False,
             extra_state: Iterable[Path] = ()) -> Collected:
-    from microvmc.backends.runs import runs_root
+    from microvmc.backends.runstore import state_root
 
     result = Collected()
     blobs = BlobStore(store)
     outputs, locks = _root_targets(store)
-    outputs |= {o for o in _live_outputs([runs_root(environ), *extra_state]) if os.path.dirname(o) == os.path.realpath(store)}
+    outputs |= {o for o in _live_outputs([state_root(environ) / "runs", *extra_state]) if os.path.dirname(o) == os.path.realpath(store)}
     keep_paths: set[str] = set()
     keep_blobs: set[str] = set()
     manifests: set[str] = set()

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from microvmc.compiler.cmdline import GuestUser, Rlimit, encode
 from microvmc.compiler.host import VirtiofsdFlavour
 from microvmc.compiler.machine import Fd, Machine
 
-__all__ = ["Fd", "ArgGroup", "VirtiofsdPlan", "LaunchPlan", "C_VIRTIOFSD_PID_DIR", "c_virtiofsd_pid_file"]
+__all__ = ["Fd", "ArgGroup", "VirtiofsdPlan", "LaunchPlan", "C_VIRTIOFSD_PID_DIR", "c_virtiofsd_pid_file", "ProcessSpec",
+           "program_process"]
 
 # The C virtiofsd started with --socket-path locks a pid file named after that path (every / turned
 # into .) here, and never removes it: launch.sh does, and so does the sweep of a killed script's runs.
@@ -144,3 +146,73 @@ class LaunchPlan:
             transports=tuple((tag, transport) for tag, transport in d["transports"]),
             sources=tuple(d["sources"]),
         )
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ProcessSpec:
+    """A further process in a running VM (exec): what init/PROTOCOL.md's EXEC frame carries."""
+
+    argv: tuple[str, ...]
+    env: tuple[tuple[str, str], ...]
+    cwd: str = "/"
+    user: GuestUser | None = None
+    rlimits: tuple[Rlimit, ...] = ()
+    tty: tuple[int, int] | None = None  # (rows, cols): a pty of that size
+
+    def payload(self) -> bytes:
+        lines = [f"A{i}={encode(a)}" for i, a in enumerate(self.argv)]
+        lines += [f"E{i}={encode(k)}={encode(v)}" for i, (k, v) in enumerate(self.env)]
+        lines.append(f"CWD={encode(self.cwd)}")
+        if self.user is not None:
+            lines.append(f"USER={self.user.uid}:{self.user.gid}:{','.join(map(str, self.user.groups))}")
+        lines += [f"R{i}={r.name}:{'inf' if r.soft is None else r.soft}:{'inf' if r.hard is None else r.hard}"
+                  for i, r in enumerate(self.rlimits)]
+        if self.tty is not None:
+            lines.append(f"TTY={self.tty[0]}:{self.tty[1]}")
+        return ("\n".join(lines) + "\n").encode("ascii")
+
+    def to_dict(self) -> dict:
+        return {"argv": list(self.argv), "env": [list(e) for e in self.env], "cwd": self.cwd,
+                "user": None if self.user is None else [self.user.uid, self.user.gid, list(self.user.groups)],
+                "rlimits": [[r.name, r.soft, r.hard] for r in self.rlimits],
+                "tty": None if self.tty is None else list(self.tty)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ProcessSpec":
+        user = d.get("user")
+        return cls(argv=tuple(d["argv"]), env=tuple((k, v) for k, v in d.get("env", ())), cwd=d.get("cwd") or "/",
+                   user=None if user is None else GuestUser(uid=user[0], gid=user[1], groups=tuple(user[2])),
+                   rlimits=tuple(Rlimit(name=n, soft=s, hard=h) for n, s, h in d.get("rlimits", ())),
+                   tty=None if d.get("tty") is None else (int(d["tty"][0]), int(d["tty"][1])))
+
+
+def program_process(cmdline: str) -> ProcessSpec:
+    """The run's own program as the kernel command line gives it to init: what an exec starts from
+    (its environment, working directory, user and limits). A configuration that spilled into the
+    initramfs is not on the command line: then only the argv-free defaults are known."""
+    from microvmc.compiler.cmdline import decode
+
+    params = dict(word.split("=", 1) for word in cmdline.split() if word.startswith("MVMC_") and "=" in word)
+    argv, env, rlimits = [], [], []
+    for i in range(len(params)):
+        if f"MVMC_A{i}" not in params:
+            break
+        argv.append(decode(params[f"MVMC_A{i}"]))
+    for i in range(len(params)):
+        if f"MVMC_E{i}" not in params:
+            break
+        name, _, value = params[f"MVMC_E{i}"].partition("=")
+        env.append((decode(name), decode(value)))
+    for i in range(len(params)):
+        if f"MVMC_R{i}" not in params:
+            break
+        name, soft, hard = params[f"MVMC_R{i}"].split(":")
+        rlimits.append(Rlimit(name=name, soft=None if soft == "inf" else int(soft), hard=None if hard == "inf" else int(hard)))
+    user = None
+    if "MVMC_USER" in params:
+        uid, gid, groups = params["MVMC_USER"].split(":")
+        user = GuestUser(uid=int(uid), gid=int(gid), groups=tuple(int(g) for g in groups.split(",") if g))
+    if not env:
+        env = [("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")]
+    return ProcessSpec(argv=tuple(argv), env=tuple(env), cwd=decode(params.get("MVMC_CWD", "/")), user=user,
+                       rlimits=tuple(rlimits))

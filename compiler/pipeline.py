@@ -37,9 +37,15 @@ def read_manifest(
     argv: Sequence[str] | None = None,
     env: Mapping[str, str] | None = None,
     cwd: str | None = None,
+    tty: bool = False,
 ) -> Manifest:
-    """load + validate, with command-line overrides applied."""
-    return validate(load(path, cwd=cwd).overridden(argv=argv, env=env))
+    """load + validate, with command-line overrides applied (`tty`: `run -t`, a pty in the guest)."""
+    manifest = validate(load(path, cwd=cwd).overridden(argv=argv, env=env))
+    if tty:
+        from dataclasses import replace
+
+        manifest = replace(manifest, process=replace(manifest.process, tty=True))
+    return manifest
 
 
 def compile_manifest(

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from microvmc.errors import ExitStatus
 
-__all__ = ["Outcome", "interpret_status", "EXEC_ERRNO_STATUS"]
+__all__ = ["Outcome", "interpret_status", "EXEC_ERRNO_STATUS", "Report", "parse_report"]
 
 # errno of a failed execve → exit status, as a shell does it.
 EXEC_ERRNO_STATUS: dict[int, ExitStatus] = {
@@ -57,3 +57,47 @@ def interpret_status(report: str) -> Outcome:
         started=started,
         message="the VM stopped without reporting the program's status",
     )
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Report:
+    """One report line of init (init/PROTOCOL.md), parsed: the one parser every reader uses."""
+
+    kind: str  # time, ready, started, exit, signal, error; "" for a line no host knows
+    stage: str = ""  # time: the stage; error: where init failed
+    number: int = 0  # time: ms; exit: the code; signal: the signal; error: errno
+    message: str = ""  # error: the rest of the line
+
+    @property
+    def final(self) -> bool:
+        """After exit, signal and error, init ends the program's session (and, on the status port, reboots)."""
+        return self.kind in ("exit", "signal", "error")
+
+    def status(self) -> int:
+        """The exit status a final report means (interpret_status for a single line)."""
+        return interpret_status(self.line()).status
+
+    def line(self) -> str:
+        if self.kind == "time":
+            return f"time {self.stage} {self.number}"
+        if self.kind in ("exit", "signal"):
+            return f"{self.kind} {self.number}"
+        if self.kind == "error":
+            return f"error {self.stage} {self.number} {self.message}"
+        return self.kind
+
+
+def parse_report(line: str) -> Report:
+    kind, _, rest = line.rstrip("\n").partition(" ")
+    if kind == "time":
+        stage, _, ms = rest.partition(" ")
+        return Report(kind="time", stage=stage, number=int(ms)) if ms.isdigit() else Report(kind="")
+    if kind in ("exit", "signal"):
+        return Report(kind=kind, number=int(rest)) if rest.isdigit() else Report(kind="")
+    if kind == "error":
+        stage, _, rest = rest.partition(" ")
+        code, _, message = rest.partition(" ")
+        return Report(kind="error", stage=stage, number=int(code) if code.isdigit() else 0, message=message)
+    if kind in ("ready", "started") and not rest:
+        return Report(kind=kind)
+    return Report(kind="")

@@ -29,6 +29,8 @@ def _global_options(*, defaults: bool) -> argparse.ArgumentParser:
     options.add_argument("-v", "--verbose", action="store_true", help="say what is decided and why", **unset)
     options.add_argument("--store", metavar="DIR", help="the store (default: $MICROVMC_STORE or ~/.cache/microvmc/store)",
                          **unset)
+    options.add_argument("--state", metavar="DIR", help="where runs are kept (default: $XDG_STATE_HOME/microvmc)",
+                         **unset)
     return options
 
 
@@ -66,6 +68,53 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print it as JSON")
     p = manifest_cmd("run", "build, boot the VM, run the program; exit with its status", overrides=True)
     p.add_argument("--locked", action="store_true", help="fail unless the lockfile exists and matches")
+    p.add_argument("-d", "--detach", action="store_true",
+                   help="run in the background: print the run's ID once the program has started")
+    p.add_argument("--name", help="name the run (unique; default: a generated one)")
+    p.add_argument("--rm", action="store_true", help="keep nothing of the run once it ends")
+    p.add_argument("-t", "--tty", action="store_true", help="give the program a terminal (a pty in the guest)")
+    p.add_argument("-i", "--interactive", action="store_true", help="keep stdin open (the default in the foreground)")
+    p.add_argument("--log-max-size", metavar="SIZE", default="16m",
+                   help="-d: rotate stdout.log/stderr.log at this size (e.g. 512k, 16m; 0: never; default 16m)")
+    p.add_argument("--log-max-files", metavar="N", type=int, default=2,
+                   help="-d: keep this many files of each log, the current one included (default 2)")
+
+    def run_cmd(name: str, help: str, *, many: bool = True) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help, parents=[common], epilog=EPILOG,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        if many:
+            p.add_argument("runs", nargs="+", metavar="RUN", help="a run's name, ID or unique ID prefix")
+        return p
+
+    p = run_cmd("ps", "list runs (running ones; -a: all)", many=False)
+    p.add_argument("-a", "--all", action="store_true", help="ended runs too")
+    p.add_argument("-q", "--quiet", action="store_true", help="only IDs")
+    p.add_argument("--json", action="store_true", help="as JSON")
+    p.add_argument("--no-trunc", action="store_true", help="full IDs and commands")
+    p = run_cmd("logs", "print what a detached run's program wrote", many=False)
+    p.add_argument("run", metavar="RUN")
+    p.add_argument("-f", "--follow", action="store_true", help="follow until the run ends")
+    p.add_argument("--tail", type=int, default=-1, metavar="N", help="only the last N lines of each stream")
+    p.add_argument("--stdout", action="store_true", help="only stdout")
+    p.add_argument("--stderr", action="store_true", help="only stderr")
+    run_cmd("inspect", "print runs as JSON: manifest, plan, state, status, timeline, pids, paths")
+    p = run_cmd("stop", "stop runs: SIGTERM to the program, then (after -t seconds) the VM is stopped")
+    p.add_argument("-t", "--time", type=float, metavar="SECS",
+                   help="seconds the program gets (default: its resources.stop_timeout)")
+    p = run_cmd("kill", "send a signal to a run's program")
+    p.add_argument("-s", "--signal", default="KILL", metavar="SIG", help="a name (HUP, SIGTERM) or number (default KILL)")
+    run_cmd("wait", "wait until runs end; print each one's status and exit with the last")
+    p = run_cmd("rm", "remove runs that ended")
+    p.add_argument("-f", "--force", action="store_true", help="stop a running one first")
+    p = run_cmd("exec", "run a further process in a running run: own stdio and exit status", many=False)
+    p.add_argument("-i", "--interactive", action="store_true", help="pass stdin (default: empty)")
+    p.add_argument("-t", "--tty", action="store_true", help="give it a terminal (a pty in the guest)")
+    p.add_argument("-e", "--env", action="append", default=[], metavar="KEY=VALUE",
+                   help="set an environment variable (on top of the program's)")
+    p.add_argument("-w", "--workdir", metavar="DIR", help="working directory in the guest")
+    p.add_argument("-u", "--user", metavar="UID[:GID]", help="run as this user (numbers)")
+    p.add_argument("run", metavar="RUN")
+    p.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- ARGV")
     p = sub.add_parser("pull", help="fetch an image from a registry into the store; print its digest", parents=[common])
     p.add_argument("reference", help="e.g. docker.io/library/alpine:3.20, 127.0.0.1:5000/tools/bbox@sha256:...")
     p.add_argument("--platform", metavar="OS/ARCH[/VARIANT]", help="from a multi-platform image (default: linux/<host>)")
@@ -130,7 +179,7 @@ def _built(args: argparse.Namespace):
     from microvmc.backends.progress import terminal_progress
 
     return build(args.manifest, argv=args.argv, env=_env_overrides(args.env), store=_store(args), facts=probe_host(),
-                 locked=args.locked, progress=terminal_progress())
+                 locked=args.locked, progress=terminal_progress(), tty=getattr(args, "tty", False))
 
 
 def _store(args: argparse.Namespace) -> str:
@@ -259,30 +308,71 @@ def _cmd_graph(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    import time
+    from contextlib import ExitStack
 
-    from microvmc.backends.qemu import run_plan
-    from microvmc.backends.runs import new_run_dir, prune_runs, write_record
+    from microvmc import lifecycle
+    from microvmc.backends import terminal
+    from microvmc.backends.monitor import LogLimits, run_plan, start_detached
 
+    if args.detach and (args.tty or args.interactive):
+        raise MicrovmcError("-d with -t or -i: a detached run has no terminal or stdin to attach",
+                            hint="start it with -d, then: microvmc exec -it RUN /bin/sh", status=ExitStatus.USAGE)
+    if args.tty and not os.isatty(0):
+        raise MicrovmcError("-t: stdin is not a terminal", status=ExitStatus.USAGE)
+    limits = LogLimits(max_size=lifecycle.parse_size(args.log_max_size, "--log-max-size"),
+                       max_files=args.log_max_files)
+    if limits.max_files < 1:
+        raise MicrovmcError(f"--log-max-files {args.log_max_files}: at least 1", status=ExitStatus.USAGE)
+    store = lifecycle.store_of(args)
+    if args.name is not None:
+        store.check_name(args.name)  # before a build that may take minutes
     out, plan = _built(args)
-    log_dir = new_run_dir(plan.name)
-    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-
-    def booting() -> None:  # while the VM boots (on another CPU), not before
-        write_record(log_dir, name=plan.name, manifest=os.path.abspath(args.manifest), output=out, pid=os.getpid(),
-                     accel=plan.accel, started=started)
-        prune_runs()
-
+    manifest = os.path.abspath(args.manifest)
+    run = store.create(plan.to_dict(), name=args.name, manifest=manifest, command=_program_argv(args), output=out,
+                       accel=plan.accel, foreground=not args.detach, named=args.name is not None, remove=args.rm)
     if args.verbose:
-        print(f"microvmc: build output {out}", file=sys.stderr)
-    ended = lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())  # noqa: E731
+        print(f"microvmc: build output {out}; run {run.id[:12]} ({run.name}) in {run.dir}", file=sys.stderr)
+    if args.detach:
+        try:
+            start_detached(plan, run, log_limits=limits)
+        finally:
+            run.release()
+        print(run.id)
+        return 0
+    with ExitStack() as stack:
+        if args.rm:  # (callbacks run last first: the lock is released, then the run removed)
+            stack.callback(store.remove, run)
+        stack.callback(run.release)
+        if args.tty:
+            stack.enter_context(terminal.raw(0))
+        try:
+            return run_plan(plan, log_dir=run.dir, verbose=args.verbose, booting=store.prune, run=run,
+                            terminal=0 if args.tty else None)
+        except MicrovmcError as err:
+            run.update(state="exited", status=int(err.status), message=err.message)
+            raise
+
+
+def _program_argv(args: argparse.Namespace) -> tuple[str, ...]:
+    """What `ps` shows as the run's command: the argv given, or the manifest's."""
+    if args.argv:
+        return tuple(args.argv)
+    from microvmc.compiler.load import load
+
     try:
-        status = run_plan(plan, log_dir=log_dir, verbose=args.verbose, booting=booting)
-    except MicrovmcError as err:
-        write_record(log_dir, status=int(err.status), error=err.message, ended=ended())
-        raise
-    write_record(log_dir, status=status, ended=ended())
-    return status
+        argv = (load(args.manifest).data.get("process") or {}).get("argv") or ()
+    except MicrovmcError:
+        return ()
+    return tuple(str(a) for a in argv) if isinstance(argv, list) else ()
+
+
+def _lifecycle(name: str):
+    def command(args: argparse.Namespace) -> int:
+        from microvmc import lifecycle
+
+        return getattr(lifecycle, f"cmd_{name}")(args)
+
+    return command
 
 
 COMMANDS = {
@@ -295,6 +385,7 @@ COMMANDS = {
     "images": _cmd_images,
     "lock": _cmd_lock,
     "gc": _cmd_gc,
+    **{verb: _lifecycle(verb) for verb in ("ps", "logs", "inspect", "stop", "kill", "wait", "rm", "exec")},
 }
 
 

@@ -28,6 +28,7 @@ class ExitStatus(IntEnum):
     Docker's and the shell's conventions so the two rarely collide."""
 
     OK = 0
+    NO_SUCH_RUN = 1  # ps/logs/stop/rm/exec...: no such run, or its state does not allow the request
     USAGE = 2  # bad command line (argparse)
     OUTPUT_LOST = 119  # the program succeeded, but its output could not be written (disk full, ...)
     INIT_FAILED = 120  # guest init failed before the program started (mount, modules, ports)
@@ -44,6 +45,7 @@ class ExitStatus(IntEnum):
 # What each exit status means, as `microvmc --help` lists it (the README's table says the same).
 EXIT_MEANINGS: tuple[tuple[str, str], ...] = (
     ("0", "success (run: the program's own status, 128+N if it died of signal N)"),
+    ("1", "no such run, an ambiguous prefix, or a request its state does not allow (rm of a running run, ...)"),
     ("2", "bad command line"),
     ("119", "the program succeeded but its stdout or stderr could not be written (e.g. disk full)"),
     ("120", "the guest init failed before the program started (mount, modules, ports)"),

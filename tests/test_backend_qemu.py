@@ -29,8 +29,9 @@ from pathlib import Path
 import pytest
 
 from microvmc.backends import qemu as qemu_backend
+from microvmc.backends import supervise
 from microvmc.backends.host import tsc_khz
-from microvmc.backends.qemu import run_plan
+from microvmc.backends.monitor import run_plan
 from microvmc.compiler.host import VirtiofsdFlavour
 from microvmc.compiler.launch import ArgGroup, LaunchPlan, VirtiofsdPlan
 from microvmc.compiler.machine import PORTS, Fd, Machine
@@ -137,7 +138,7 @@ def read_until(fd: int, needle: bytes, timeout: float) -> bytes:
 HELPER = """
 import json, sys
 from pathlib import Path
-from microvmc.backends.qemu import run_plan
+from microvmc.backends.monitor import run_plan
 from microvmc.compiler.launch import LaunchPlan
 plan = LaunchPlan.from_dict(json.loads(Path(sys.argv[1]).read_text()))
 sys.exit(run_plan(plan, log_dir=Path(sys.argv[2]), stdin=0, stdout=1, stderr=2))
@@ -587,7 +588,7 @@ def test_qemu_failure_beside_a_healthy_virtiofsd(run, tmp_path, marker):
 
 
 def test_qemu_that_does_not_end_after_the_report(run, tmp_path, marker, monkeypatch):
-    monkeypatch.setattr(qemu_backend, "SHUTDOWN_GRACE", 0.5)
+    monkeypatch.setattr(supervise, "SHUTDOWN_GRACE", 0.5)
     qemu = sh_qemu(tmp_path, f"printf 'started\\nexit 3\\n' >&4; sleep {marker}")
     assert run(make_plan([qemu]))[0] == 3
     run.assert_clean(marker)
@@ -595,7 +596,7 @@ def test_qemu_that_does_not_end_after_the_report(run, tmp_path, marker, monkeypa
 
 def test_pipes_held_open_after_qemu_ended(run, tmp_path, marker, monkeypatch):
     """A process QEMU left behind keeps the pipes open: the run still ends, and it is killed."""
-    monkeypatch.setattr(qemu_backend, "EOF_GRACE", 0.5)
+    monkeypatch.setattr(supervise, "EOF_GRACE", 0.5)
     qemu = sh_qemu(tmp_path, f"printf 'started\\nexit 0\\n' >&4; sleep {marker} & exit 0")
     assert run(make_plan([qemu]))[0] == 0
     run.assert_clean(marker)

@@ -11,7 +11,7 @@ import pytest
 
 from microvmc.backends.build import realize
 from microvmc.backends.host import probe_host
-from microvmc.backends.qemu import run_plan
+from microvmc.backends.monitor import run_plan
 from microvmc.compiler.cmdline import GuestUser, Rlimit
 from microvmc.compiler.pipeline import compile_manifest, read_manifest
 

@@ -38,7 +38,7 @@ from pathlib import Path
 from microvmc.backends.build import realize
 from microvmc.backends.host import probe_host
 from microvmc.backends.oci import stage_files, unstage
-from microvmc.backends.qemu import run_plan
+from microvmc.backends.monitor import run_plan
 from microvmc.compiler.oci import container_manifest
 from microvmc.compiler.pipeline import compile_manifest
 

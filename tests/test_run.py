@@ -56,9 +56,12 @@ def test_hello(env) -> None:
     r = run(env, str(EXAMPLES / "hello.toml"))
     assert (r.returncode, r.stdout, r.stderr) == (0, b"hello from a microVM\n", b"")
     # The run left its record and logs (not its sockets or runtime directory).
-    runs = sorted(Path(env["XDG_STATE_HOME"], "microvmc", "runs").iterdir())
-    record = json.loads((runs[-1] / "run.json").read_text())
-    assert (record["name"], record["status"], record["manifest"]) == ("hello", 0, str(EXAMPLES / "hello.toml"))
+    runs = sorted((p for p in Path(env["XDG_STATE_HOME"], "microvmc", "runs").iterdir() if p.is_dir()),
+                  key=lambda p: p.stat().st_mtime_ns)
+    record = json.loads((runs[-1] / "record.json").read_text())
+    assert (record["plan"]["name"], record["state"], record["status"], record["manifest"]) == (
+        "hello", "exited", 0, str(EXAMPLES / "hello.toml"))
+    assert not (runs[-1] / "vm").exists() and not (runs[-1] / "control.sock").exists()
     report = (runs[-1] / "status").read_text().splitlines()
     assert [line for line in report if not line.startswith("time ")] == ["started", "exit 0"]
     assert (runs[-1] / "console.log").stat().st_size > 0
@@ -397,8 +400,9 @@ def _wait_until_started(env, process: subprocess.Popen, limit: float = 120) -> N
     runs = Path(env["XDG_STATE_HOME"], "microvmc", "runs")
     deadline = time.monotonic() + limit
     while time.monotonic() < deadline and process.poll() is None:
-        newest = max(runs.iterdir(), key=lambda p: p.stat().st_mtime_ns, default=None) if runs.is_dir() else None
-        if newest and (newest / "run.json").exists() and f'"pid": {process.pid}' in (newest / "run.json").read_text():
+        newest = max((p for p in runs.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime_ns,
+                     default=None) if runs.is_dir() else None
+        if newest and (newest / "record.json").exists() and f'"monitor": {process.pid}' in (newest / "record.json").read_text():
             status = newest / "status"
             if status.exists() and "started" in status.read_text().splitlines():
                 return

@@ -1,0 +1,256 @@
+"""The run store: one directory per run under the state directory, what `ps`, `logs`, `inspect`,
+`stop`, `rm` and `exec` find runs by.
+
+    <state>/runs/<id>/record.json     what the run is and how it went (replaced atomically, never edited)
+                      lock            flock'ed by the run's monitor for as long as it lives
+                      control.sock    the monitor's socket (backends/monitor.py), while it lives
+                      stdout.log ...  the program's output of a detached run, then the console, QEMU,
+                                      virtiofsd and monitor logs, status, timeline.json
+                      vm/             the VM's runtime directory (sockets), while it lives
+
+A run directory appears complete or not at all: it is made as `.new-<id>` and renamed once its
+record and lock are in place; `rm` renames it to `.rm-<id>` before deleting it. Names and ids are
+unique under the store's own lock. A run whose record says it runs but whose lock is free lost its
+monitor (SIGKILL): `state()` says "dead" and its sockets are removed (QEMU and the virtiofsds died
+with the monitor: they get SIGKILL when it dies).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+import secrets
+import shutil
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from microvmc.errors import ExitStatus, MicrovmcError
+
+__all__ = ["RunStore", "Run", "NoSuchRun", "RunStateError", "state_root", "KEEP"]
+
+KEEP = 50  # foreground runs without a name beyond this many are pruned, oldest first
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+RECORD = "record.json"
+LOCK = "lock"
+SOCKET = "control.sock"
+_ADJECTIVES = ("brave", "calm", "eager", "fond", "gentle", "happy", "jolly", "keen", "lucid", "merry", "nifty",
+               "proud", "quiet", "sharp", "tender", "vivid", "wise", "zealous")
+_NOUNS = ("babbage", "curie", "darwin", "euler", "fermat", "galois", "hopper", "kepler", "lovelace", "noether",
+          "pascal", "ritchie", "shannon", "thompson", "turing", "wirth")
+
+
+class NoSuchRun(MicrovmcError):
+    status = ExitStatus.NO_SUCH_RUN
+
+
+class RunStateError(MicrovmcError):
+    """A request the run's state does not allow (rm of a running run, exec into an ended one)."""
+
+    status = ExitStatus.NO_SUCH_RUN
+
+
+def state_root(environ: Mapping[str, str] = os.environ, override: str | None = None) -> Path:
+    if override:
+        return Path(os.path.abspath(override))
+    state = environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return Path(state, "microvmc")
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+class Run:
+    def __init__(self, path: Path, record: dict[str, Any] | None = None):
+        self.dir = Path(path)
+        self._record = record
+        self.lock_fd: int | None = None  # held by whoever created it, until the monitor owns it
+
+    @property
+    def id(self) -> str:
+        return self.record()["id"]
+
+    @property
+    def name(self) -> str:
+        return self.record()["name"]
+
+    @property
+    def socket(self) -> Path:
+        return self.dir / SOCKET
+
+    def record(self, *, fresh: bool = False) -> dict[str, Any]:
+        if self._record is None or fresh:
+            self._record = json.loads((self.dir / RECORD).read_text())
+        return self._record
+
+    def update(self, **fields: Any) -> dict[str, Any]:
+        """Merge `fields` into the record, atomically (only the run's monitor writes once it runs)."""
+        record = {**self.record(fresh=True), **fields}
+        tmp = self.dir / f".{RECORD}.{os.getpid()}"
+        tmp.write_text(json.dumps(record, sort_keys=True, indent=2) + "\n")
+        os.replace(tmp, self.dir / RECORD)
+        self._record = record
+        return record
+
+    def alive(self) -> bool:
+        """A monitor holds the run's lock."""
+        if self.lock_fd is not None:
+            return True
+        try:
+            fd = os.open(self.dir / LOCK, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return True
+        finally:
+            os.close(fd)
+        return False
+
+    def state(self) -> str:
+        """created, running, exited, or dead (its monitor was lost); a dead run's sockets are removed."""
+        record = self.record(fresh=True)
+        state = record.get("state", "created")
+        if state in ("created", "running") and not self.alive():
+            record = self.record(fresh=True)  # it may have ended between the two reads
+            state = record.get("state", "created")
+            if state in ("created", "running"):
+                shutil.rmtree(self.dir / "vm", ignore_errors=True)
+                try:
+                    os.unlink(self.socket)
+                except OSError:
+                    pass
+                return "dead"
+        return state
+
+    def release(self) -> None:
+        if self.lock_fd is not None:
+            os.close(self.lock_fd)
+            self.lock_fd = None
+
+
+class RunStore:
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def check_name(self, name: str) -> None:
+        """That `name` is a name and free now (create checks again, under the lock)."""
+        if not NAME.fullmatch(name):
+            raise MicrovmcError(f"--name {name!r}: a name is letters, digits, '_', '.' and '-', starting with a "
+                                "letter or digit", status=ExitStatus.USAGE)
+        for run in self.all():
+            if run.name == name:
+                raise MicrovmcError(f"the name {name!r} is taken by run {run.id[:12]}",
+                                    hint=f"remove it first: microvmc rm {name}", status=ExitStatus.USAGE)
+
+    def create(self, plan: dict[str, Any], *, name: str | None = None, id: str | None = None,
+               manifest: str | None = None, command: tuple[str, ...] = (), **fields: Any) -> Run:
+        """A new run, its lock held by the returned Run (pass it on to the monitor)."""
+        if name is not None and not NAME.fullmatch(name):
+            raise MicrovmcError(f"--name {name!r}: a name is letters, digits, '_', '.' and '-', starting with a "
+                                "letter or digit", status=ExitStatus.USAGE)
+        if id is not None and not NAME.fullmatch(id):
+            raise MicrovmcError(f"run id {id!r}: an id is letters, digits, '_', '.' and '-'", status=ExitStatus.USAGE)
+        with self._locked():
+            runs = self.all()
+            ids = {r.id for r in runs}
+            names = {r.name: r for r in runs}
+            if name is not None and name in names:
+                raise MicrovmcError(f"the name {name!r} is taken by run {names[name].id[:12]}",
+                                    hint=f"remove it first: microvmc rm {name}", status=ExitStatus.USAGE)
+            if id is not None and id in ids:
+                raise MicrovmcError(f"a run with id {id!r} exists", status=ExitStatus.USAGE)
+            run_id = id or secrets.token_hex(32)
+            if name is None:
+                while True:
+                    name = f"{secrets.choice(_ADJECTIVES)}_{secrets.choice(_NOUNS)}"
+                    if name not in names:
+                        break
+                    name = f"{name}_{secrets.randbelow(1000)}"
+                    if name not in names:
+                        break
+            record = {"id": run_id, "name": name, "created": _now(), "created_unix": time.time(),
+                      "manifest": manifest, "command": list(command), "state": "created", "plan": plan, **fields}
+            new = self.root / f".new-{run_id}"
+            new.mkdir(mode=0o700)
+            try:
+                (new / RECORD).write_text(json.dumps(record, sort_keys=True, indent=2) + "\n")
+                lock = os.open(new / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                os.rename(new, self.root / run_id)
+            except BaseException:
+                shutil.rmtree(new, ignore_errors=True)
+                raise
+            run = Run(self.root / run_id, record)
+            run.lock_fd = lock
+            return run
+
+    def all(self) -> list[Run]:
+        """Every complete run, oldest first."""
+        try:
+            entries = [e for e in os.scandir(self.root) if not e.name.startswith(".") and e.is_dir()]
+        except FileNotFoundError:
+            return []
+        runs = []
+        for entry in entries:
+            try:
+                runs.append(Run(Path(entry.path), json.loads(Path(entry.path, RECORD).read_text())))
+            except (OSError, ValueError):
+                continue  # being removed
+        runs.sort(key=lambda r: (r.record().get("created_unix", 0), r.id))
+        return runs
+
+    def find(self, ref: str) -> Run:
+        """By name, full id or unique id prefix."""
+        runs = self.all()
+        for run in runs:
+            if run.name == ref or run.id == ref:
+                return run
+        matches = [r for r in runs if ref and r.id.startswith(ref)]
+        if len(matches) == 1:
+            return matches[0]
+        if matches:
+            raise NoSuchRun(f"{ref!r} is ambiguous: it starts {len(matches)} run ids "
+                            f"({', '.join(r.id[:12] for r in matches[:4])})")
+        raise NoSuchRun(f"no such run: {ref!r}", hint="microvmc ps -a lists them")
+
+    def remove(self, run: Run) -> None:
+        if run.alive():
+            raise RunStateError(f"run {run.name!r} is {run.record(fresh=True).get('state', 'running')}",
+                                hint=f"stop it first, or: microvmc rm -f {run.name}")
+        gone = self.root / f".rm-{run.id}"
+        try:
+            os.rename(run.dir, gone)
+        except FileNotFoundError:
+            return
+        shutil.rmtree(gone, ignore_errors=True)
+
+    def prune(self, keep: int = KEEP) -> None:
+        """Forget the oldest ended foreground runs that nobody named, beyond `keep` of them, and what
+        a killed `rm` or `create` left half-done."""
+        for entry in os.scandir(self.root):
+            if entry.name.startswith((".rm-", ".new-")) and time.time() - entry.stat().st_mtime > 60:
+                shutil.rmtree(entry.path, ignore_errors=True)
+        ended = [r for r in self.all() if r.record().get("foreground") and not r.record().get("named")
+                 and r.record().get("state") == "exited"]
+        for run in ended[:-keep] if keep else ended:
+            try:
+                self.remove(run)
+            except MicrovmcError:
+                pass
