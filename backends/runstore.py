@@ -243,11 +243,15 @@ class RunStore:
 
     def prune(self, keep: int = KEEP) -> None:
         """Forget the oldest ended foreground runs that nobody named, beyond `keep` of them, and what
-        a killed `rm` or `create` left half-done."""
+        a killed `rm` or `create` left half-done; remove the sockets of runs whose monitor was killed."""
         for entry in os.scandir(self.root):
             if entry.name.startswith((".rm-", ".new-")) and time.time() - entry.stat().st_mtime > 60:
                 shutil.rmtree(entry.path, ignore_errors=True)
-        ended = [r for r in self.all() if r.record().get("foreground") and not r.record().get("named")
+        runs = self.all()
+        for run in runs:  # a run whose monitor was killed: its sockets and runtime directory go
+            if run.record().get("state") in ("created", "running") and (run.dir / "vm").exists():
+                run.state()
+        ended = [r for r in runs if r.record().get("foreground") and not r.record().get("named")
                  and r.record().get("state") == "exited"]
         for run in ended[:-keep] if keep else ended:
             try:

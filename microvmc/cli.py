@@ -331,7 +331,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     run = store.create(plan.to_dict(), name=args.name, manifest=manifest, command=_program_argv(args), output=out,
                        accel=plan.accel, foreground=not args.detach, named=args.name is not None, remove=args.rm)
     if args.verbose:
-        print(f"microvmc: build output {out}; run {run.id[:12]} ({run.name}) in {run.dir}", file=sys.stderr)
+        print(f"microvmc: build output {out}", file=sys.stderr)
     if args.detach:
         try:
             start_detached(plan, run, log_limits=limits)

@@ -42,3 +42,15 @@ def test_images_benchmark_runs_every_column(boot_env) -> None:
     assert set(result["pull"]) == {"microvmc", "skopeo"} and set(result["boot"]) == {"image", "directory"}
     assert result["pull_ratio"]["of_medians"] > 0 and result["boot_ratio"]["of_medians"] > 0
     assert result["left_running"] == []
+
+
+def test_lifecycle_benchmark_runs_every_column(boot_env) -> None:
+    """One round: ps over 1 and 100 records, a foreground run and a detached run + wait; all exit 0
+    and leave nothing running."""
+    r = subprocess.run([sys.executable, "bench/lifecycle.py", "-n", "1", "--warmup", "0", "--json", "-q"],
+                       cwd=REPO, env=boot_env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout)
+    assert set(result["ps"]) == {"ps1", "ps100"} and set(result["boot"]) == {"foreground", "detached"}
+    assert result["ps_ratio"]["of_medians"] > 0 and result["detached_ratio"]["of_medians"] > 0
+    assert result["left_running"] == []

@@ -326,22 +326,24 @@ def test_init_reaps_orphans_and_passes_signals_on(env, tmp_path: Path, how: str)
 
 def test_sigkill_of_microvmc_leaves_nothing_running_and_the_next_run_sweeps(env) -> None:
     """SIGKILL gives microvmc no chance to clean up: QEMU and virtiofsd die with it (the kernel's
-    parent-death signal), and the runtime directory it left is removed by a later run."""
+    parent-death signal), the run is listed as dead, and the sockets it left are removed by a later run."""
     p = _start_and_wait_ready(env, str(EXAMPLES / "hello.toml"))
+    runs = Path(env["XDG_STATE_HOME"], "microvmc", "runs")
+    [killed] = [d for d in runs.iterdir() if (d / "record.json").exists()
+                and f'"monitor": {p.pid}' in (d / "record.json").read_text()]
     p.kill()
     p.wait()
     p.stdout.close()
     p.stderr.close()
-    runtime = Path(env["XDG_RUNTIME_DIR"])
     deadline = time.monotonic() + 10
-    while [x for x in leftovers(env) if not x.startswith(str(runtime))] and time.monotonic() < deadline:
+    while leftovers(env) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert [x for x in leftovers(env) if not x.startswith(str(runtime))] == []  # no process
-    stale = [d for d in runtime.iterdir() if d.name.startswith("microvmc-")]
-    assert len(stale) == 1
-    past = time.time() - 60  # as if it had been left a minute ago (younger ones may be starting)
-    os.utime(stale[0] / ".lock", (past, past))
+    assert leftovers(env) == []  # no process
+    assert (killed / "vm").is_dir() and (killed / "control.sock").exists()  # it could not remove them
     assert run(env, str(EXAMPLES / "hello.toml")).returncode == 0
+    assert not (killed / "vm").exists() and not (killed / "control.sock").exists()
+    ps = subprocess.run([*MICROVMC, "ps", "-a"], env=env, capture_output=True, text=True, check=True).stdout
+    assert "Dead (monitor lost)" in ps and killed.name[:12] in ps
     assert not leftovers(env)
 
 
