@@ -2,7 +2,8 @@
 
 Each output is built in a temporary directory inside the store and renamed into place; if another
 build got there first, its output is kept and ours discarded. A failed build removes its temporary
-directory, so the store never holds half an output.
+directory, so the store never holds half an output; so does a build stopped by SIGTERM or SIGHUP
+(which would otherwise end the process without removing anything).
 """
 
 from __future__ import annotations
@@ -10,8 +11,10 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -25,12 +28,30 @@ from microvmc.errors import BuildError, KernelError
 __all__ = ["realize", "BUILDERS", "staging"]
 
 
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+@contextlib.contextmanager
+def _temporary_directory(prefix: str, parent: str | None = None) -> Iterator[Path]:
+    """A new directory, removed on the way out whatever happens. Made with the stop signals held, so
+    that one (an exception, see _stoppable) cannot land between its making and the `try` that removes it."""
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    path = None
+    try:
+        path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)  # one that came meanwhile is raised here
+        yield path
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+        if path is not None:
+            shutil.rmtree(path, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def staging(out: str) -> Iterator[Path]:
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{os.path.basename(out)}-", dir=parent))
-    try:
+    with _temporary_directory(f".tmp-{os.path.basename(out)}-", parent) as tmp:
         yield tmp
         os.chmod(tmp, 0o755)  # mkdtemp made it private; store paths are readable by all
         try:
@@ -39,9 +60,6 @@ def staging(out: str) -> Iterator[Path]:
             if not os.path.isdir(out):
                 raise
             # A concurrent build of the same inputs won; its output is identical.
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _busybox_rootfs(node: Node, graph: Graph, out: Path) -> None:
@@ -84,22 +102,37 @@ def _init(node: Node, graph: Graph, out: Path) -> None:
     source = graph.node("init-src").path
     cc = node.param("cc")
     names = init_sources(source)
-    with tempfile.TemporaryDirectory(prefix="microvmc-init-") as work:
+    with _temporary_directory("microvmc-init-") as work_path:
+        work = str(work_path)
         for name in names:
             shutil.copyfile(os.path.join(source, name), os.path.join(work, name))
         units = [name for name in names if name.endswith(".c")]
         try:
-            result = subprocess.run([cc, *INIT_CFLAGS, "-o", "init", *units], cwd=work,
-                                    capture_output=True, text=True)
+            returncode, stderr = _compile([cc, *INIT_CFLAGS, "-o", "init", *units], work)
         except FileNotFoundError:
             raise BuildError(f"cannot compile the guest init: the C compiler {cc!r} is not installed",
                              hint="run scripts/setup") from None
-        if result.returncode != 0:
-            first = next((l for l in result.stderr.splitlines() if l.strip()), "no output")
+        if returncode != 0:
+            first = next((l for l in stderr.splitlines() if l.strip()), "no output")
             raise BuildError(f"cannot compile the guest init with {cc}: {first}",
                              hint="a static libc is needed (Debian: libc6-dev)")
         shutil.copyfile(os.path.join(work, "init"), out / "init")
     os.chmod(out / "init", 0o755)
+
+
+def _compile(argv: list[str], work: str) -> tuple[int, str]:
+    """Run the compiler in `work`, its temporary files there too (TMPDIR), in its own process group:
+    a build stopped midway stops cc1, as and ld with it, and removing `work` removes all they wrote."""
+    proc = subprocess.Popen(argv, cwd=work, env=dict(os.environ, TMPDIR=work), stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _, stderr = proc.communicate()
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise
+    return proc.returncode, stderr
 
 
 def _initramfs(node: Node, graph: Graph, out: Path) -> None:
@@ -133,8 +166,38 @@ BUILDERS: dict[Builder, Callable[[Node, Graph, Path], None]] = {
 }
 
 
+@contextlib.contextmanager
+def _stoppable() -> Iterator[None]:
+    """SIGTERM and SIGHUP end a build as SIGINT does, by an exception, so that every temporary
+    directory is removed and the compiler is stopped; a signal during that clean-up is ignored.
+    A caller's own handlers are left alone."""
+    signals = _STOP_SIGNALS
+    if threading.current_thread() is not threading.main_thread() or any(
+            signal.getsignal(s) is not signal.SIG_DFL for s in signals):
+        yield
+        return
+
+    def stop(signum: int, _frame: object) -> None:
+        for s in signals:
+            signal.signal(s, signal.SIG_IGN)
+        raise BuildError(f"the build was stopped by {signal.Signals(signum).name}", status=128 + signum)
+
+    for s in signals:
+        signal.signal(s, stop)
+    try:
+        yield
+    finally:
+        for s in signals:
+            signal.signal(s, signal.SIG_DFL)
+
+
 def realize(compiled: Compiled) -> str:
     """Build whatever of the graph is missing from the store, then the output; return its path."""
+    with _stoppable():
+        return _realize(compiled)
+
+
+def _realize(compiled: Compiled) -> str:
     for node in compiled.graph.nodes:
         build = BUILDERS.get(node.builder)
         if build is None or os.path.isdir(node.path):

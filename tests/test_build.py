@@ -257,3 +257,28 @@ def test_a_missing_compiler_is_one_clear_line(env, tmp_path: Path) -> None:
     assert r.returncode == 125
     assert r.stderr == "microvmc: cannot compile the guest init: the C compiler 'cc' is not installed (run scripts/setup)\n"
     assert not [p for p in Path(env["MICROVMC_STORE"]).iterdir() if p.name.startswith(".tmp")]
+
+
+@pytest.mark.parametrize("signum", [15, 1])
+def test_a_build_stopped_by_a_signal_leaves_nothing_behind(env, tmp_path: Path, signum: int) -> None:
+    """Issue 6, item 9: SIGTERM during a cold build left store/.tmp-* and /tmp/microvmc-init-* forever."""
+    import signal
+    import time
+
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    env = dict(env, TMPDIR=str(tmp))
+    proc = subprocess.Popen([*MICROVMC, "build", "--no-link", str(EXAMPLES / "hello.toml")], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300  # a bound, not a measurement: the init compiles after the kernel
+    while not list(tmp.glob("microvmc-init-*")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert proc.poll() is None, "the build ended before the init was compiled"
+    assert list(Path(env["MICROVMC_STORE"]).glob(".tmp-*"))  # caught mid-build
+    proc.send_signal(signum)
+    out, err = proc.communicate(timeout=120)
+    assert (proc.returncode, out, err) == (
+        128 + signum, "", f"microvmc: the build was stopped by {signal.Signals(signum).name}\n")
+    assert list(Path(env["MICROVMC_STORE"]).glob(".tmp-*")) == []
+    assert list(tmp.iterdir()) == []
+    assert build(env, tmp_path, str(EXAMPLES / "hello.toml"), "--no-link")  # and the next build completes
