@@ -8,6 +8,7 @@ the file, the key path and the value.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import math
 import os
@@ -36,6 +37,8 @@ __all__ = [
     "Resources",
     "Share",
     "Network",
+    "Forward",
+    "Protocol",
     "Manifest",
     "validate",
     "from_document",
@@ -110,7 +113,13 @@ class KernelSource(StrEnum):
 
 class NetworkMode(StrEnum):
     NONE = "none"
-    USER = "user"
+    USER = "user"  # QEMU's user-mode network (slirp): NAT through the host
+    ISOLATED = "isolated"  # the same with no way out: only the forwards reach the guest
+
+
+class Protocol(StrEnum):
+    TCP = "tcp"
+    UDP = "udp"
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -189,8 +198,29 @@ class Share:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class Forward:
+    """A host port forwarded to a guest port."""
+
+    host_address: str  # IPv4, "0.0.0.0" for every address
+    host: int
+    guest: int
+    protocol: Protocol
+    key: str = ""  # where it was written, for messages: "network.forwards[0]"
+    origin: str = ""  # the file that wrote it, or "command line"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"host_address": self.host_address, "host": self.host, "guest": self.guest,
+                "protocol": str(self.protocol)}
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class Network:
     mode: NetworkMode
+    forwards: tuple[Forward, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        # forwards absent when there are none, so that manifests without them keep their digests
+        return {"mode": str(self.mode), **({"forwards": [f.to_dict() for f in self.forwards]} if self.forwards else {})}
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -228,7 +258,7 @@ class Manifest:
             "resources": _fields(self.resources),
             "shares": {s.tag: {k: v for k, v in _fields(s).items() if k != "tag" and (k, v) != ("hidden", False)}
                        for s in self.shares},
-            "network": _fields(self.network),
+            "network": self.network.to_dict(),
         }
 
 
@@ -548,10 +578,32 @@ def _semantic_problems(loaded: Loaded) -> list[tuple[KeyPath, Problem]]:
                 seen_guest[normal] = tag
 
     network = data.get("network") if isinstance(data.get("network"), dict) else {}
-    if network.get("mode") == "user":
-        add(("network", "mode"), "\"user\" is not supported yet", "use \"none\"")
-    if network.get("forwards") and network.get("mode") == "none":
-        add(("network", "forwards"), "need network.mode = \"user\"")
+    forwards = network.get("forwards") if isinstance(network.get("forwards"), list) else []
+    if network.get("mode") in ("user", "isolated"):  # until the network device is lowered
+        add(("network", "mode"), f"{show(network['mode'])} is not supported yet", "use \"none\"")
+    if forwards and network.get("mode") == "none":
+        add(("network", "forwards"), "need network.mode = \"user\" or \"isolated\"", "network.mode is \"none\"")
+    listening: dict[tuple[str, int], list[tuple[str, int]]] = {}  # (protocol, host port) → (address, index)
+    for i, forward in enumerate(forwards):
+        if not isinstance(forward, dict):
+            continue
+        address = forward.get("host_address")
+        if isinstance(address, str):
+            try:
+                ipaddress.IPv4Address(address)
+            except ValueError:
+                add(("network", "forwards", i, "host_address"), f"{show(address)} is not an IPv4 address",
+                    "QEMU's user-mode network listens on IPv4 only")
+                continue
+        port, protocol = forward.get("host"), forward.get("protocol")
+        if not (isinstance(port, int) and isinstance(address, str) and isinstance(protocol, str)):
+            continue
+        for other, j in listening.get((protocol, port), ()):
+            if "0.0.0.0" in (other, address) or other == address:
+                add(("network", "forwards", i, "host"), f"{port} is already forwarded by network.forwards[{j}] "
+                    f"({protocol} on {other})")
+                break
+        listening.setdefault((protocol, port), []).append((address, i))
     return problems
 
 
@@ -562,12 +614,16 @@ def validate(loaded: Loaded) -> Manifest:
         # In key order whichever pass found them; the same problem found by both passes, once.
         found.sort(key=lambda item: _order(item[0], loaded.data))
         raise ManifestError(list(dict.fromkeys(problem for _, problem in found)))
-    return from_document(with_defaults(loaded.data), files=loaded.files, name=loaded.root)
+    network = loaded.data.get("network") or {}
+    origins = {i: loaded.origin(("network", "forwards", i)) for i in range(len(network.get("forwards", ())))}
+    return from_document(with_defaults(loaded.data), files=loaded.files, name=loaded.root, origins=origins)
 
 
-def from_document(data: dict[str, Any], *, files: tuple[str, ...], name: str) -> Manifest:
+def from_document(data: dict[str, Any], *, files: tuple[str, ...], name: str,
+                  origins: dict[int, str] | None = None) -> Manifest:
     """The Manifest of a valid document whose defaults are filled in (with_defaults); also how the
-    OCI runtime builds one from config.json (compiler/oci.py)."""
+    OCI runtime builds one from config.json (compiler/oci.py). `origins`: the file (or "command
+    line") that wrote each network forward, by index, for the messages about them after validation."""
     image, kernel, resources = data["image"], data["kernel"], data["resources"]
     process = data.get("process", {})  # an image's config can supply all of it
     from_image = image["source"] in IMAGE_SOURCES
@@ -620,7 +676,10 @@ def from_document(data: dict[str, Any], *, files: tuple[str, ...], name: str) ->
             )
             for tag, share in sorted(data.get("shares", {}).items())
         ),
-        network=Network(mode=NetworkMode(data["network"]["mode"])),
+        network=Network(mode=NetworkMode(data["network"]["mode"]), forwards=tuple(
+            Forward(host_address=f["host_address"], host=f["host"], guest=f["guest"], protocol=Protocol(f["protocol"]),
+                    key=f"network.forwards[{i}]", origin=(origins or {}).get(i, name))
+            for i, f in enumerate(data["network"].get("forwards", ())))),
         files=files,
         name=name,
     )

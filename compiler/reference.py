@@ -49,6 +49,9 @@ def _rows(node: dict[str, Any], prefix: str, required: set[str]) -> Iterator[str
         extra = child.get("additionalProperties")
         if isinstance(extra, dict) and "properties" in extra:
             yield from _rows(extra, f"{key}.<tag>.", set(extra.get("required", [])))
+        items = child.get("items")
+        if isinstance(items, dict) and "properties" in items:
+            yield from _rows(items, f"{key}[].", set(items.get("required", [])))
 
 
 def reference() -> str:
