@@ -46,10 +46,6 @@ __all__ = ["Builder", "Node", "Graph", "Sources", "resolve", "base_kernel_params
 BUILDER_VERSION = 1
 INIT_CFLAGS = ("-static", "-Os", "-s", "-Wall", "-Wextra", "-Werror")
 
-MODULES_FOR_PORTS = ("virtio_mmio", "virtio_console")
-MODULES_FOR_TRANSPORT = {Transport.VIRTIOFS: ("virtiofs",), Transport.NINEP: ("9pnet_virtio", "9p")}
-MODULES_FOR_OVERLAY = ("overlay",)
-
 ROOT_MODE_FLAG = {RootMode.READ_ONLY: "ro", RootMode.OVERLAY: "overlay", RootMode.READ_WRITE: "rw"}
 
 
@@ -83,6 +79,9 @@ class Node:
 
     def params_dict(self) -> dict[str, Any]:
         return dict(self.params)
+
+    def locations_dict(self) -> dict[str, str]:
+        return dict(self.locations)
 
     def location(self, name: str) -> str:
         return dict(self.locations)[name]
@@ -197,36 +196,6 @@ def choose_transports(manifest: Manifest, facts: HostFacts, resolved: ResolvedIm
     return replace(manifest, image=image, shares=shares)
 
 
-def _kernel_location(manifest: Manifest, facts: HostFacts, files: HostFiles) -> tuple[str, str]:
-    kernel = manifest.kernel
-    if kernel.source is KernelSource.PATH:
-        assert kernel.image and kernel.modules
-        return kernel.image, kernel.modules
-    if kernel.source is KernelSource.HOST:
-        release = facts.host_kernel_release
-        image, modules = f"/boot/vmlinuz-{release}", f"/lib/modules/{release}"
-        what = "the host's kernel"
-    else:
-        base = facts.default_kernel_dir
-        image, modules = os.path.join(base, "vmlinuz"), os.path.join(base, "modules")
-        what = "the default kernel"
-    if not files.is_file(image) or not files.is_dir(modules):
-        missing = image if not files.is_file(image) else modules
-        hint = "run scripts/setup, or set kernel.source = \"path\"" if kernel.source is KernelSource.DEFAULT else "set kernel.source = \"path\""
-        raise ManifestError([Problem(manifest.name, "kernel.source", f"{what} is not installed: {missing} is missing", hint)])
-    return image, modules
-
-
-def _kernel_config(image: str, modules_dir: str, release: str, files: HostFiles) -> str | None:
-    """The kernel's .config, where a kernel package or build tree keeps it, if anywhere."""
-    folder = os.path.dirname(image)
-    for candidate in (os.path.join(folder, "config"), os.path.join(folder, f"config-{release}"),
-                      os.path.join(modules_dir, "build", ".config")):
-        if files.is_file(candidate):
-            return candidate
-    return None
-
-
 # Mounted by init, writable, before the shares (init/PROTOCOL.md): a mount point below them can be made.
 WRITABLE_BEFORE_SHARES = ("/tmp", "/run", "/dev")
 
@@ -279,16 +248,6 @@ def root_mode_flag(manifest: Manifest, rootfs: str | None = None, files: HostFil
     return ROOT_MODE_FLAG[manifest.image.mode]
 
 
-def _needed_modules(manifest: Manifest, root_mode: str) -> tuple[str, ...]:
-    transports = {manifest.image.transport, *(s.transport for s in manifest.shares)}
-    wanted = list(MODULES_FOR_PORTS)
-    for transport in sorted(transports):
-        wanted += MODULES_FOR_TRANSPORT[transport]
-    if root_mode.startswith("overlay"):
-        wanted += MODULES_FOR_OVERLAY
-    return tuple(wanted)
-
-
 def guest_config(manifest: Manifest, root_mode: str, *, hold: bool = False) -> GuestConfig:
     return GuestConfig(
         argv=manifest.process.argv,
@@ -326,8 +285,10 @@ def resolve(manifest: Manifest, facts: HostFacts, store: str, sources: Sources =
     and unpacked for it (registry, OCI layout, docker archive, OCI bundle)."""
     assert Transport.AUTO not in {manifest.image.transport, *(s.transport for s in manifest.shares)}, \
         "choose_transports first"
-    from microvmc.kernel.image import inspect_kernel
+    from microvmc.compiler.kernels import check_features, choose_kernel, required_features
+    from microvmc.kernel.image import embedded_config, inspect_kernel
     from microvmc.kernel.modules import resolve_modules, scan_modules, signatures_optional
+    from microvmc.kernel.requirements import parse_config
 
     files = HostFiles()
     nodes: dict[str, Node] = {}
@@ -383,18 +344,18 @@ def resolve(manifest: Manifest, facts: HostFacts, store: str, sources: Sources =
         assert image.path
         source("rootfs", image.path, ("image.path",), content=False)
 
-    # The kernel, what QEMU boots of it, and the modules the plan needs.
-    kernel_image, modules_dir = _kernel_location(manifest, facts, files)
+    # The kernel, what QEMU boots of it, and the modules the plan needs (compiler/kernels.py).
+    choice = choose_kernel(manifest, facts, isfile=files.is_file, isdir=files.is_dir)
+    kernel_image, modules_dir = choice.image, choice.modules
     kernel_keys = ("kernel.source", "kernel.image") if manifest.kernel.source is KernelSource.PATH else ("kernel.source",)
     kernel_data = files.read(kernel_image)
     source("kernel", kernel_image, kernel_keys, content=True, data=kernel_data)
     info = inspect_kernel(kernel_data, path=kernel_image)
-    release = info.release or os.path.basename(os.path.normpath(modules_dir))
+    release = info.release or (os.path.basename(os.path.normpath(modules_dir)) if modules_dir else "")
     if not release[:1].isdigit():
         raise KernelError(f"{kernel_image}: cannot tell which kernel release this is, so its modules cannot be checked",
                           hint="name the modules directory after the release, as lib/modules/<release> is")
-    derive("boot-kernel", Builder.BOOT_KERNEL, "kernel", ("kernel",), {"release": release}, kernel_keys)
-    tree = scan_modules(Path(modules_dir), files)
+    locations = {"chosen": choice.what, "watch": choice.own}
     module_bytes: dict[str, bytes] = {}  # read once: for .modinfo, then for the digest
 
     def read_module(path: Path) -> bytes:
@@ -403,21 +364,34 @@ def resolve(manifest: Manifest, facts: HostFacts, store: str, sources: Sources =
         return module_bytes[str(path)]
 
     root_mode = root_mode_flag(manifest, resolved.rootfs if resolved else None, files)  # looks at the image's directories: once
-    resolved = resolve_modules(tree, _needed_modules(manifest, root_mode), release=release, read=read_module)
+    config_path = choice.config
+    config_text = files.read(config_path).decode("utf-8", "replace") if config_path else embedded_config(kernel_data)
+    tree = scan_modules(Path(modules_dir), files) if modules_dir else None
+    config = parse_config(config_text) if config_text is not None else None
+    if config is not None and not (config.get("ACPI") == "y" and config.get("PCI") == "y"):
+        # Measured: 6.1 with ACPI but without PCI fails to load microvm's ACPI tables (AE_BAD_PARAMETER)
+        # and finds no device; with the machine's ACPI off, QEMU names the virtio-mmio devices on the
+        # kernel command line instead (CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES) and the MP table the CPUs.
+        locations["acpi"] = "off"
+    derive("boot-kernel", Builder.BOOT_KERNEL, "kernel", ("kernel",), {"release": release}, kernel_keys, locations)
+    # Pre-flight: what the plan needs, built in or as modules, or one line saying what is missing.
+    wanted = check_features(required_features(manifest, root_mode), image=kernel_image, release=release,
+                            config=config,
+                            builtin=tree.builtin if tree else frozenset(),
+                            modules=frozenset(tree.modules) if tree else None)
+    resolved = resolve_modules(tree, wanted, release=release, read=read_module) if tree else ()
     # Modules are identified by content, so the same modules elsewhere give the same initramfs.
     module_files = [
         {"name": m.name, "path": str(m.path),
          "digest": hashlib.sha256(read_module(Path(modules_dir) / m.path)).hexdigest()}
         for m in resolved
     ]
-    config_path = _kernel_config(kernel_image, modules_dir, release, files)
     if config_path:
         source("kernel-config", config_path, kernel_keys, content=True)
-    strip = signatures_optional(files.read(config_path).decode("utf-8", "replace") if config_path else None,
-                                manifest.kernel.cmdline)
+    strip = signatures_optional(config_text, manifest.kernel.cmdline) if tree else False
     derive("modules", Builder.MODULES, "modules", ("kernel", *(("kernel-config",) if config_path else ())),
            {"release": release, "modules": module_files, "strip_signatures": strip},
-           ("kernel.source", "image.transport", "image.mode", "shares"), {"modules_dir": modules_dir})
+           ("kernel.source", "image.transport", "image.mode", "shares"), {"modules_dir": modules_dir or ""})
 
     # The guest's configuration travels on the kernel command line, or spills into the initramfs.
     config = guest_config(manifest, root_mode, hold=hold)

@@ -108,6 +108,7 @@ class Machine:
     console: Fd  # where the guest's serial console (kernel messages) goes
     ports: tuple[Port, ...]
     filesystems: tuple[Filesystem, ...]  # the root first
+    acpi: bool = True  # the machine describes its devices in ACPI tables (off: on the kernel command line)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -122,6 +123,7 @@ class Machine:
             "console": int(self.console),
             "ports": [p.to_dict() for p in self.ports],
             "filesystems": [f.to_dict() for f in self.filesystems],
+            **({} if self.acpi else {"acpi": False}),
         }
 
     @classmethod
@@ -138,4 +140,5 @@ class Machine:
             console=Fd(d["console"]),
             ports=tuple(Port.from_dict(p) for p in d["ports"]),
             filesystems=tuple(Filesystem.from_dict(f) for f in d["filesystems"]),
+            acpi=d.get("acpi", True),
         )

@@ -107,6 +107,8 @@ class Accel(StrEnum):
 
 class KernelSource(StrEnum):
     DEFAULT = "default"
+    MICROVMC = "microvmc"
+    DEBIAN = "debian"
     HOST = "host"
     PATH = "path"
 
@@ -525,7 +527,8 @@ def _semantic_problems(loaded: Loaded) -> list[tuple[KeyPath, Problem]]:
         value = kernel.get(key)
         if ksource == "path":
             if value is None:
-                add(("kernel", key), "is required when kernel.source is \"path\"")
+                if key == "image":  # without modules: a kernel with everything built in
+                    add(("kernel", key), "is required when kernel.source is \"path\"")
             elif isinstance(value, str):
                 ok = os.path.isfile(value) if key == "image" else os.path.isdir(value)
                 if not ok:

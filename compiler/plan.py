@@ -66,6 +66,7 @@ def describe(manifest: Manifest, graph: Graph) -> Machine:
         console=Fd.CONSOLE,
         ports=PORTS,
         filesystems=tuple(filesystems),
+        acpi=graph.node("boot-kernel").locations_dict().get("acpi") != "off",
     )
 
 

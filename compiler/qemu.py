@@ -57,7 +57,7 @@ def lower(machine: Machine, facts: HostFacts) -> tuple[ArgGroup, ...]:
         ports += [*_chardev(port), "-device", opts("virtserialport", ("chardev", port.name), ("name", port.name))]
     groups = [
         ArgGroup(keys=(), comment="the microvm machine: no firmware, no PCI, no default devices",
-                 args=(facts.qemu, "-M", opts("microvm", ("memory-backend", "mem")),
+                 args=(facts.qemu, "-M", opts("microvm", ("memory-backend", "mem"), ("acpi", None if machine.acpi else False)),
                        "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot")),
         ArgGroup(keys=("resources.accel",), comment=f"accelerator: {machine.accel_reason}",
                  args=("-accel", machine.accel, "-cpu", CPU_MODEL[machine.accel])),

@@ -23,6 +23,7 @@ __all__ = [
     "inspect_kernel",
     "extract_vmlinux",
     "pvh_entry",
+    "embedded_config",
     "XEN_ELFNOTE_PHYS32_ENTRY",
 ]
 
@@ -410,3 +411,27 @@ _DECOMPRESS: dict[Compression, Callable[[memoryview, int | None], tuple[bytes, b
     Compression.ZSTD: _decompress_zstd,
     Compression.NONE: _decompress_none,
 }
+
+
+_IKCFG_START = b"IKCFG_ST"
+
+
+def embedded_config(data: bytes) -> str | None:
+    """The .config a kernel built with CONFIG_IKCONFIG carries (kernel/configs.c: a gzip stream
+    between the markers "IKCFG_ST" and "IKCFG_ED"), from an ELF vmlinux or a bzImage with an
+    uncompressed payload; None when there is none to be read without decompressing."""
+    import zlib
+
+    at = data.find(_IKCFG_START)
+    while at >= 0:
+        start = at + len(_IKCFG_START)
+        if data.startswith(b"\x1f\x8b\x08", start):
+            decoder = zlib.decompressobj(wbits=31)
+            try:
+                text = decoder.decompress(memoryview(data)[start:])
+            except zlib.error:
+                text = b""
+            if decoder.eof:
+                return text.decode("utf-8", "replace")
+        at = data.find(_IKCFG_START, start)
+    return None

@@ -125,6 +125,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--update", action="store_true", help="ask the registry again what each tag names")
     p = sub.add_parser("gc", help="remove what no result link, lockfile or live run uses", parents=[common])
     p.add_argument("--dry-run", action="store_true", help="only say what would be removed")
+    p = sub.add_parser("kernel", help="microvmc's own guest kernel: build it, show its config fragment",
+                       parents=[common])
+    ksub = p.add_subparsers(dest="kernel_command", required=True, metavar="ACTION")
+    k = ksub.add_parser("build", help="build the kernel (allnoconfig + kernel/requirements.py), print its directory",
+                        parents=[common])
+    k.add_argument("--source", metavar="PATH", help="a Linux source tarball or tree (default: "
+                   "/usr/src/linux-source-6.1.tar.xz, Debian's linux-source-6.1)")
+    k.add_argument("-j", "--jobs", type=int, default=2, metavar="N", help="parallel make jobs (default: 2)")
+    k.add_argument("--force", action="store_true", help="build again even when the same build is there")
+    ksub.add_parser("fragment", help="print the config fragment, each option with its reason", parents=[common])
     return parser
 
 
@@ -375,7 +385,34 @@ def _lifecycle(name: str):
     return command
 
 
+def _kernels_dir() -> str:
+    """Where the guest kernels are: the default kernel's directory's parent."""
+    from microvmc.backends.host import default_kernel_dir
+
+    return os.path.dirname(os.path.normpath(default_kernel_dir(os.environ)))
+
+
+def _cmd_kernel(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    if args.kernel_command == "fragment":
+        from microvmc.kernel.requirements import fragment
+
+        sys.stdout.write(fragment())
+        return 0
+    from microvmc.backends.kernelbuild import DEFAULT_SOURCE, build_kernel
+
+    if args.jobs < 1:
+        raise MicrovmcError(f"--jobs {args.jobs}: expected 1 or more", status=ExitStatus.USAGE)
+    built = build_kernel(Path(_kernels_dir()), Path(args.source or DEFAULT_SOURCE), jobs=args.jobs, force=args.force)
+    if args.verbose and built.cached:
+        print(f"microvmc: kernel {built.release} was built already", file=sys.stderr)
+    print(built.path)
+    return 0
+
+
 COMMANDS = {
+    "kernel": _cmd_kernel,
     "validate": _cmd_validate,
     "build": _cmd_build,
     "plan": _cmd_plan,

@@ -1,0 +1,152 @@
+"""microvmc's own kernel: the requirement table, the choice of kernel, pre-flight, and a real boot."""
+
+from __future__ import annotations
+
+import gzip
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from conftest import fake_facts, real_kernel_dir
+from microvmc.compiler.kernels import check_features, choose_kernel, required_features
+from microvmc.compiler.manifest import Kernel, KernelSource
+from microvmc.errors import KernelError, ManifestError
+from microvmc.kernel.image import embedded_config
+from microvmc.kernel.requirements import FEATURES, OPTIONS, fragment, missing_options, parse_config
+
+MICROVMC = [sys.executable, "-m", "microvmc"]
+
+
+def test_fragment_lists_every_option_with_its_reason():
+    text = fragment()
+    for option in OPTIONS:
+        line = f"# CONFIG_{option.name} is not set" if option.value == "n" else f"CONFIG_{option.name}={option.value}"
+        assert f"# {option.reason}\n{line}\n" in text
+    # Every option a feature needs is built in by the fragment.
+    wanted = {o.name: o.value for o in OPTIONS}
+    assert all(wanted.get(name) == "y" for f in FEATURES.values() for name in f.options)
+
+
+def test_missing_options_names_what_did_not_survive():
+    config = parse_config("CONFIG_64BIT=y\n# CONFIG_VIRTIO_FS is not set\nCONFIG_FUSE_FS=m\n")
+    missing = missing_options(config)
+    assert "CONFIG_VIRTIO_FS=y (got n)" in missing and "CONFIG_FUSE_FS=y (got m)" in missing
+    assert not any(m.startswith("CONFIG_64BIT=") for m in missing)
+
+
+def test_embedded_config_is_read_from_the_image():
+    config = b"CONFIG_VIRTIO_FS=y\n"
+    blob = b"\x7fELF" + bytes(100) + b"IKCFG_ST" + gzip.compress(config) + b"IKCFG_ED" + bytes(10)
+    assert embedded_config(blob) == config.decode()
+    assert embedded_config(b"\x7fELF" + bytes(100)) is None
+
+
+def test_preflight_names_the_missing_feature_and_what_to_do():
+    config = parse_config("CONFIG_VIRTIO_MMIO=y\nCONFIG_VIRTIO_CONSOLE=y\nCONFIG_TMPFS=y\nCONFIG_DEVTMPFS=y\n"
+                          "CONFIG_BLK_DEV_INITRD=y\nCONFIG_RD_GZIP=y\n")
+    with pytest.raises(KernelError) as err:
+        check_features(("ports", "virtiofs"), image="/k/vmlinux", release="6.1.0-x", config=config)
+    assert str(err.value) == ('kernel /k/vmlinux (6.1.0-x) has no virtio-fs support, neither built in nor as a '
+                              'module; use transport = "9p" or another kernel')
+
+
+def test_preflight_loads_modules_only_for_what_is_not_built_in():
+    config = parse_config("CONFIG_VIRTIO_MMIO=m\nCONFIG_VIRTIO_CONSOLE=m\nCONFIG_FUSE_FS=m\nCONFIG_VIRTIO_FS=m\n")
+    modules = frozenset({"virtio_mmio", "virtio_console", "virtiofs", "fuse"})
+    assert check_features(("ports", "virtiofs"), image="k", release="r", config=config, modules=modules) == \
+        ("virtio_mmio", "virtio_console", "virtiofs")
+    # A module the config promises but the tree lacks is missing, not loaded.
+    with pytest.raises(KernelError, match="no virtio-fs support"):
+        check_features(("virtiofs",), image="k", release="r", config=config, modules=frozenset({"fuse"}))
+    # No config: modules.builtin and the tree decide.
+    assert check_features(("virtiofs",), image="k", release="r", config=None,
+                          builtin=frozenset({"virtiofs"}), modules=frozenset()) == ()
+
+
+def _manifest(source: KernelSource):
+    from microvmc.compiler.manifest import validate
+    from microvmc.compiler.load import Loaded
+
+    m = validate(Loaded(data={"version": 1, "process": {"argv": ["true"]}}, files=("m.toml",), origins={}, root="m.toml"))
+    return replace(m, kernel=Kernel(source=source, image=None, modules=None, cmdline=()))
+
+
+@pytest.fixture
+def kernels(tmp_path: Path) -> Path:
+    debian = tmp_path / "debian-6.1.0-x"
+    (debian / "modules" / "kernel").mkdir(parents=True)
+    (debian / "vmlinuz").write_bytes(b"")
+    (tmp_path / "default").symlink_to(debian.name)
+    return tmp_path
+
+
+def test_default_is_the_own_kernel_when_built_else_debian(kernels: Path):
+    facts = fake_facts(default_kernel_dir=str(kernels / "default"))
+    chosen = choose_kernel(_manifest(KernelSource.DEFAULT), facts)
+    assert (chosen.image, chosen.modules) == (str(kernels / "default/vmlinuz"), str(kernels / "default/modules"))
+    assert chosen.own == str(kernels / "microvmc/vmlinux")  # watched: its appearing is a cache miss
+    with pytest.raises(ManifestError, match=r"microvmc's own kernel is not installed: .*microvmc/vmlinux is missing "
+                                            r"\(run `microvmc kernel build`"):
+        choose_kernel(_manifest(KernelSource.MICROVMC), facts)
+    own = kernels / "microvmc-abc"
+    own.mkdir()
+    (own / "vmlinux").write_bytes(b"")
+    (own / "config").write_text("CONFIG_VIRTIO_FS=y\n")
+    (kernels / "microvmc").symlink_to(own.name)
+    for source in (KernelSource.DEFAULT, KernelSource.MICROVMC):
+        chosen = choose_kernel(_manifest(source), facts)
+        assert (chosen.image, chosen.modules, chosen.config) == (str(kernels / "microvmc/vmlinux"), None,
+                                                                 str(kernels / "microvmc/config"))
+    assert choose_kernel(_manifest(KernelSource.DEBIAN), facts).modules == str(kernels / "default/modules")
+
+
+def test_required_features_follow_the_plan():
+    m = _manifest(KernelSource.DEFAULT)
+    from microvmc.compiler.manifest import Transport
+
+    m = replace(m, image=replace(m.image, transport=Transport.NINEP))
+    assert required_features(m, "overlay") == ("initramfs", "devtmpfs", "tmpfs", "ports", "9p", "overlay")
+    assert "overlay" not in required_features(m, "ro")
+
+
+OWN = real_kernel_dir().parent / "microvmc"
+
+
+@pytest.mark.boot
+def test_busybox_boots_on_the_own_kernel_with_everything_built_in(boot_env, tmp_path: Path):
+    assert (OWN / "vmlinux").is_file(), f"no own kernel at {OWN}: run scripts/setup (or microvmc kernel build)"
+    manifest = tmp_path / "own.toml"
+    manifest.write_text('version = 1\n[kernel]\nsource = "microvmc"\n[image]\ntransport = "virtiofs"\n'
+                        '[process]\nargv = ["/bin/sh", "-c", "uname -r; grep -w virtiofs /proc/filesystems; '
+                        'zcat /proc/config.gz | grep -E \'^CONFIG_(VIRTIO_FS|MODULES)[=]\' ; ls /lib/modules 2>&1; exit 3"]\n')
+    env = {**boot_env, "XDG_RUNTIME_DIR": str(tmp_path), "TMPDIR": str(tmp_path)}
+    r = subprocess.run([*MICROVMC, "run", str(manifest)], env=env, capture_output=True, timeout=240, stdin=subprocess.DEVNULL)
+    assert r.returncode == 3, r.stderr.decode()
+    release = (OWN / "release").read_text().strip()
+    lines = r.stdout.decode().splitlines()
+    assert lines[0] == release and release.endswith("-microvmc")
+    assert lines[1].split() == ["nodev", "virtiofs"]  # built in, not a module
+    assert lines[2] == "CONFIG_VIRTIO_FS=y" and len(lines) == 4  # no CONFIG_MODULES line: modules are off
+    assert "No such file" in lines[3]  # and the initramfs brought none
+
+
+@pytest.mark.boot
+def test_preflight_refuses_a_kernel_without_virtiofs_before_booting(boot_env, tmp_path: Path):
+    assert (OWN / "vmlinux").is_file(), f"no own kernel at {OWN}: run scripts/setup (or microvmc kernel build)"
+    kernel = tmp_path / "k"
+    kernel.mkdir()
+    (kernel / "vmlinux").symlink_to(OWN / "vmlinux")
+    (kernel / "config").write_text((OWN / "config").read_text().replace("CONFIG_VIRTIO_FS=y",
+                                                                        "# CONFIG_VIRTIO_FS is not set"))
+    manifest = tmp_path / "m.toml"
+    manifest.write_text(f'version = 1\n[kernel]\nsource = "path"\nimage = "{kernel}/vmlinux"\n'
+                        '[image]\ntransport = "virtiofs"\n[process]\nargv = ["true"]\n')
+    env = {**boot_env, "XDG_RUNTIME_DIR": str(tmp_path), "TMPDIR": str(tmp_path)}
+    r = subprocess.run([*MICROVMC, "run", str(manifest)], env=env, capture_output=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert r.returncode == 125
+    assert r.stderr.decode() == (f"microvmc: kernel {kernel}/vmlinux ({(OWN / 'release').read_text().strip()}) has no "
+                                 'virtio-fs support, neither built in nor as a module; use transport = "9p" or another '
+                                 "kernel\n")
