@@ -23,7 +23,7 @@ until [ -S "$dir/fs.sock" ]; do
     sleep 0.01
 done
 
-"$QEMU" -M microvm,memory-backend=mem -nodefaults -no-user-config -display none -no-reboot \
+"$QEMU" -M "${MACHINE:-microvm,memory-backend=mem}" -nodefaults -no-user-config -display none -no-reboot \
     -accel "$ACCEL" -cpu "$CPU" -smp "$CPUS" -m "$MEMORY" \
     -object memory-backend-memfd,id=mem,size="$MEMORY",share=on \
     -global virtio-mmio.force-legacy=false \

@@ -45,6 +45,7 @@ def baseline_env(plan: dict) -> dict[str, str]:
     root = next(v for v in plan["virtiofsd"] if v["tag"] == "root")
     return {
         "QEMU": argv[0],
+        "MACHINE": _after(argv, "-M"),  # acpi=off for a kernel without PCI (compiler/kernels.py)
         "VIRTIOFSD": root["argv"][root["argv"].index("-o") - 1],  # past the read-only jail
         "ROOTFS": root["shared_dir"],
         "KERNEL": plan["kernel"],

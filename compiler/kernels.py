@@ -1,7 +1,7 @@
 """Which kernel a manifest boots, and whether it can do what the plan needs (pre-flight).
 
-    kernel.source = "default"   microvmc's own kernel (`microvmc kernel build`, everything built in)
-                                when it is there, else the Debian kernel the set-up installed
+    kernel.source = "default"   the Debian kernel the set-up installed (with DEFAULT_IS_OWN:
+                                microvmc's own kernel when it is built, else the Debian one)
     kernel.source = "microvmc"  microvmc's own kernel, or an error saying how to build it
     kernel.source = "debian"    the Debian kernel (vmlinuz + modules) the set-up installed
     kernel.source = "host"      /boot/vmlinuz-$(uname -r) and /lib/modules/$(uname -r)
@@ -28,6 +28,10 @@ from microvmc.errors import KernelError, ManifestError, Problem
 __all__ = ["KernelChoice", "choose_kernel", "own_kernel_dir", "required_features", "check_features"]
 
 OWN_KERNEL = "microvmc"  # the link `microvmc kernel build` makes in <kernels>
+# Whether "default" prefers the own kernel. Not yet: on it, tests/test_run.py's 1 MiB binary
+# stdin -> stdout round trip lost output in 2 of 3 runs (never on the Debian kernel); until that
+# is understood the own kernel is chosen by name (kernel.source = "microvmc").
+DEFAULT_IS_OWN = False
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -80,7 +84,8 @@ def choose_kernel(manifest: Manifest, facts: HostFacts, *, isfile: Callable[[str
         release = facts.host_kernel_release
         return modular(f"/boot/vmlinuz-{release}", f"/lib/modules/{release}", "the host's kernel",
                        "set kernel.source = \"path\"")
-    if source is KernelSource.MICROVMC or (source is KernelSource.DEFAULT and own_image and isfile(own_image)):
+    if source is KernelSource.MICROVMC or (DEFAULT_IS_OWN and source is KernelSource.DEFAULT and own_image
+                                           and isfile(own_image)):
         if not own_image or not isfile(own_image):
             raise missing("microvmc's own kernel", own_image or "<kernels>/microvmc/vmlinux",
                           "run `microvmc kernel build` (or scripts/setup)")

@@ -55,6 +55,7 @@ OPTIONS: tuple[Option, ...] = (
     _n("MODULES", "everything is built in: no module to find, copy or load at boot"),
     _y("PRINTK", "kernel messages on the console log, for a run that fails"),
     _y("BUG", "a kernel bug is reported, not silently ignored"),
+    _y("MAGIC_SYSRQ", "/proc/sysrq-trigger (the tests crash a guest with it)"),
     _y("IKCONFIG", "the config is embedded in the kernel: pre-flight checks read it from the image"),
     _y("IKCONFIG_PROC", "and the guest sees it at /proc/config.gz"),
     _y("BLK_DEV_INITRD", "microvmc's init and configuration come in an initramfs"),

@@ -83,7 +83,11 @@ def kernels(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def test_default_is_the_own_kernel_when_built_else_debian(kernels: Path):
+@pytest.mark.parametrize("own_default", [False, True])
+def test_default_is_the_own_kernel_when_built_else_debian(kernels: Path, own_default: bool, monkeypatch):
+    import microvmc.compiler.kernels as k
+
+    monkeypatch.setattr(k, "DEFAULT_IS_OWN", own_default)
     facts = fake_facts(default_kernel_dir=str(kernels / "default"))
     chosen = choose_kernel(_manifest(KernelSource.DEFAULT), facts)
     assert (chosen.image, chosen.modules) == (str(kernels / "default/vmlinuz"), str(kernels / "default/modules"))
@@ -96,11 +100,13 @@ def test_default_is_the_own_kernel_when_built_else_debian(kernels: Path):
     (own / "vmlinux").write_bytes(b"")
     (own / "config").write_text("CONFIG_VIRTIO_FS=y\n")
     (kernels / "microvmc").symlink_to(own.name)
-    for source in (KernelSource.DEFAULT, KernelSource.MICROVMC):
+    for source in (KernelSource.DEFAULT, KernelSource.MICROVMC) if own_default else (KernelSource.MICROVMC,):
         chosen = choose_kernel(_manifest(source), facts)
         assert (chosen.image, chosen.modules, chosen.config) == (str(kernels / "microvmc/vmlinux"), None,
                                                                  str(kernels / "microvmc/config"))
     assert choose_kernel(_manifest(KernelSource.DEBIAN), facts).modules == str(kernels / "default/modules")
+    if not own_default:
+        assert choose_kernel(_manifest(KernelSource.DEFAULT), facts).modules == str(kernels / "default/modules")
 
 
 def test_required_features_follow_the_plan():
