@@ -54,3 +54,13 @@ def test_lifecycle_benchmark_runs_every_column(boot_env) -> None:
     assert set(result["ps"]) == {"ps1", "ps100"} and set(result["boot"]) == {"foreground", "detached"}
     assert result["ps_ratio"]["of_medians"] > 0 and result["detached_ratio"]["of_medians"] > 0
     assert result["left_running"] == []
+
+
+def test_kernel_benchmark_boots_both_kernels(boot_env) -> None:
+    """One round: `microvmc run` of true on the own kernel and on the Debian kernel, both exit 0."""
+    r = subprocess.run([sys.executable, "bench/kernel.py", "-n", "1", "--warmup", "0", "--json", "-q"],
+                       cwd=REPO, env=boot_env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout)
+    assert set(result["commands"]) == {"own", "debian"} and result["own_vs_debian"]["of_medians"] > 0
+    assert all(c["leftovers"] == [] for c in result["commands"].values())
