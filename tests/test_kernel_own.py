@@ -156,3 +156,22 @@ def test_preflight_refuses_a_kernel_without_virtiofs_before_booting(boot_env, tm
     assert r.stderr.decode() == (f"microvmc: kernel {kernel}/vmlinux ({(OWN / 'release').read_text().strip()}) has no "
                                  'virtio-fs support, neither built in nor as a module; use transport = "9p" or another '
                                  "kernel\n")
+
+
+def test_kernel_build_of_a_missing_source_is_one_line_and_leaves_nothing(tmp_path: Path):
+    r = subprocess.run([*MICROVMC, "kernel", "build", "--source", str(tmp_path / "nope.tar.xz")],
+                       env={"PATH": "/usr/bin:/bin", "XDG_DATA_HOME": str(tmp_path / "data"), "HOME": str(tmp_path)},
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 125
+    assert r.stderr == (f"microvmc: {tmp_path}/nope.tar.xz: no Linux source tarball or tree there "
+                        "(Debian: apt-get install linux-source-6.1, or pass --source)\n")
+    assert not (tmp_path / "data").exists()
+
+
+def test_build_key_names_sources_fragment_and_compiler():
+    from microvmc.backends.kernelbuild import build_key
+
+    key = build_key("sha256:a", "f", "gcc 12")
+    assert key == build_key("sha256:a", "f", "gcc 12") and len(key) == 20
+    assert len({key, build_key("sha256:b", "f", "gcc 12"), build_key("sha256:a", "g", "gcc 12"),
+                build_key("sha256:a", "f", "gcc 13")}) == 4
