@@ -79,7 +79,7 @@ def _code_fingerprint() -> list[Any]:
         package = importlib.import_module(name)  # their __init__ files are empty: cheap
         for location in getattr(package, "__path__", []):
             for entry in sorted(os.scandir(location), key=lambda e: e.name):
-                if entry.is_file() and entry.name.endswith((".py", ".json", ".c", ".h")):
+                if entry.is_file() and entry.name.endswith((".py", ".json", ".c", ".h", ".in")):
                     st = entry.stat()
                     out.append([name, entry.name, st.st_size, st.st_mtime_ns])
     return out

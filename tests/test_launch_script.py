@@ -114,3 +114,23 @@ def test_comments_show_what_does_not_print_as_escapes() -> None:
     from microvmc.compiler.emit import _comment
 
     assert _comment("a\nb\tc\x1b[2Jd\\e\u202ef\udcff g  h") == "# a\\nb\\tc\\x1b[2Jd\\\\e\\u202ef\\xff g  h"
+
+
+def test_the_template_is_filled_in_whole(tmp_path: Path) -> None:
+    """launch.sh is compiler/launch.sh.in with what the plan decides filled in: no placeholder is
+    left, each @if@ keeps exactly one side, and a name the renderer does not know is an error."""
+    import re
+
+    import pytest
+
+    from microvmc.compiler.emit import fill
+
+    for stop_timeout, timeout in ((0, 0), (10, 30)):
+        text = launch_script(dataclasses.replace(_plan(tmp_path), stop_timeout=stop_timeout, timeout=timeout))
+        assert not re.search(r"@(if [a-z_]+|else|end|[A-Z_]+)@", text)
+        assert ("stop() {" in text) == bool(stop_timeout) and ("trap 'exit 143' TERM" in text) == (not stop_timeout)
+        assert ("resources.timeout: the whole run" in text) == bool(timeout)
+    with pytest.raises(KeyError):
+        fill("a @NOPE@ b\n", blocks={}, values={}, conditions={})
+    assert fill("x\n@B@\n@if c@\nyes\n@else@\nno\n@end@\n", blocks={"B": ["1", "2"]}, values={},
+                conditions={"c": False}) == "x\n1\n2\nno\n"
