@@ -48,7 +48,7 @@ from microvmc.compiler.launch import Fd, LaunchPlan, ProcessSpec
 from microvmc.compiler.verdict import Verdict, judge, timeline_record, timeline_summary
 from microvmc.errors import ExitStatus, MicrovmcError
 
-__all__ = ["LogLimits", "serve", "run_plan", "start_detached", "Client", "DEFAULT_LOG_LIMITS"]
+__all__ = ["LogLimits", "serve", "run_plan", "start_detached", "Client"]
 
 REQUEST_LIMIT = 1 << 16  # bytes of one request line
 MAX_CONNECTIONS = 64
@@ -57,13 +57,10 @@ MAX_CONNECTIONS = 64
 @dataclass(frozen=True, slots=True)
 class LogLimits:
     """A detached run's stdout.log and stderr.log: each at most `max_size` bytes (0: no limit), then
-    rotated, `max_files` files kept in all."""
+    rotated, `max_files` files kept in all. The defaults are the plan's (the schema's logs.*)."""
 
-    max_size: int = 16 << 20
-    max_files: int = 2
-
-
-DEFAULT_LOG_LIMITS = LogLimits()
+    max_size: int
+    max_files: int
 
 
 def _say(fd: int, message: str) -> None:
@@ -377,7 +374,7 @@ def serve(
         shared = ", ".join(f"{tag} over {transport}" for tag, transport in plan.transports)
         _say(say, f"accel {plan.accel} ({plan.accel_reason}); {shared or 'no shares'}; logs in {logs.dir}")
     numbers = signal_numbers + ((signal.SIGWINCH,) if terminal is not None else ())
-    limits = log_limits or DEFAULT_LOG_LIMITS
+    limits = log_limits or LogLimits(max_size=plan.log_max_size, max_files=plan.log_max_files)
     with signals_caught(numbers) as signals, ExitStack() as stack:
         sinks: dict[Fd, Sink] = {}
         for kind, fd, name in ((Fd.STDOUT, stdout, "stdout.log"), (Fd.STDERR, stderr, "stderr.log")):

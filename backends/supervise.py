@@ -336,6 +336,7 @@ class Supervisor:
             pass
         elif self.stop_deadline is not None and now >= self.stop_deadline:
             seen.signal = seen.forwarded  # the program did not end in time: the VM is stopped
+            seen.stop_timed_out = True
         elif self.boot_deadline is not None and now >= self.boot_deadline:
             seen.boot_timeout = True
         elif self.run_deadline is not None and now >= self.run_deadline:

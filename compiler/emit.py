@@ -81,7 +81,9 @@ def _option_lines(args: tuple[str, ...]) -> list[str]:
     return lines
 
 
-TEMPLATE = Path(__file__).with_name("launch.sh.in")  # the runtime shell; only what the plan decides is filled in
+# The runtime shell; only what the plan decides is filled in. Read with the code, as part of it (the
+# evaluation cache's code fingerprint covers it), not as a host input of a build.
+TEMPLATE = Path(__file__).with_name("launch.sh.in").read_text(encoding="utf-8")
 _TOKEN = re.compile(r"@([A-Z_]+)@")
 
 
@@ -120,7 +122,7 @@ def launch_script(plan: LaunchPlan) -> str:
         "TIMEOUT": f"{plan.timeout:g}", "TIMEOUT_CEIL": str(_ceil(plan.timeout)),
     }
     conditions = {"stop_timeout": plan.stop_timeout > 0, "timeout": bool(plan.timeout)}
-    return fill(TEMPLATE.read_text(encoding="utf-8"), blocks=blocks, values=values, conditions=conditions)
+    return fill(TEMPLATE, blocks=blocks, values=values, conditions=conditions)
 
 
 def fill(template: str, *, blocks: dict[str, list[str]], values: dict[str, str], conditions: dict[str, bool]) -> str:

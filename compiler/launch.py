@@ -85,6 +85,8 @@ class LaunchPlan:
     boot_timeout: float  # seconds until init must report `started`
     timeout: float  # seconds the whole run may take, 0 for no limit
     stop_timeout: float  # seconds the program gets after a signal passed on to it; 0: stop at once
+    log_max_size: int  # a detached run's stdout.log/stderr.log: bytes before rotation (0: never)
+    log_max_files: int  # ... and files kept of each
     transports: tuple[tuple[str, str], ...]  # (share tag, "virtiofs" or "9p"), the root first
     sources: tuple[str, ...]  # the manifest files it was compiled from
 
@@ -108,6 +110,8 @@ class LaunchPlan:
             "boot_timeout": self.boot_timeout,
             "timeout": self.timeout,
             "stop_timeout": self.stop_timeout,
+            "log_max_size": self.log_max_size,
+            "log_max_files": self.log_max_files,
             "transports": [list(t) for t in self.transports],
             "sources": list(self.sources),
             "fds": {fd.name.lower(): int(fd) for fd in Fd},
@@ -143,6 +147,8 @@ class LaunchPlan:
             boot_timeout=d["boot_timeout"],
             timeout=d["timeout"],
             stop_timeout=d["stop_timeout"],
+            log_max_size=d["log_max_size"],
+            log_max_files=d["log_max_files"],
             transports=tuple((tag, transport) for tag, transport in d["transports"]),
             sources=tuple(d["sources"]),
         )

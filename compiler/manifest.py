@@ -189,6 +189,12 @@ class Resources:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class LogRotation:
+    max_size: int  # bytes; 0: never rotated
+    max_files: int
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class Share:
     tag: str
     host: str
@@ -233,6 +239,7 @@ class Manifest:
     process: Process
     kernel: Kernel
     resources: Resources
+    logs: LogRotation
     shares: tuple[Share, ...]  # sorted by tag
     network: Network
     files: tuple[str, ...]  # every manifest file it was loaded from, absolute
@@ -258,6 +265,7 @@ class Manifest:
             },
             "kernel": {**_fields(self.kernel), "cmdline": list(self.kernel.cmdline)},
             "resources": _fields(self.resources),
+            "logs": _fields(self.logs),
             "shares": {s.tag: {k: v for k, v in _fields(s).items() if k != "tag" and (k, v) != ("hidden", False)}
                        for s in self.shares},
             "network": self.network.to_dict(),
@@ -669,6 +677,7 @@ def from_document(data: dict[str, Any], *, files: tuple[str, ...], name: str,
             stop_timeout=resources["stop_timeout"],
             timeout=resources["timeout"],
         ),
+        logs=LogRotation(max_size=data["logs"]["max_size"], max_files=data["logs"]["max_files"]),
         shares=tuple(
             Share(
                 tag=tag,

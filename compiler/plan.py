@@ -97,6 +97,8 @@ def plan(manifest: Manifest, graph: Graph, facts: HostFacts) -> LaunchPlan:
         boot_timeout=manifest.resources.boot_timeout,
         timeout=manifest.resources.timeout,
         stop_timeout=manifest.resources.stop_timeout,
+        log_max_size=manifest.logs.max_size,
+        log_max_files=manifest.logs.max_files,
         transports=tuple((fs.tag, fs.transport) for fs in machine.filesystems),
         sources=manifest.files,
     )

@@ -21,6 +21,7 @@ class Seen:
     signal: int = 0  # microvmc got this signal (or a stop request) and stopped the VM
     forwarded: int = 0  # this signal went to the program, which then had stop_timeout to end
     stop_requested: bool = False  # `microvmc stop` (not a signal microvmc itself got)
+    stop_timed_out: bool = False  # the program did not end within stop_timeout of `forwarded`
     boot_timeout: bool = False
     run_timeout: bool = False
     qemu_status: int | None = None  # QEMU's exit status, when it ended by itself
@@ -72,7 +73,7 @@ def judge(seen: Seen, *, logs: Logs, boot_timeout: float, timeout: float, stop_t
 def _outcome(seen: Seen, *, logs: Logs, boot_timeout: float, timeout: float, stop_timeout: float,
              unprivileged: bool) -> tuple[int, str]:
     console = f"console log: {logs.console}"
-    if seen.signal and seen.signal == seen.forwarded:
+    if seen.signal and seen.stop_timed_out:
         who = "a stop request" if seen.stop_requested else f"signal {seen.signal}"
         return 128 + seen.signal, (f"the program did not end within {stop_timeout:g} s of {who} "
                                    f"(resources.stop_timeout); the VM was stopped")

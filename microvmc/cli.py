@@ -74,10 +74,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--rm", action="store_true", help="keep nothing of the run once it ends")
     p.add_argument("-t", "--tty", action="store_true", help="give the program a terminal (a pty in the guest)")
     p.add_argument("-i", "--interactive", action="store_true", help="keep stdin open (the default in the foreground)")
-    p.add_argument("--log-max-size", metavar="SIZE", default="16m",
-                   help="-d: rotate stdout.log/stderr.log at this size (e.g. 512k, 16m; 0: never; default 16m)")
-    p.add_argument("--log-max-files", metavar="N", type=int, default=2,
-                   help="-d: keep this many files of each log, the current one included (default 2)")
+    p.add_argument("--log-max-size", metavar="SIZE",
+                   help="-d: rotate stdout.log/stderr.log at this size (e.g. 512k, 16m; 0: never; default: logs.max_size)")
+    p.add_argument("--log-max-files", metavar="N", type=int,
+                   help="-d: keep this many files of each log, the current one included (default: logs.max_files)")
 
     def run_cmd(name: str, help: str, *, many: bool = True) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help, parents=[common], epilog=EPILOG,
@@ -329,14 +329,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
                             hint="start it with -d, then: microvmc exec -it RUN /bin/sh", status=ExitStatus.USAGE)
     if args.tty and not os.isatty(0):
         raise MicrovmcError("-t: stdin is not a terminal", status=ExitStatus.USAGE)
-    limits = LogLimits(max_size=lifecycle.parse_size(args.log_max_size, "--log-max-size"),
-                       max_files=args.log_max_files)
-    if limits.max_files < 1:
+    size = None if args.log_max_size is None else lifecycle.parse_size(args.log_max_size, "--log-max-size")
+    if args.log_max_files is not None and args.log_max_files < 1:
         raise MicrovmcError(f"--log-max-files {args.log_max_files}: at least 1", status=ExitStatus.USAGE)
     store = lifecycle.store_of(args)
     if args.name is not None:
         store.check_name(args.name)  # before a build that may take minutes
     out, plan = _built(args)
+    limits = LogLimits(max_size=plan.log_max_size if size is None else size,
+                       max_files=plan.log_max_files if args.log_max_files is None else args.log_max_files)
     manifest = os.path.abspath(args.manifest)
     run = store.create(plan.to_dict(), name=args.name, manifest=manifest, command=_program_argv(args), output=out,
                        accel=plan.accel, foreground=not args.detach, named=args.name is not None, remove=args.rm)

@@ -74,6 +74,8 @@ def make_plan(
         boot_timeout=boot_timeout,
         timeout=timeout,
         stop_timeout=stop_timeout,
+        log_max_size=0,
+        log_max_files=1,
         transports=tuple((tag, "virtiofs") for tag, _, _ in shares),
         sources=(),
     )
@@ -470,11 +472,13 @@ def test_a_program_that_does_not_end_is_stopped_after_stop_timeout(run, tmp_path
     run.assert_clean(marker)
 
 
-def test_a_second_signal_stops_at_once(run, tmp_path, marker):
+@pytest.mark.parametrize("second", [signal.SIGINT, signal.SIGTERM])
+def test_a_second_signal_stops_at_once(run, tmp_path, marker, second):
+    """Also when it is the same signal again: nothing then blames resources.stop_timeout."""
     qemu = sh_qemu(tmp_path, f"echo started >&4; echo ready; sleep {marker}")
-    status, _, seconds = signal_helper(run, make_plan([qemu], stop_timeout=60), signal.SIGTERM, signal.SIGINT,
+    status, _, seconds = signal_helper(run, make_plan([qemu], stop_timeout=60), signal.SIGTERM, second,
                                        pause=0.2)
-    assert status == 128 + signal.SIGINT and seconds < 10
+    assert status == 128 + second and seconds < 10
     assert (run.tmp / "stderr").read_bytes() == b""
     run.assert_clean(marker)
 

@@ -204,9 +204,11 @@ def test_four_detached_runs_at_once_while_ps_and_rm_race_them(env, manifests) ->
 
 
 def test_logs_rotate_and_follow(env, manifests) -> None:
+    """The manifest's [logs] sets the rotation (here; --log-max-size/--log-max-files override it)."""
     program = "i=0; while [ $i -lt 200 ]; do echo line-$i-..........................; i=$((i+1)); done; sleep 2; echo end"
-    run_id = mvmc(env, "run", "-d", "--log-max-size", "1k", "--log-max-files", "3", str(manifests / "sleeper.toml"),
-                  "--", "/bin/sh", "-c", program).stdout.decode().strip()
+    (manifests / "rotated.toml").write_text(SLEEPER + "\n[logs]\nmax_size = 1024\nmax_files = 3\n")
+    run_id = mvmc(env, "run", "-d", str(manifests / "rotated.toml"), "--", "/bin/sh", "-c", program)
+    run_id = run_id.stdout.decode().strip()
     follow = mvmc(env, "logs", "-f", run_id)  # returns once the run has ended
     assert follow.returncode == 0 and follow.stdout.endswith(b"end\n")
     files = sorted(p.name for p in (runs_dir(env) / run_id).glob("stdout.log*"))

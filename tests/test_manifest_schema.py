@@ -67,7 +67,8 @@ BOUNDED = list(_bounded(schema()))
 
 def test_the_bounds_are_in_the_schema() -> None:
     assert {".".join(p) for p, _ in BOUNDED} == {"resources.cpus", "resources.memory", "resources.boot_timeout",
-                                                 "resources.stop_timeout", "resources.timeout"}
+                                                 "resources.stop_timeout", "resources.timeout", "logs.max_size",
+                                                 "logs.max_files"}
     assert schema_node(("resources", "memory"))["minimum"] == 128
     assert schema_node(("shares", "any", "guest"))["type"] == "string"
     assert schema_node(("kernel", "cmdline", 3)) == {"type": "string", "minLength": 1}

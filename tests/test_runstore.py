@@ -133,7 +133,7 @@ def test_signals_sizes_and_durations() -> None:
 
 def test_the_verdict_of_a_stop_request() -> None:
     logs = Logs(console="c", qemu="q")
-    seen = Seen(signal=15, forwarded=15, stop_requested=True)
+    seen = Seen(signal=15, forwarded=15, stop_requested=True, stop_timed_out=True)
     v = judge(seen, logs=logs, boot_timeout=30, timeout=0, stop_timeout=2)
     assert v.status == 143 and "within 2 s of a stop request" in v.message
     v = judge(Seen(report="started\nexit 3\n", started=True), logs=logs, boot_timeout=30, timeout=0, stop_timeout=2)
@@ -149,3 +149,28 @@ def test_an_exec_starts_from_the_programs_configuration() -> None:
     assert program_process(cmdline) == spec
     assert ProcessSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
     assert spec.payload().decode().splitlines()[:3] == ["A0=/bin/sh", "A1=-c", "A2=a%20b"]
+
+
+def test_log_rotation_keys_are_validated(tmp_path) -> None:
+    from microvmc.compiler.pipeline import read_manifest
+    from microvmc.errors import ManifestError
+
+    path = tmp_path / "m.toml"
+    path.write_text('version = 1\n[process]\nargv = ["true"]\n[logs]\nmax_files = 0\n')
+    with pytest.raises(ManifestError) as err:
+        read_manifest(path)
+    assert "logs.max_files" in str(err.value) and "0" in str(err.value)
+    path.write_text('version = 1\n[process]\nargv = ["true"]\n')
+    logs = read_manifest(path).logs
+    assert (logs.max_size, logs.max_files) == (16 << 20, 2)  # the schema's defaults
+
+
+def test_a_second_signal_is_not_blamed_on_stop_timeout() -> None:
+    """TERM passed on to the program, then TERM again: the VM is stopped at once, and the message
+    does not say the program outlived resources.stop_timeout (issue 6, item 9)."""
+    logs = Logs(console="c", qemu="q")
+    v = judge(Seen(signal=15, forwarded=15, started=True), logs=logs, boot_timeout=30, timeout=0, stop_timeout=10)
+    assert (v.status, v.message) == (143, "")
+    v = judge(Seen(signal=15, forwarded=15, stop_timed_out=True), logs=logs, boot_timeout=30, timeout=0,
+              stop_timeout=10)
+    assert v.status == 143 and "within 10 s of signal 15 (resources.stop_timeout)" in v.message
