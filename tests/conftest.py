@@ -65,6 +65,15 @@ def boot_env(tmp_path_factory) -> dict[str, str]:
     return env
 
 
+def private_runtime(boot_env: dict[str, str], tmp_path_factory) -> dict[str, str]:
+    """boot_env with a runtime directory (and TMPDIR) of its own: what a run leaves there shows."""
+    env = dict(boot_env)
+    runtime = tmp_path_factory.mktemp("runtime")
+    env["XDG_RUNTIME_DIR"] = str(runtime)
+    env["TMPDIR"] = str(runtime)
+    return env
+
+
 @pytest.fixture(scope="session")
 def image_layout(tmp_path_factory) -> Path:
     """The test images as one OCI layout (tests/imagekit.py), the Debian userland included."""

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 import imagekit
+from conftest import private_runtime
 
 pytestmark = pytest.mark.boot
 
@@ -22,11 +23,7 @@ BBOX_OUT = b"cmd in /srv/work as 1000:1000 groups 1000 10 from-the-image\n"
 
 @pytest.fixture(scope="module")
 def env(boot_env, tmp_path_factory) -> dict[str, str]:
-    env = dict(boot_env)
-    runtime = tmp_path_factory.mktemp("runtime")
-    env["XDG_RUNTIME_DIR"] = str(runtime)
-    env["TMPDIR"] = str(runtime)
-    return env
+    return private_runtime(boot_env, tmp_path_factory)
 
 
 def run(env, manifest: Path, *args: str) -> subprocess.CompletedProcess:

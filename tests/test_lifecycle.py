@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import private_runtime
+
 pytestmark = pytest.mark.boot
 
 MICROVMC = [sys.executable, "-m", "microvmc"]
@@ -40,10 +42,7 @@ argv = ["/bin/sh"]
 
 @pytest.fixture(scope="module")
 def env(boot_env, tmp_path_factory) -> dict[str, str]:
-    env = dict(boot_env)
-    runtime = tmp_path_factory.mktemp("runtime")
-    env["XDG_RUNTIME_DIR"] = str(runtime)
-    env["TMPDIR"] = str(runtime)
+    env = private_runtime(boot_env, tmp_path_factory)
     env["XDG_STATE_HOME"] = str(tmp_path_factory.mktemp("lifecycle-state"))
     return env
 
@@ -325,4 +324,19 @@ def test_a_foreground_run_is_listed_and_takes_exec(env, manifests) -> None:
     assert (p.returncode, out) == (0, b"got input\n")
     assert json.loads(mvmc(env, "inspect", "fg").stdout)["status"] == 0
     mvmc(env, "rm", "fg")
+    no_leftovers(env)
+
+
+def test_killing_qemu_or_a_virtiofsd_of_a_detached_run_ends_it_truthfully(env, manifests) -> None:
+    for victim, status in (("qemu", 123), ("virtiofsd", 122)):
+        run_id = mvmc(env, "run", "-d", str(manifests / "sleeper.toml")).stdout.decode().strip()
+        pids = json.loads(mvmc(env, "inspect", run_id).stdout)["pids"]
+        if victim == "virtiofsd" and not pids["virtiofsd"]:
+            continue  # the root went over 9p (an ordinary user): no daemon to kill
+        pid = pids["qemu"] if victim == "qemu" else next(iter(pids["virtiofsd"].values()))
+        os.kill(pid, signal.SIGKILL)
+        wait = mvmc(env, "wait", run_id)
+        assert wait.stdout == f"{status}\n".encode(), (victim, wait)
+        assert re.search(rf"{run_id[:12]} .*Exited \({status}\)", mvmc(env, "ps", "-a").stdout.decode())
+        mvmc(env, "rm", run_id)
     no_leftovers(env)

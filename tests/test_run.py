@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import EXAMPLES
+from conftest import EXAMPLES, private_runtime
 
 pytestmark = pytest.mark.boot
 
@@ -23,11 +23,7 @@ TIMEOUT = 180
 
 @pytest.fixture(scope="module")
 def env(boot_env, tmp_path_factory) -> dict[str, str]:
-    env = dict(boot_env)
-    runtime = tmp_path_factory.mktemp("runtime")
-    env["XDG_RUNTIME_DIR"] = str(runtime)
-    env["TMPDIR"] = str(runtime)
-    return env
+    return private_runtime(boot_env, tmp_path_factory)
 
 
 def run(env, *args: str, input: bytes | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
