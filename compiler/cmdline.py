@@ -133,6 +133,7 @@ class GuestConfig:
     rlimits: tuple[Rlimit, ...] = ()
     tty: bool = False  # a pty as the program's terminal; its size comes over the control port
     hold: bool = False  # run the program only when the host says `start`
+    net: str = ""  # MVMC_NET: "address/prefix:gateway:dns", "" for no network device
     debug: bool = False
 
 
@@ -153,6 +154,8 @@ def guest_params(config: GuestConfig) -> tuple[tuple[str, str], ...]:
         params.append(("MVMC_TTY", "1"))
     if config.hold:
         params.append(("MVMC_HOLD", "1"))
+    if config.net:
+        params.append(("MVMC_NET", ":".join(encode(part) for part in config.net.split(":"))))
     params += [(f"MVMC_A{i}", encode(arg)) for i, arg in enumerate(config.argv)]
     params += [(f"MVMC_E{i}", f"{encode(name)}={encode(value)}") for i, (name, value) in enumerate(config.env)]
     return tuple(params)

@@ -33,6 +33,7 @@ from microvmc.compiler.manifest import (
     Manifest,
     Mount,
     MountKind,
+    NetworkMode,
     RootMode,
     Transport,
     guest_path,
@@ -45,6 +46,12 @@ __all__ = ["Builder", "Node", "Graph", "Sources", "resolve", "base_kernel_params
 # Bumped when a builder's output changes for the same inputs, so old store paths are not reused.
 BUILDER_VERSION = 1
 INIT_CFLAGS = ("-static", "-Os", "-s", "-Wall", "-Wextra", "-Werror")
+
+# QEMU's user-mode network: its addressing, which the guest init configures statically.
+USER_NETWORK = "10.0.2.0/24"
+USER_ADDRESS = "10.0.2.15/24"
+USER_GATEWAY = "10.0.2.2"  # also the host's loopback
+USER_DNS = "10.0.2.3"
 
 ROOT_MODE_FLAG = {RootMode.READ_ONLY: "ro", RootMode.OVERLAY: "overlay", RootMode.READ_WRITE: "rw"}
 
@@ -258,6 +265,7 @@ def guest_config(manifest: Manifest, root_mode: str, *, hold: bool = False) -> G
         tty=manifest.process.tty,
         hold=hold,
         hostname=manifest.hostname,
+        net=f"{USER_ADDRESS}:{USER_GATEWAY}:{USER_DNS}" if manifest.network.mode is not NetworkMode.NONE else "",
         root=GuestMount(fs=str(manifest.image.transport), tag=ROOT_TAG, mode=root_mode),
         # Mounted in this order: a share before any share mounted inside it.
         shares=tuple(

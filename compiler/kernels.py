@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from microvmc.compiler.host import HostFacts
-from microvmc.compiler.manifest import KernelSource, Manifest, Transport
+from microvmc.compiler.manifest import KernelSource, Manifest, NetworkMode, Transport
 from microvmc.errors import KernelError, ManifestError, Problem
 
 __all__ = ["KernelChoice", "choose_kernel", "own_kernel_dir", "required_features", "check_features"]
@@ -114,6 +114,8 @@ def required_features(manifest: Manifest, root_mode: str) -> tuple[str, ...]:
     wanted = ["initramfs", "devtmpfs", "tmpfs", "ports", *(str(t) for t in transports)]
     if root_mode.startswith("overlay"):
         wanted.append("overlay")
+    if manifest.network.mode is not NetworkMode.NONE:
+        wanted.append("network")
     return tuple(wanted)
 
 
@@ -122,6 +124,7 @@ _INSTEAD = {
     "virtiofs": f'use transport = "{Transport.NINEP}" or another kernel',
     "9p": f'use transport = "{Transport.VIRTIOFS}" or another kernel',
     "overlay": 'use image.mode = "read-only" or another kernel',
+    "network": 'use network.mode = "none" or another kernel',
 }
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from enum import IntEnum, StrEnum
 from typing import Any
 
-__all__ = ["Fd", "Link", "Port", "Filesystem", "Machine", "PORTS", "CHANNEL_SOCKET"]
+__all__ = ["Fd", "Link", "Port", "Filesystem", "Nic", "Machine", "PORTS", "CHANNEL_SOCKET"]
 
 CHANNEL_SOCKET = "channel.sock"  # in the run directory: the exec channel's host end (init/PROTOCOL.md)
 
@@ -96,6 +96,29 @@ class Filesystem:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class Nic:
+    """The VM's network device on a user-mode (NAT) network the VMM provides, with host ports
+    forwarded to the guest."""
+
+    outbound: bool  # False: nothing leaves the network (only the forwards reach the guest)
+    network: str  # "10.0.2.0/24"
+    address: str  # the guest's, "10.0.2.15/24"
+    gateway: str
+    dns: str
+    forwards: tuple[tuple[str, str, int, int], ...]  # (protocol, host address, host port, guest port)
+    keys: tuple[str, ...] = ("network.mode", "network.forwards")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"outbound": self.outbound, "network": self.network, "address": self.address, "gateway": self.gateway,
+                "dns": self.dns, "forwards": [list(f) for f in self.forwards], "keys": list(self.keys)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Nic":
+        return cls(outbound=d["outbound"], network=d["network"], address=d["address"], gateway=d["gateway"],
+                   dns=d["dns"], forwards=tuple(tuple(f) for f in d["forwards"]), keys=tuple(d["keys"]))
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class Machine:
     name: str
     accel: str  # "kvm" or "tcg"
@@ -109,6 +132,7 @@ class Machine:
     ports: tuple[Port, ...]
     filesystems: tuple[Filesystem, ...]  # the root first
     acpi: bool = True  # the machine describes its devices in ACPI tables (off: on the kernel command line)
+    nic: Nic | None = None  # no network device at all when None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -124,6 +148,7 @@ class Machine:
             "ports": [p.to_dict() for p in self.ports],
             "filesystems": [f.to_dict() for f in self.filesystems],
             **({} if self.acpi else {"acpi": False}),
+            **({"nic": self.nic.to_dict()} if self.nic else {}),
         }
 
     @classmethod
@@ -141,4 +166,5 @@ class Machine:
             ports=tuple(Port.from_dict(p) for p in d["ports"]),
             filesystems=tuple(Filesystem.from_dict(f) for f in d["filesystems"]),
             acpi=d.get("acpi", True),
+            nic=Nic.from_dict(d["nic"]) if d.get("nic") else None,
         )

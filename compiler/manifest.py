@@ -590,8 +590,6 @@ def _semantic_problems(loaded: Loaded) -> list[tuple[KeyPath, Problem]]:
 
     network = data.get("network") if isinstance(data.get("network"), dict) else {}
     forwards = network.get("forwards") if isinstance(network.get("forwards"), list) else []
-    if network.get("mode") in ("user", "isolated"):  # until the network device is lowered
-        add(("network", "mode"), f"{show(network['mode'])} is not supported yet", "use \"none\"")
     if forwards and network.get("mode") == "none":
         add(("network", "forwards"), "need network.mode = \"user\" or \"isolated\"", "network.mode is \"none\"")
     listening: dict[tuple[str, int], list[tuple[str, int]]] = {}  # (protocol, host port) → (address, index)

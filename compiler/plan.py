@@ -3,12 +3,12 @@ kernel command line). The Machine is VMM-neutral; compiler/qemu.py lowers it to 
 
 from __future__ import annotations
 
-from microvmc.compiler.graph import ROOT_TAG, Graph
+from microvmc.compiler.graph import ROOT_TAG, USER_ADDRESS, USER_DNS, USER_GATEWAY, USER_NETWORK, Graph
 from microvmc.compiler.host import HostFacts, VirtiofsdFlavour
 from microvmc.compiler import qemu
 from microvmc.compiler.launch import Fd, LaunchPlan, VirtiofsdPlan
-from microvmc.compiler.machine import PORTS, Filesystem, Machine
-from microvmc.compiler.manifest import Manifest, RootMode, Transport
+from microvmc.compiler.machine import PORTS, Filesystem, Machine, Nic
+from microvmc.compiler.manifest import Manifest, NetworkMode, RootMode, Transport
 from microvmc.errors import HostError
 
 __all__ = ["plan", "describe", "fuse_escape", "virtiofsd_argv", "read_only_jail"]
@@ -67,7 +67,17 @@ def describe(manifest: Manifest, graph: Graph) -> Machine:
         ports=PORTS,
         filesystems=tuple(filesystems),
         acpi=graph.node("boot-kernel").locations_dict().get("acpi") != "off",
+        nic=_nic(manifest),
     )
+
+
+def _nic(manifest: Manifest) -> Nic | None:
+    network = manifest.network
+    if network.mode is NetworkMode.NONE:
+        return None
+    return Nic(outbound=network.mode is NetworkMode.USER, network=USER_NETWORK, address=USER_ADDRESS,
+               gateway=USER_GATEWAY, dns=USER_DNS,
+               forwards=tuple((str(f.protocol), f.host_address, f.host, f.guest) for f in network.forwards))
 
 
 def plan(manifest: Manifest, graph: Graph, facts: HostFacts) -> LaunchPlan:

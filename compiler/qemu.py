@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from microvmc.compiler.host import HostFacts
 from microvmc.compiler.launch import ArgGroup, Fd
-from microvmc.compiler.machine import Filesystem, Link, Machine, Port
+from microvmc.compiler.machine import Filesystem, Link, Machine, Nic, Port
 from microvmc.compiler.qemuopts import opts
 
 __all__ = ["lower", "CPU_MODEL"]
@@ -49,6 +49,16 @@ def _filesystem(fs: Filesystem) -> ArgGroup:
     return ArgGroup(keys=fs.keys, comment=comment, args=args)
 
 
+def _nic(nic: Nic) -> ArgGroup:
+    # slirp: the guest's DHCP is unused (init sets the address), hostfwd listens on the host
+    hostfwd = [("hostfwd", f"{proto}:{address}:{host}-:{guest}") for proto, address, host, guest in nic.forwards]
+    args = ("-netdev", opts("user", ("id", "net0"), ("net", nic.network), ("restrict", not nic.outbound), *hostfwd),
+            "-device", opts("virtio-net-device", ("netdev", "net0")))
+    what = "user-mode network" if nic.outbound else "isolated user-mode network (restrict=on: no way out)"
+    forwards = ", ".join(f"{a}:{h}->{g}/{p}" for p, a, h, g in nic.forwards) or "no forwards"
+    return ArgGroup(keys=nic.keys, comment=f"{what}, guest {nic.address}; {forwards}", args=args)
+
+
 def lower(machine: Machine, facts: HostFacts) -> tuple[ArgGroup, ...]:
     """QEMU's argv for the machine, as groups of options."""
     memory = f"{machine.memory_mib}M"
@@ -83,4 +93,6 @@ def lower(machine: Machine, facts: HostFacts) -> tuple[ArgGroup, ...]:
                  args=tuple(ports)),
     ]
     groups += [_filesystem(fs) for fs in machine.filesystems]
+    if machine.nic is not None:
+        groups.append(_nic(machine.nic))
     return tuple(groups)

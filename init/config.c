@@ -372,6 +372,8 @@ void read_config(void)
 	cfg.hostname = raw ? decode(raw, strlen(raw), "MVMC_HOSTNAME") : NULL;
 	raw = params_get(p, "MVMC_HOLD");
 	cfg.hold = raw && strcmp(raw, "1") == 0;
+	raw = params_get(p, "MVMC_NET");
+	cfg.net = raw ? decode(raw, strlen(raw), "MVMC_NET") : NULL;
 	if (!(raw = params_get(p, "MVMC_ROOT")))
 		fail("config", 0, "MVMC_ROOT is missing");
 	parse_fsspec("MVMC_ROOT", raw, 3, &cfg.root);

@@ -362,6 +362,7 @@ int main(void)
 			fail("hostname", errno, "sethostname %s", cfg.hostname);
 	}
 	report("time mounts %ld", uptime_ms());
+	network_up();
 	int sigfd = setup_signals();
 	if (program->tty && !program->rows) {
 		/* MVMC_TTY=1: the host sends the terminal's size first; the program starts with it */

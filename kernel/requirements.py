@@ -166,6 +166,7 @@ FEATURES: Mapping[str, Feature] = {
     "9p": Feature(name="9p over virtio", options=("NET_9P", "NET_9P_VIRTIO", "9P_FS"),
                   modules=("9pnet_virtio", "9p")),
     "overlay": Feature(name="overlayfs", options=("OVERLAY_FS",), modules=("overlay",)),
+    "network": Feature(name="virtio-net", options=("VIRTIO_NET",), modules=("virtio_net",)),
     "tmpfs": Feature(name="tmpfs", options=("TMPFS",), modules=()),
     "devtmpfs": Feature(name="devtmpfs", options=("DEVTMPFS",), modules=()),
     "initramfs": Feature(name="initramfs (gzip)", options=("BLK_DEV_INITRD", "RD_GZIP"), modules=()),

@@ -1,0 +1,137 @@
+/* The network: lo is always up; with MVMC_NET, the VM's network device gets its static address, a
+ * default route and, on a writable root, /etc/resolv.conf. ioctls only: no tools in the image. */
+#include "init.h"
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <net/if.h>
+#include <net/route.h>
+#include <netinet/in.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#define DEVICE_DEADLINE_MS 5000
+
+static void set_addr(struct sockaddr *sa, struct in_addr addr)
+{
+	struct sockaddr_in in = {.sin_family = AF_INET, .sin_addr = addr};
+	memcpy(sa, &in, sizeof in);
+}
+
+static void request(int s, unsigned long op, const char *opname, struct ifreq *ifr)
+{
+	if (ioctl(s, op, ifr) < 0)
+		fail("network", errno, "%s %s", opname, ifr->ifr_name);
+}
+
+static void bring_up(int s, const char *name)
+{
+	struct ifreq ifr = {0};
+	snprintf(ifr.ifr_name, IFNAMSIZ, "%s", name);
+	request(s, SIOCGIFFLAGS, "SIOCGIFFLAGS", &ifr);
+	ifr.ifr_flags |= IFF_UP | IFF_RUNNING;
+	step("network: %s up", name);
+	request(s, SIOCSIFFLAGS, "SIOCSIFFLAGS", &ifr);
+}
+
+/* The VM's one network device: the first interface that is not lo (virtio_net's eth0). */
+static int find_device(char name[IFNAMSIZ])
+{
+	struct if_nameindex *all = if_nameindex();
+	int found = 0;
+	for (struct if_nameindex *i = all; all && i->if_index; i++)
+		if (strcmp(i->if_name, "lo") != 0) {
+			snprintf(name, IFNAMSIZ, "%s", i->if_name);
+			found = 1;
+			break;
+		}
+	if (all)
+		if_freenameindex(all);
+	return found;
+}
+
+static struct in_addr parse_ip(const char *text, const char *what)
+{
+	struct in_addr addr;
+	if (inet_pton(AF_INET, text, &addr) != 1)
+		fail("config", 0, "MVMC_NET: %s %s is not an IPv4 address", what, text);
+	return addr;
+}
+
+static void write_resolv_conf(const char *dns)
+{
+	/* the image is never modified: only an overlay's or a read-write root's own files */
+	if (strcmp(cfg.root.mode, "overlay") != 0 && strcmp(cfg.root.mode, "rw") != 0) {
+		step("network: root is read-only, /etc/resolv.conf left as it is");
+		return;
+	}
+	if (mkdir("/etc", 0755) < 0 && errno != EEXIST)
+		fail("network", errno, "mkdir /etc");
+	unlink("/etc/resolv.conf"); /* it may be a symlink into a missing /run/... */
+	int fd = open("/etc/resolv.conf", O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0644);
+	if (fd < 0)
+		fail("network", errno, "open /etc/resolv.conf");
+	char line[64];
+	int n = snprintf(line, sizeof line, "nameserver %s\n", dns);
+	if (write_all(fd, line, n) < 0 || close(fd) < 0)
+		fail("network", errno, "write /etc/resolv.conf");
+}
+
+/* MVMC_NET = address/prefix:gateway:dns */
+void network_up(void)
+{
+	int s = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+	if (s < 0)
+		fail("network", errno, "socket");
+	bring_up(s, "lo"); /* the kernel gives lo 127.0.0.1/8 when it comes up */
+	if (!cfg.net) {
+		close(s);
+		return;
+	}
+	char *spec = need(strdup(cfg.net));
+	char *address = spec, *gateway = strchr(spec, ':'), *dns = gateway ? strchr(gateway + 1, ':') : NULL;
+	char *slash = strchr(spec, '/');
+	if (!gateway || !dns || !slash || slash > gateway)
+		fail("config", 0, "MVMC_NET=%s: expected address/prefix:gateway:dns", cfg.net);
+	*slash = *gateway++ = *dns++ = '\0';
+	int prefix = atoi(slash + 1);
+	if (prefix < 1 || prefix > 32)
+		fail("config", 0, "MVMC_NET=%s: bad prefix length", cfg.net);
+	struct in_addr addr = parse_ip(address, "address"), gw = parse_ip(gateway, "gateway");
+	parse_ip(dns, "dns");
+	struct in_addr mask = {.s_addr = htonl(0xffffffffu << (32 - prefix))};
+
+	char name[IFNAMSIZ];
+	long deadline = uptime_ms() + DEVICE_DEADLINE_MS;
+	while (!find_device(name)) {
+		if (uptime_ms() > deadline)
+			fail("network", 0, "no network device appeared within %d ms", DEVICE_DEADLINE_MS);
+		sleep_ms(1);
+	}
+	struct ifreq ifr = {0};
+	snprintf(ifr.ifr_name, IFNAMSIZ, "%s", name);
+	step("network: %s %s/%d via %s, dns %s", name, address, prefix, gateway, dns);
+	set_addr(&ifr.ifr_addr, addr);
+	request(s, SIOCSIFADDR, "SIOCSIFADDR", &ifr);
+	set_addr(&ifr.ifr_netmask, mask);
+	request(s, SIOCSIFNETMASK, "SIOCSIFNETMASK", &ifr);
+	bring_up(s, name);
+	struct rtentry route = {0};
+	struct in_addr any = {.s_addr = INADDR_ANY};
+	set_addr(&route.rt_dst, any);
+	set_addr(&route.rt_genmask, any);
+	set_addr(&route.rt_gateway, gw);
+	route.rt_flags = RTF_UP | RTF_GATEWAY;
+	route.rt_dev = name;
+	if (ioctl(s, SIOCADDRT, &route) < 0)
+		fail("network", errno, "default route via %s", gateway);
+	close(s);
+	write_resolv_conf(dns);
+	free(spec);
+}
