@@ -341,17 +341,24 @@ def cmd_rm(args: argparse.Namespace) -> int:
     from microvmc.backends.monitor import Client
 
     store = store_of(args)
-    runs = [store.find(ref) for ref in args.runs]
-    for run in runs:
-        if run.alive() and args.force:
-            try:
-                Client(run).stop(0)
-            except MicrovmcError:
-                pass
-            _ended(run)
-        store.remove(run)
+    status = 0
+    for ref in args.runs:  # as docker rm: each one it can, and one line for each it cannot
+        try:
+            run = store.find(ref)
+            if run.alive() and args.force:
+                try:
+                    Client(run).stop(0)
+                except MicrovmcError:
+                    pass
+                _ended(run)
+            store.remove(run)
+        except MicrovmcError as err:
+            for line in err.lines():
+                print(f"microvmc: {line}", file=sys.stderr)
+            status = int(err.status)
+            continue
         print(run.name)
-    return 0
+    return status
 
 
 # --- exec ----------------------------------------------------------------------------------------

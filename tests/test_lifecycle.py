@@ -197,7 +197,8 @@ def test_four_detached_runs_at_once_while_ps_and_rm_race_them(env, manifests) ->
     for n in range(1, 4):
         assert mvmc(env, "wait", f"four{n}").stdout == f"{10 + n}\n".encode()
         assert mvmc(env, "logs", f"four{n}").stdout == f"run {n}\n".encode()
-    mvmc(env, "rm", "-f", "four0", "four1", "four2", "four3")
+    rm = mvmc(env, "rm", "-f", "four0", "four1", "four2", "four3")  # four0 may be gone: the others still go
+    assert rm.stdout.split()[-3:] == [b"four1", b"four2", b"four3"] and rm.returncode in (0, 1)
     assert mvmc(env, "ps", "-a", "-q").stdout == b""
     no_leftovers(env)
 
