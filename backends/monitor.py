@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import selectors
 import signal
 import socket
@@ -42,7 +43,7 @@ from typing import Any
 
 from microvmc.backends._unix import bind, connect
 from microvmc.backends.qemu import RunLogs, launch, read_logs, runtime_dir, sweep_runtime_dirs
-from microvmc.backends.runstore import Run, RunStateError
+from microvmc.backends.runstore import Run, RunStateError, RunStore, utc_now as _now
 from microvmc.backends.supervise import STOP_SIGNALS, LogSink, Signals, Sink, State, Supervisor, signals_caught
 from microvmc.compiler.launch import Fd, LaunchPlan, ProcessSpec
 from microvmc.compiler.verdict import Verdict, judge, timeline_record, timeline_summary
@@ -439,21 +440,16 @@ def _rmtree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-
-
 def _record_state(run: Run) -> Callable[[State, Supervisor], None]:
     """Keep the run's record true as the run goes."""
 
     def changed(state: State, sup: Supervisor) -> None:
+        pids = {"monitor": os.getpid(), "qemu": sup.vm.qemu.pid,
+                "virtiofsd": {vp.tag: child.pid for vp, child in sup.vm.daemons}}
         if state is State.RUNNING and sup.seen.started and run.record().get("state") != "running":
-            run.update(state="running", started=_now(), started_unix=time.time(),
-                       pids={"monitor": os.getpid(), "qemu": sup.vm.qemu.pid,
-                             "virtiofsd": {vp.tag: child.pid for vp, child in sup.vm.daemons}})
+            run.update(state="running", started=_now(), started_unix=time.time(), pids=pids)
         elif state is State.CREATED and sup.seen.ready and "pids" not in run.record():
-            run.update(pids={"monitor": os.getpid(), "qemu": sup.vm.qemu.pid,
-                             "virtiofsd": {vp.tag: child.pid for vp, child in sup.vm.daemons}})
+            run.update(pids=pids)
 
     return changed
 
@@ -562,17 +558,8 @@ def _daemon(plan: LaunchPlan, run: Run, *, hold: bool, stdio: tuple[int, int, in
     tell(f"error {verdict.status} {verdict.message or f'the program ended with status {verdict.status}'}")
     if run.record().get("remove"):
         run.release()
-        _rmtree_run(run)
+        RunStore(run.dir.parent).remove(run)
     return verdict.status
-
-
-def _rmtree_run(run: Run) -> None:
-    gone = run.dir.with_name(f".rm-{run.dir.name}")
-    try:
-        os.rename(run.dir, gone)
-    except OSError:
-        return
-    _rmtree(gone)
 
 
 # --- the client --------------------------------------------------------------------------------
@@ -664,8 +651,6 @@ class Client:
             seen = 0
             while True:
                 fds = [sock] + ([signals.fd] if signals is not None and signals.fd is not None else [])
-                import select
-
                 ready, _, _ = select.select(fds, [], [])
                 if signals is not None and signals.fd in ready:
                     try:

@@ -31,7 +31,7 @@ from typing import Any
 
 from microvmc.errors import ExitStatus, MicrovmcError
 
-__all__ = ["RunStore", "Run", "NoSuchRun", "RunStateError", "state_root", "KEEP"]
+__all__ = ["RunStore", "Run", "NoSuchRun", "RunStateError", "state_root", "utc_now", "KEEP"]
 
 KEEP = 50  # foreground runs without a name beyond this many are pruned, oldest first
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
@@ -61,7 +61,7 @@ def state_root(environ: Mapping[str, str] = os.environ, override: str | None = N
     return Path(state, "microvmc")
 
 
-def _now() -> str:
+def utc_now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
@@ -185,7 +185,7 @@ class RunStore:
                     name = f"{name}_{secrets.randbelow(1000)}"
                     if name not in names:
                         break
-            record = {"id": run_id, "name": name, "created": _now(), "created_unix": time.time(),
+            record = {"id": run_id, "name": name, "created": utc_now(), "created_unix": time.time(),
                       "manifest": manifest, "command": list(command), "state": "created", "plan": plan, **fields}
             new = self.root / f".new-{run_id}"
             new.mkdir(mode=0o700)

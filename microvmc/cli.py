@@ -339,7 +339,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     limits = LogLimits(max_size=plan.log_max_size if size is None else size,
                        max_files=plan.log_max_files if args.log_max_files is None else args.log_max_files)
     manifest = os.path.abspath(args.manifest)
-    run = store.create(plan.to_dict(), name=args.name, manifest=manifest, command=_program_argv(args), output=out,
+    run = store.create(plan.to_dict(), name=args.name, manifest=manifest, command=_program_argv(args, plan), output=out,
                        accel=plan.accel, foreground=not args.detach, named=args.name is not None, remove=args.rm)
     if args.verbose:
         print(f"microvmc: build output {out}", file=sys.stderr)
@@ -364,10 +364,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
             raise
 
 
-def _program_argv(args: argparse.Namespace) -> tuple[str, ...]:
-    """What `ps` shows as the run's command: the argv given, or the manifest's."""
-    if args.argv:
-        return tuple(args.argv)
+def _program_argv(args: argparse.Namespace, plan) -> tuple[str, ...]:
+    """What `ps` shows as the run's command: the plan's (from its kernel command line); the manifest's
+    when the configuration spilled into the initramfs."""
+    from microvmc.compiler.launch import program_process
+
+    argv = program_process(plan.cmdline).argv or tuple(args.argv or ())
+    if argv:
+        return argv
     from microvmc.compiler.load import load
 
     try:
