@@ -23,6 +23,12 @@ Requests (one JSON object a line; the answer is one JSON object a line):
     {"op": "exec", "process": {...}} + 3 fds → {"session": N}, later {"status": N, "message": ...};
         the connection then takes {"op": "signal"|"resize", ...} for that process; closing it early
         kills the process.
+    {"op": "attach", "stdin": B} + 2 or 3 fds (stdout, stderr[, stdin])
+                                            → {"ok": true, "tty": T}; the program's output from now on
+        goes to these too, later {"status": N, "message": ...} when the run ends, or {"detached": true}
+        (Ctrl-P Ctrl-Q on a terminal); `stdin` is taken only from one client at a time and only when
+        the run keeps its stdin open (`run -d -i` or `-t`); its end closes the program's stdin (not
+        with a terminal). Closing the connection detaches; the run goes on.
 """
 
 from __future__ import annotations
@@ -179,18 +185,155 @@ class _Server:
             conn.close()
 
 
+# --- attached clients --------------------------------------------------------------------------
+
+
+DETACH_KEYS = b"\x10\x11"  # Ctrl-P Ctrl-Q, as docker attach
+FLUSH_AT_END = 5.0  # seconds attached clients get to take the last output before the status
+
+
+class _Fanout:
+    """A program stream's sink (log file or caller's descriptor) and the clients attached to it. The
+    supervisor sees only the sink; an attached client is fed from the same data and sets the pace
+    too (the guest's port is read only while everyone has room), so none of them loses output."""
+
+    def __init__(self, sink: Sink):
+        self.sink = sink
+        self.attached: list[Sink] = []
+
+    @property
+    def fd(self) -> int:
+        return self.sink.fd
+
+    @property
+    def pending(self) -> bytearray:
+        return self.sink.pending
+
+    @property
+    def pollable(self) -> bool:
+        return self.sink.pollable
+
+    @property
+    def broken(self) -> bool:
+        return self.sink.broken
+
+    @property
+    def error(self) -> OSError | None:
+        return self.sink.error
+
+    @property
+    def full(self) -> bool:
+        return self.sink.full or any(s.full for s in self.attached if not s.broken)
+
+    def push(self, data: bytes) -> None:
+        self.sink.push(data)
+        for sink in self.attached:
+            sink.push(data)
+
+    def write(self) -> bool:
+        return self.sink.write()
+
+
+class _Attachment:
+    """One `attach` connection: its output descriptors, fed by the fan-outs, and maybe its stdin."""
+
+    def __init__(self, conn: _Conn, outputs: dict[Fd, Sink], stdin: int | None):
+        self.conn = conn
+        self.outputs = outputs
+        self.stdin = stdin
+
+
+class _Input:
+    """The program's stdin of a detached run that keeps it open (`run -d -i`, `-t`): a pipe whose write
+    end the monitor holds; an attached client's stdin is copied into it, without ever blocking the loop."""
+
+    def __init__(self, fd: int, *, tty: bool):
+        os.set_blocking(fd, False)
+        self.fd = fd
+        self.tty = tty
+        self.pending = b""
+        self.held = b""  # a Ctrl-P that may start the detach keys
+        self.source: _Attachment | None = None
+
+    def wanted(self, detach: Callable[[_Attachment], None]) -> dict[int, tuple[int, Callable[[int], None]]]:
+        if self.fd < 0:
+            return {}
+        if self.pending:
+            return {self.fd: (selectors.EVENT_WRITE, lambda _: self._write())}
+        if self.source is not None and self.source.stdin is not None:
+            return {self.source.stdin: (selectors.EVENT_READ, lambda _, a=self.source: self._read(a, detach))}
+        return {}
+
+    def _read(self, attachment: _Attachment, detach: Callable[[_Attachment], None]) -> None:
+        try:
+            data = os.read(attachment.stdin, 1 << 16)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.source = None
+            if not self.tty:  # the client's end of input is the program's
+                self.close()
+            return
+        if self.tty:
+            data, self.held = self.held + data, b""
+            if DETACH_KEYS in data:
+                self.pending += data[:data.index(DETACH_KEYS)]
+                self.source = None
+                detach(attachment)
+                return
+            if data.endswith(DETACH_KEYS[:1]):
+                data, self.held = data[:-1], data[-1:]
+        self.pending += data
+
+    def _write(self) -> None:
+        try:
+            written = os.write(self.fd, self.pending)
+        except BlockingIOError:
+            return
+        except OSError:  # the guest's side is gone: what was typed goes nowhere
+            self.pending = b""
+            return
+        self.pending = self.pending[written:]
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+            self.pending = b""
+
+
+def _flush(sinks: list[Sink], deadline: float) -> None:
+    """Write what attached clients still have pending, until `deadline`."""
+    while True:
+        waiting = [s for s in sinks if s.pending and not s.broken]
+        left = deadline - time.monotonic()
+        if not waiting or left <= 0:
+            return
+        _, writable, _ = select.select([], [s.fd for s in waiting], [], left)
+        for sink in waiting:
+            if sink.fd in writable:
+                sink.write()
+
+
 # --- the monitor -------------------------------------------------------------------------------
 
 
 class _Monitor:
     """Requests → the supervisor and the exec channel."""
 
-    def __init__(self, supervisor: Supervisor, *, stop_timeout: float):
+    def __init__(self, supervisor: Supervisor, *, stop_timeout: float, outputs: dict[Fd, _Fanout],
+                 stdin: _Input | None = None, tty: bool = False):
         self.sup = supervisor
         self.stop_timeout = stop_timeout
         self.channel = None
         self.waiters: list[_Conn] = []
         self.verdict: Verdict | None = None
+        self.outputs = outputs
+        self.input = stdin
+        self.tty = tty
+        self.attached: list[_Attachment] = []
 
     def state(self) -> str:
         state = self.sup.state
@@ -232,6 +375,8 @@ class _Monitor:
                 self.waiters.append(conn)
             elif op == "exec":
                 self._exec(conn, request)
+            elif op == "attach":
+                self._attach(conn, bool(request.get("stdin")))
             else:
                 conn.send({"error": f"unknown request {op!r}"})
         except (KeyError, TypeError, ValueError) as e:
@@ -267,6 +412,45 @@ class _Monitor:
         conn.session = channel.open(spec, stdin, stdout, stderr, ended)
         conn.send({"session": conn.session.id})
 
+    def _attach(self, conn: _Conn, stdin: bool) -> None:
+        if conn.session is not None or any(a.conn is conn for a in self.attached) \
+                or len(conn.fds) != (3 if stdin else 2):
+            conn.send({"error": "attach needs two descriptors (stdout, stderr), and stdin third if asked for"})
+            conn.close()
+            return
+        if stdin and self.input is None:
+            conn.send({"error": "the run's stdin is closed: start it with -i or -t to attach to its input"})
+            conn.close()
+            return
+        if stdin and self.input.source is not None:
+            conn.send({"error": "another client is attached to the run's input"})
+            conn.close()
+            return
+        fds, conn.fds = conn.fds, []
+        sinks = {Fd.STDOUT: Sink(fds[0]), Fd.STDERR: Sink(fds[1])}
+        attachment = _Attachment(conn, sinks, fds[2] if stdin else None)
+        if attachment.stdin is not None:
+            os.set_blocking(attachment.stdin, False)
+            self.input.source = attachment
+        self.attached.append(attachment)
+        for kind, sink in sinks.items():
+            self.outputs[kind].attached.append(sink)
+        conn.send({"ok": True, "tty": self.tty})
+
+    def _detach(self, attachment: _Attachment, *, say: dict[str, Any] | None = None) -> None:
+        if attachment not in self.attached:
+            return
+        self.attached.remove(attachment)
+        if self.input is not None and self.input.source is attachment:
+            self.input.source = None
+        for kind, sink in attachment.outputs.items():
+            self.outputs[kind].attached.remove(sink)
+        if say is not None:
+            attachment.conn.send(say)
+        attachment.conn.close()
+        for fd in {*(s.fd for s in attachment.outputs.values()), attachment.stdin} - {None}:
+            os.close(fd)
+
     def _channel(self):
         from microvmc.backends.channel import Channel
 
@@ -284,19 +468,37 @@ class _Monitor:
         return self.channel
 
     def disconnected(self, conn: _Conn) -> None:
-        """The client went away: an exec it ran is killed (as a closed terminal would)."""
+        """The client went away: an exec it ran is killed (as a closed terminal would); an attached
+        client is detached."""
         if conn in self.waiters:
             self.waiters.remove(conn)
         if conn.session is not None and self.channel is not None:
             self.channel.signal(conn.session, signal.SIGKILL)
+        for attachment in [a for a in self.attached if a.conn is conn]:
+            self._detach(attachment)
 
     def wanted(self) -> dict[int, tuple[int, Callable[[int], None]]]:
-        return self.channel.wanted() if self.channel is not None else {}
+        want = self.channel.wanted() if self.channel is not None else {}
+        for attachment in list(self.attached):
+            if any(s.broken for s in attachment.outputs.values()):  # its reader went away
+                self._detach(attachment)
+                continue
+            for sink in attachment.outputs.values():
+                if sink.pending and sink.pollable:
+                    want[sink.fd] = (selectors.EVENT_WRITE, lambda _, sink=sink: sink.write())
+        if self.input is not None:
+            want.update(self.input.wanted(lambda a: self._detach(a, say={"detached": True})))
+        return want
 
     def ended(self, verdict: Verdict) -> None:
         self.verdict = verdict
         if self.channel is not None:
             self.channel.close()
+        if self.input is not None:
+            self.input.close()
+        _flush([s for a in self.attached for s in a.outputs.values()], time.monotonic() + FLUSH_AT_END)
+        for attachment in list(self.attached):
+            self._detach(attachment, say={"status": verdict.status, "message": verdict.message})
         for conn in self.waiters:
             conn.send({"status": verdict.status, "message": verdict.message})
             conn.close()
@@ -363,8 +565,13 @@ def serve(
     booting: Callable[[], None] | None = None,
     on_state: Callable[[State, Supervisor], None] | None = None,
     signal_numbers: tuple[int, ...] = STOP_SIGNALS,
+    input: int | None = None,
+    tty: bool = False,
 ) -> Verdict:
     """Launch, supervise and judge one run; the verdict is also in `run`'s record.
+
+    `input`: the write end of the pipe `stdin` reads (a detached run that keeps its stdin open), which
+    attached clients' stdin is copied into; `tty`: the program has a pty (their input is a terminal's).
 
     `stdout`/`stderr` None: the program's output goes to stdout.log/stderr.log in `logs.dir`, within
     `log_limits`. `terminal`: the program has a pty (MVMC_TTY); this descriptor's size is its size,
@@ -377,14 +584,17 @@ def serve(
     numbers = signal_numbers + ((signal.SIGWINCH,) if terminal is not None else ())
     limits = log_limits or LogLimits(max_size=plan.log_max_size, max_files=plan.log_max_files)
     with signals_caught(numbers) as signals, ExitStack() as stack:
-        sinks: dict[Fd, Sink] = {}
+        sinks: dict[Fd, _Fanout] = {}
         for kind, fd, name in ((Fd.STDOUT, stdout, "stdout.log"), (Fd.STDERR, stderr, "stderr.log")):
             if fd is None:
                 sink = LogSink(logs.dir / name, max_size=limits.max_size, max_files=limits.max_files)
                 stack.callback(sink.close)
             else:
                 sink = Sink(fd)
-            sinks[kind] = sink
+            sinks[kind] = _Fanout(sink)
+        program_input = None if input is None else _Input(input, tty=tty)
+        if program_input is not None:
+            stack.callback(program_input.close)
         qemu_stdin, relay = stack.enter_context(_program_stdin(stdin, terminal is not None))
         status_file = stack.enter_context(open(logs.status, "wb"))
         monitor = None
@@ -406,7 +616,8 @@ def serve(
                 booting()
             supervisor = Supervisor(plan=plan, vm=vm, sinks=sinks, status_file=status_file, signals=signals,
                                     began=began, hold=hold, stdin_relay=relay, terminal=terminal)
-            monitor = _Monitor(supervisor, stop_timeout=plan.stop_timeout)
+            monitor = _Monitor(supervisor, stop_timeout=plan.stop_timeout, outputs=sinks,
+                               stdin=program_input, tty=tty)
             if run is not None:
                 server = _Server(run.socket, monitor)
                 stack.callback(server.close)  # answers until the verdict is in the record
@@ -473,10 +684,13 @@ def run_plan(plan: LaunchPlan, *, log_dir: Path, stdin: int = 0, stdout: int = 1
 
 def start_detached(plan: LaunchPlan, run: Run, *, hold: bool = False,
                    stdio: tuple[int, int, int] | None = None, terminal: int | None = None,
-                   log_limits: LogLimits | None = None) -> int:
+                   log_limits: LogLimits | None = None, keep_stdin: bool = False, tty: bool = False) -> int:
     """Start a monitor of its own for `run` (a daemon in its own session), and return its pid once
     the program has started (`hold`: once the guest is ready). Raises MicrovmcError (one line) if
-    the run ended before that, with the run's status; the record keeps what happened."""
+    the run ended before that, with the run's status; the record keeps what happened.
+
+    Without `stdio`, the program's output goes to log files and its stdin is empty, or, with
+    `keep_stdin`, a pipe the monitor holds open for clients that attach (`tty`: a terminal's input)."""
     read_end, write_end = os.pipe2(os.O_CLOEXEC)
     first = os.fork()
     if first == 0:  # pragma: no cover - the child's side is seen through the tests' boots
@@ -486,7 +700,7 @@ def start_detached(plan: LaunchPlan, run: Run, *, hold: bool = False,
             if os.fork() != 0:
                 os._exit(0)
             status = _daemon(plan, run, hold=hold, stdio=stdio, terminal=terminal, log_limits=log_limits,
-                             ready=write_end)
+                             keep_stdin=keep_stdin, tty=tty, ready=write_end)
         except BaseException:  # noqa: BLE001 - a daemon's last word goes to its log
             import traceback
 
@@ -516,12 +730,15 @@ def start_detached(plan: LaunchPlan, run: Run, *, hold: bool = False,
 
 
 def _daemon(plan: LaunchPlan, run: Run, *, hold: bool, stdio: tuple[int, int, int] | None,
-            terminal: int | None, log_limits: LogLimits | None, ready: int) -> int:
+            terminal: int | None, log_limits: LogLimits | None, keep_stdin: bool, tty: bool, ready: int) -> int:
     """The monitor's body: returns the status it exits with (the program's)."""
     log = os.open(run.dir / "monitor.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
     null = os.open(os.devnull, os.O_RDWR)
+    program_input = None
     if stdio is None:
         stdin, stdout, stderr = null, None, None
+        if keep_stdin:
+            stdin, program_input = os.pipe2(os.O_CLOEXEC)
     else:
         stdin, stdout, stderr = (os.dup(fd) for fd in stdio)
     for fd in (0, 1, 2):  # the caller's terminal or pipes are not held open by the daemon
@@ -548,7 +765,8 @@ def _daemon(plan: LaunchPlan, run: Run, *, hold: bool, stdio: tuple[int, int, in
     try:
         verdict = serve(plan, logs=RunLogs(run.dir), stdin=stdin, stdout=stdout, stderr=stderr, run=run,
                         hold=hold, terminal=terminal, log_limits=log_limits, say=log, on_state=on_state,
-                        signal_numbers=(signal.SIGTERM, signal.SIGINT, signal.SIGHUP))
+                        signal_numbers=(signal.SIGTERM, signal.SIGINT, signal.SIGHUP), input=program_input,
+                        tty=tty)
     except MicrovmcError as e:
         run.update(state="exited", status=int(e.status), message=e.message, ended=_now(), ended_unix=time.time())
         tell(f"error {int(e.status)} {e.message}")
@@ -647,39 +865,72 @@ class Client:
             if answer is None or "error" in answer:
                 why = answer["error"] if answer else "the run ended"
                 raise RunStateError(f"cannot exec in run {self.run.name!r}: {why}")
-            buf = b""
-            seen = 0
-            while True:
-                fds = [sock] + ([signals.fd] if signals is not None and signals.fd is not None else [])
-                ready, _, _ = select.select(fds, [], [])
-                if signals is not None and signals.fd in ready:
-                    try:
-                        os.read(signals.fd, 64)
-                    except BlockingIOError:
-                        pass
-                    for number in signals.caught[seen:]:
-                        seen += 1
-                        if number == signal.SIGWINCH and terminal is not None:
-                            from microvmc.backends.terminal import size
+            answer = self._follow(sock, signals, terminal, "the exec")
+            return int(answer["status"]), answer.get("message", "")
 
-                            rows, cols = size(terminal)
-                            if rows and cols:
-                                _send(sock, {"op": "resize", "rows": rows, "cols": cols})
-                        elif number != signal.SIGWINCH:
-                            _send(sock, {"op": "signal", "signal": number})
-                if sock in ready:
-                    try:
-                        data = sock.recv(65536)
-                    except OSError:
-                        data = b""
-                    if not data:
-                        raise RunStateError(f"run {self.run.name!r}: the monitor went away during the exec")
-                    buf += data
-                    while b"\n" in buf:
-                        line, buf = buf.split(b"\n", 1)
-                        answer = json.loads(line)
-                        if "status" in answer:
-                            return int(answer["status"]), answer.get("message", "")
+    def attach(self, stdout: int, stderr: int, *, stdin: int | None = None, signals: Signals | None = None,
+               terminal: int | None = None, on_attached: Callable[[bool], None] | None = None
+               ) -> tuple[int, str] | None:
+        """The program's output from now on to `stdout`/`stderr` (and `stdin` to its input) until the
+        run ends: its (status, message); None if the client detached (Ctrl-P Ctrl-Q). `signals`
+        caught here go to the program; `on_attached` is told whether the program has a terminal."""
+        sock = self._connect()
+        if sock is None:
+            raise RunStateError(f"run {self.run.name!r} is not running ({self.run.state()})")
+        with sock:
+            fds = (stdout, stderr) + (() if stdin is None else (stdin,))
+            answer = _exchange(sock, {"op": "attach", "stdin": stdin is not None}, fds)
+            if answer is None or "error" in answer:
+                why = answer["error"] if answer else "the run ended"
+                raise RunStateError(f"cannot attach to run {self.run.name!r}: {why}")
+            if on_attached is not None:
+                on_attached(bool(answer.get("tty")))
+            answer = self._follow(sock, signals, terminal, "the attach")
+            if answer.get("detached"):
+                return None
+            return int(answer["status"]), answer.get("message", "")
+
+    def _follow(self, sock: socket.socket, signals: Signals | None, terminal: int | None,
+                what: str) -> dict[str, Any]:
+        """Pass the signals caught here on (SIGWINCH as `terminal`'s size) until the monitor's last
+        answer on `sock`: the one with a status, or that says the client detached."""
+        from microvmc.backends.terminal import size
+
+        buf = b""
+        seen = 0
+        if terminal is not None:
+            rows, cols = size(terminal)
+            if rows and cols:
+                _send(sock, {"op": "resize", "rows": rows, "cols": cols})
+        while True:
+            fds = [sock] + ([signals.fd] if signals is not None and signals.fd is not None else [])
+            ready, _, _ = select.select(fds, [], [])
+            if signals is not None and signals.fd in ready:
+                try:
+                    os.read(signals.fd, 64)
+                except BlockingIOError:
+                    pass
+                for number in signals.caught[seen:]:
+                    seen += 1
+                    if number == signal.SIGWINCH and terminal is not None:
+                        rows, cols = size(terminal)
+                        if rows and cols:
+                            _send(sock, {"op": "resize", "rows": rows, "cols": cols})
+                    elif number != signal.SIGWINCH:
+                        _send(sock, {"op": "signal", "signal": number})
+            if sock in ready:
+                try:
+                    data = sock.recv(65536)
+                except OSError:
+                    data = b""
+                if not data:
+                    raise RunStateError(f"run {self.run.name!r}: the monitor went away during {what}")
+                buf += data
+                while b"\n" in buf:
+                    line, buf = buf.split(b"\n", 1)
+                    answer = json.loads(line)
+                    if "status" in answer or answer.get("detached"):
+                        return answer
 
 
 def _send(sock: socket.socket, request: dict[str, Any], fds: tuple[int, ...] = ()) -> None:

@@ -73,7 +73,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="name the run (unique; default: a generated one)")
     p.add_argument("--rm", action="store_true", help="keep nothing of the run once it ends")
     p.add_argument("-t", "--tty", action="store_true", help="give the program a terminal (a pty in the guest)")
-    p.add_argument("-i", "--interactive", action="store_true", help="keep stdin open (the default in the foreground)")
+    p.add_argument("-i", "--interactive", action="store_true",
+                   help="keep stdin open (the default in the foreground; with -d: for `microvmc attach`)")
     p.add_argument("--log-max-size", metavar="SIZE",
                    help="-d: rotate stdout.log/stderr.log at this size (e.g. 512k, 16m; 0: never; default: logs.max_size)")
     p.add_argument("--log-max-files", metavar="N", type=int,
@@ -106,6 +107,12 @@ def _parser() -> argparse.ArgumentParser:
     run_cmd("wait", "wait until runs end; print each one's status and exit with the last")
     p = run_cmd("rm", "remove runs that ended")
     p.add_argument("-f", "--force", action="store_true", help="stop a running one first")
+    p = run_cmd("attach", "connect to a running run: its output from now on, its input (-i/-t runs), its "
+                "terminal; exit with its status (Ctrl-P Ctrl-Q detaches from a terminal)", many=False)
+    p.add_argument("--no-stdin", action="store_true", help="do not pass stdin on")
+    p.add_argument("--sig-proxy", choices=("true", "false"), default="true",
+                   help="pass SIGINT, SIGTERM and SIGHUP on to the program (default: true; never with a terminal)")
+    p.add_argument("run", metavar="RUN")
     p = run_cmd("exec", "run a further process in a running run: own stdio and exit status", many=False)
     p.add_argument("-i", "--interactive", action="store_true", help="pass stdin (default: empty)")
     p.add_argument("-t", "--tty", action="store_true", help="give it a terminal (a pty in the guest)")
@@ -324,10 +331,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from microvmc.backends import terminal
     from microvmc.backends.monitor import LogLimits, run_plan, start_detached
 
-    if args.detach and (args.tty or args.interactive):
-        raise MicrovmcError("-d with -t or -i: a detached run has no terminal or stdin to attach",
-                            hint="start it with -d, then: microvmc exec -it RUN /bin/sh", status=ExitStatus.USAGE)
-    if args.tty and not os.isatty(0):
+    if args.tty and not args.detach and not os.isatty(0):
         raise MicrovmcError("-t: stdin is not a terminal", status=ExitStatus.USAGE)
     size = None if args.log_max_size is None else lifecycle.parse_size(args.log_max_size, "--log-max-size")
     if args.log_max_files is not None and args.log_max_files < 1:
@@ -340,12 +344,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
                        max_files=plan.log_max_files if args.log_max_files is None else args.log_max_files)
     manifest = os.path.abspath(args.manifest)
     run = store.create(plan.to_dict(), name=args.name, manifest=manifest, command=_program_argv(args, plan), output=out,
-                       accel=plan.accel, foreground=not args.detach, named=args.name is not None, remove=args.rm)
+                       accel=plan.accel, foreground=not args.detach, named=args.name is not None, remove=args.rm,
+                       tty=args.tty, stdin_open=args.interactive or args.tty or not args.detach)
     if args.verbose:
         print(f"microvmc: build output {out}", file=sys.stderr)
     if args.detach:
         try:
-            start_detached(plan, run, log_limits=limits)
+            start_detached(plan, run, log_limits=limits, keep_stdin=args.interactive or args.tty, tty=args.tty)
         finally:
             run.release()
         print(run.id)
@@ -427,7 +432,7 @@ COMMANDS = {
     "images": _cmd_images,
     "lock": _cmd_lock,
     "gc": _cmd_gc,
-    **{verb: _lifecycle(verb) for verb in ("ps", "logs", "inspect", "stop", "kill", "wait", "rm", "exec")},
+    **{verb: _lifecycle(verb) for verb in ("ps", "logs", "inspect", "stop", "kill", "wait", "rm", "attach", "exec")},
 }
 
 

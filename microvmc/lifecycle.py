@@ -364,6 +364,45 @@ def cmd_rm(args: argparse.Namespace) -> int:
 # --- exec ----------------------------------------------------------------------------------------
 
 
+def cmd_attach(args: argparse.Namespace) -> int:
+    from contextlib import ExitStack
+
+    from microvmc.backends import terminal
+    from microvmc.backends.monitor import Client
+    from microvmc.backends.runstore import RunStateError
+    from microvmc.backends.supervise import signals_caught
+
+    run = store_of(args).find(args.run)
+    state = run.state()
+    if state not in ("created", "running"):
+        raise RunStateError(f"cannot attach to run {run.name!r}: it is {state}",
+                            hint=f"its output: microvmc logs {run.name}")
+    record = run.record()
+    tty = bool(record.get("tty"))
+    stdin = 0 if record.get("stdin_open") and not args.no_stdin and not record.get("foreground") else None
+    numbers = (signal.SIGWINCH,) if tty else ()
+    if args.sig_proxy == "true" and not tty:
+        numbers += (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    with ExitStack() as stack:
+        signals = stack.enter_context(signals_caught(numbers))
+        tty_fd = next((fd for fd in (0, 1) if os.isatty(fd)), None) if tty else None
+
+        def attached(program_tty: bool) -> None:
+            if program_tty and stdin is not None and os.isatty(0):
+                stack.enter_context(terminal.raw(0))  # put back on every way out of the block
+
+        result = Client(run).attach(1, 2, stdin=stdin, signals=signals, terminal=tty_fd, on_attached=attached)
+    if result is None:
+        if tty_fd is not None:
+            os.write(2, b"\r\n")
+        print(f"microvmc: detached from run {run.name}; it goes on (microvmc attach {run.name})", file=sys.stderr)
+        return 0
+    status, message = result
+    if message:
+        print(f"microvmc: {message}", file=sys.stderr)
+    return status
+
+
 def _user(text: str):
     from microvmc.compiler.cmdline import GuestUser
 

@@ -345,3 +345,95 @@ def test_killing_qemu_or_a_virtiofsd_of_a_detached_run_ends_it_truthfully(env, m
         assert re.search(rf"{run_id[:12]} .*Exited \({status}\)", mvmc(env, "ps", "-a").stdout.decode())
         mvmc(env, "rm", run_id)
     no_leftovers(env)
+
+
+# --- attach --------------------------------------------------------------------------------------
+
+
+def _logs_until(env, ref: str, needle: bytes, limit: float = 60) -> None:
+    deadline = time.monotonic() + limit
+    while needle not in mvmc(env, "logs", ref).stdout:
+        assert time.monotonic() < deadline, f"{needle!r} never reached the logs of {ref}"
+        time.sleep(0.2)
+
+
+def test_attach_gives_a_detached_run_its_input_and_takes_its_output(env, tmp_path) -> None:
+    reader = tmp_path / "reader.toml"
+    reader.write_text('version = 1\n[process]\nargv = ["/bin/sh", "-c", "echo before; wc -c; echo after >&2; exit 3"]\n')
+    assert mvmc(env, "run", "-d", "-i", "--name", "reader", str(reader)).returncode == 0
+    _logs_until(env, "reader", b"before\n")
+    data = bytes(range(256)) * 400
+    a = mvmc(env, "attach", "reader", input=data)  # its end of input is the program's
+    assert (a.returncode, a.stdout, a.stderr) == (3, b"102400\n", b"after\n")
+    logs = mvmc(env, "logs", "reader")  # the logs have it all, before and during the attach
+    assert (logs.stdout, logs.stderr) == (b"before\n102400\n", b"after\n")
+    ended = mvmc(env, "attach", "reader")
+    assert (ended.returncode, ended.stderr.decode().count("\n")) == (1, 1)
+    assert "cannot attach to run 'reader': it is exited" in ended.stderr.decode()
+    mvmc(env, "rm", "reader")
+    no_leftovers(env)
+
+
+def test_attach_follows_output_and_passes_ctrl_c_on(env, tmp_path) -> None:
+    ticker = tmp_path / "ticker.toml"
+    ticker.write_text('version = 1\n[process]\nargv = ["/bin/sh", "-c", "trap \'echo got INT; exit 9\' INT; '
+                      'i=0; while true; do i=$((i+1)); echo tick $i; sleep 0.3; done"]\n')
+    run_id = mvmc(env, "run", "-d", str(ticker)).stdout.decode().strip()
+    p = subprocess.Popen([*MICROVMC, "attach", run_id[:10]], env=env, stdin=subprocess.DEVNULL,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        first = p.stdout.readline()
+        assert re.fullmatch(rb"tick \d+\n", first), first
+        second = p.stdout.readline()
+        assert int(second.split()[1]) == int(first.split()[1]) + 1  # live, in order, nothing lost
+        p.send_signal(signal.SIGINT)  # passed on to the program, as docker attach's --sig-proxy
+        out, err = p.communicate(timeout=TIMEOUT)
+    finally:
+        p.kill()
+        p.wait()
+    assert p.returncode == 9 and out.endswith(b"got INT\n"), (out, err)
+    logs = mvmc(env, "logs", run_id).stdout
+    assert logs.endswith(first + second + out)
+    mvmc(env, "rm", run_id)
+    no_leftovers(env)
+
+
+def test_attach_to_a_detached_terminal_detach_and_attach_again(env, manifests) -> None:
+    assert mvmc(env, "run", "-d", "-it", "--name", "tsh", str(manifests / "shell.toml")).returncode == 0
+
+    def attach(rows: int, cols: int):
+        master, slave = _terminal(rows, cols)
+        p = subprocess.Popen([*MICROVMC, "attach", "tsh"], env=env, stdin=slave, stdout=slave, stderr=slave,
+                             preexec_fn=_controlling_tty)
+        return master, slave, p
+
+    master, slave, p = attach(25, 90)
+    before = termios.tcgetattr(slave)
+    try:
+        os.write(master, b"stty size; tty; echo mark-$((6*7))\n")
+        out = _read_until(master, b"mark-42")
+        assert b"25 90" in out and b"/dev/pts/" in out
+        os.write(master, b"\x10\x11")  # Ctrl-P Ctrl-Q: detach, the shell goes on
+        assert p.wait(timeout=TIMEOUT) == 0
+        assert b"detached from run tsh" in _read_until(master, b"detached")
+    finally:
+        p.kill()
+        p.wait()
+    assert termios.tcgetattr(slave) == before
+    os.close(master)
+    os.close(slave)
+    assert json.loads(mvmc(env, "inspect", "tsh").stdout)["state"] == "running"
+
+    master, slave, p = attach(30, 100)
+    try:
+        os.write(master, b"stty size; echo mark-$((6*8))\n")
+        assert b"30 100" in _read_until(master, b"mark-48")
+        os.write(master, b"exit 5\n")
+        assert p.wait(timeout=TIMEOUT) == 5
+    finally:
+        p.kill()
+        p.wait()
+    os.close(master)
+    os.close(slave)
+    mvmc(env, "rm", "tsh")
+    no_leftovers(env)
