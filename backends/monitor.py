@@ -861,11 +861,12 @@ class Client:
         if sock is None:
             raise RunStateError(f"run {self.run.name!r} is not running ({self.run.state()})")
         with sock:
-            answer = _exchange(sock, {"op": "exec", "process": process.to_dict()}, (stdin, stdout, stderr))
+            lines = _Lines(sock)
+            answer = _exchange(sock, {"op": "exec", "process": process.to_dict()}, (stdin, stdout, stderr), lines)
             if answer is None or "error" in answer:
                 why = answer["error"] if answer else "the run ended"
                 raise RunStateError(f"cannot exec in run {self.run.name!r}: {why}")
-            answer = self._follow(sock, signals, terminal, "the exec")
+            answer = self._follow(lines, signals, terminal, "the exec")
             return int(answer["status"]), answer.get("message", "")
 
     def attach(self, stdout: int, stderr: int, *, stdin: int | None = None, signals: Signals | None = None,
@@ -879,30 +880,35 @@ class Client:
             raise RunStateError(f"run {self.run.name!r} is not running ({self.run.state()})")
         with sock:
             fds = (stdout, stderr) + (() if stdin is None else (stdin,))
-            answer = _exchange(sock, {"op": "attach", "stdin": stdin is not None}, fds)
+            lines = _Lines(sock)
+            answer = _exchange(sock, {"op": "attach", "stdin": stdin is not None}, fds, lines)
             if answer is None or "error" in answer:
                 why = answer["error"] if answer else "the run ended"
                 raise RunStateError(f"cannot attach to run {self.run.name!r}: {why}")
             if on_attached is not None:
                 on_attached(bool(answer.get("tty")))
-            answer = self._follow(sock, signals, terminal, "the attach")
+            answer = self._follow(lines, signals, terminal, "the attach")
             if answer.get("detached"):
                 return None
             return int(answer["status"]), answer.get("message", "")
 
-    def _follow(self, sock: socket.socket, signals: Signals | None, terminal: int | None,
+    def _follow(self, lines: "_Lines", signals: Signals | None, terminal: int | None,
                 what: str) -> dict[str, Any]:
         """Pass the signals caught here on (SIGWINCH as `terminal`'s size) until the monitor's last
-        answer on `sock`: the one with a status, or that says the client detached."""
+        answer: the one with a status, or that says the client detached."""
         from microvmc.backends.terminal import size
 
-        buf = b""
+        sock = lines.sock
         seen = 0
         if terminal is not None:
             rows, cols = size(terminal)
             if rows and cols:
                 _send(sock, {"op": "resize", "rows": rows, "cols": cols})
         while True:
+            while lines.ready():
+                answer = lines.next()
+                if answer is not None and ("status" in answer or answer.get("detached")):
+                    return answer
             fds = [sock] + ([signals.fd] if signals is not None and signals.fd is not None else [])
             ready, _, _ = select.select(fds, [], [])
             if signals is not None and signals.fd in ready:
@@ -918,19 +924,37 @@ class Client:
                             _send(sock, {"op": "resize", "rows": rows, "cols": cols})
                     elif number != signal.SIGWINCH:
                         _send(sock, {"op": "signal", "signal": number})
-            if sock in ready:
-                try:
-                    data = sock.recv(65536)
-                except OSError:
-                    data = b""
-                if not data:
-                    raise RunStateError(f"run {self.run.name!r}: the monitor went away during {what}")
-                buf += data
-                while b"\n" in buf:
-                    line, buf = buf.split(b"\n", 1)
-                    answer = json.loads(line)
-                    if "status" in answer or answer.get("detached"):
-                        return answer
+            if sock in ready and not lines.fill():
+                raise RunStateError(f"run {self.run.name!r}: the monitor went away during {what}")
+
+
+class _Lines:
+    """The monitor's answers on one connection, one JSON object a line; none lost between reads
+    (an exec's first answer and its status can come in one read)."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self.buf = b""
+
+    def ready(self) -> bool:
+        return b"\n" in self.buf
+
+    def fill(self) -> bool:
+        """One read; False at the end of the connection."""
+        try:
+            data = self.sock.recv(65536)
+        except OSError:
+            data = b""
+        self.buf += data
+        return bool(data)
+
+    def next(self) -> dict[str, Any] | None:
+        """The next answer (blocking); None if the connection ends first."""
+        while not self.ready():
+            if not self.fill():
+                return None
+        line, self.buf = self.buf.split(b"\n", 1)
+        return json.loads(line)
 
 
 def _send(sock: socket.socket, request: dict[str, Any], fds: tuple[int, ...] = ()) -> None:
@@ -944,12 +968,7 @@ def _send(sock: socket.socket, request: dict[str, Any], fds: tuple[int, ...] = (
             pass
 
 
-def _exchange(sock: socket.socket, request: dict[str, Any], fds: tuple[int, ...]) -> dict[str, Any] | None:
+def _exchange(sock: socket.socket, request: dict[str, Any], fds: tuple[int, ...],
+              lines: _Lines | None = None) -> dict[str, Any] | None:
     _send(sock, request, fds)
-    buf = b""
-    while b"\n" not in buf:
-        data = sock.recv(65536)
-        if not data:
-            return None
-        buf += data
-    return json.loads(buf.split(b"\n", 1)[0])
+    return (lines or _Lines(sock)).next()
