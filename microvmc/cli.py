@@ -119,7 +119,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-e", "--env", action="append", default=[], metavar="KEY=VALUE",
                    help="set an environment variable (on top of the program's)")
     p.add_argument("-w", "--workdir", metavar="DIR", help="working directory in the guest")
-    p.add_argument("-u", "--user", metavar="UID[:GID]", help="run as this user (numbers)")
+    p.add_argument("-u", "--user", metavar="USER[:GROUP]",
+                   help="run as this user: a name or uid, and a group name or gid (from the run's /etc/passwd, /etc/group)")
     p.add_argument("run", metavar="RUN")
     p.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- ARGV")
     p = sub.add_parser("pull", help="fetch an image from a registry into the store; print its digest", parents=[common])

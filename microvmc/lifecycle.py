@@ -403,13 +403,25 @@ def cmd_attach(args: argparse.Namespace) -> int:
     return status
 
 
-def _user(text: str):
+def _user(text: str, plan: dict[str, Any]):
+    """`-u NAME|UID[:GROUP|GID]` as docker exec takes it: names resolved against the run's root
+    filesystem's /etc/passwd and /etc/group (read inside the root, links resolved as the guest
+    would); a uid without a group gets its passwd entry's group, or 0."""
+    from microvmc.backends.unpack import Ownership, read_guest_file
     from microvmc.compiler.cmdline import GuestUser
+    from microvmc.compiler.ociimage import ImageError, parse_user, resolve_user
 
-    uid, sep, gid = text.partition(":")
-    if not uid.isdigit() or (sep and not gid.isdigit()):
-        raise MicrovmcError(f"-u {text!r}: expected UID or UID:GID (numbers)", status=ExitStatus.USAGE)
-    return GuestUser(uid=int(uid), gid=int(gid) if sep else int(uid), groups=())
+    root = next((fs for fs in (plan.get("machine") or {}).get("filesystems", ()) if fs.get("tag") == "root"), None)
+    passwd = group = ""
+    if root is not None:
+        ownership = Ownership(root.get("ownership", "native"))
+        passwd = read_guest_file(root["host_dir"], "/etc/passwd", ownership)
+        group = read_guest_file(root["host_dir"], "/etc/group", ownership)
+    try:
+        uid, gid, groups, _ = resolve_user(parse_user(text), passwd, group, what=f"-u {text}")
+    except ImageError as err:
+        raise MicrovmcError(str(err), status=ExitStatus.USAGE) from None
+    return GuestUser(uid=uid, gid=gid, groups=groups)
 
 
 def cmd_exec(args: argparse.Namespace) -> int:
@@ -440,7 +452,7 @@ def cmd_exec(args: argparse.Namespace) -> int:
     if args.workdir:
         spec = replace(spec, cwd=args.workdir)
     if args.user:
-        spec = replace(spec, user=_user(args.user))
+        spec = replace(spec, user=_user(args.user, plan_doc))
     with ExitStack() as stack:
         stdin = 0
         if not args.interactive:

@@ -118,6 +118,13 @@ def test_a_detached_run_through_every_verb(env, manifests) -> None:
     ex = mvmc(env, "exec", "-i", "web", "/bin/cat", input=b"piped\0in\n")
     assert (ex.returncode, ex.stdout) == (0, b"piped\0in\n")
     assert mvmc(env, "exec", "web", "/bin/sh", "-c", "kill -9 $$").returncode == 137
+    # -u as docker exec takes it: a name from the run's /etc/passwd, a bare uid gets group 0.
+    ex = mvmc(env, "exec", "-u", "nobody", "web", "/bin/sh", "-c", "id -u; id -g")
+    assert (ex.returncode, ex.stdout) == (0, b"65534\n65534\n"), ex.stderr
+    ex = mvmc(env, "exec", "-u", "1234:nogroup", "web", "/bin/sh", "-c", "id -u; id -g")
+    assert (ex.returncode, ex.stdout) == (0, b"1234\n65534\n"), ex.stderr
+    ex = mvmc(env, "exec", "-u", "nosuch", "web", "/bin/true")
+    assert (ex.returncode, ex.stderr) == (2, b"microvmc: -u nosuch: user 'nosuch' is not in the image's /etc/passwd\n")
     notfound = mvmc(env, "exec", "web", "/no/such/program")
     assert notfound.returncode == 127 and b"/no/such/program" in notfound.stderr
 
