@@ -64,3 +64,39 @@ def test_kernel_benchmark_boots_both_kernels(boot_env) -> None:
     result = json.loads(r.stdout)
     assert set(result["commands"]) == {"own", "debian"} and result["own_vs_debian"]["of_medians"] > 0
     assert all(c["leftovers"] == [] for c in result["commands"].values())
+
+
+def test_boot_phases_benchmark_sees_every_landmark_on_both_kernels(boot_env) -> None:
+    """One round: both kernels booted with an early console read by the host; each stretch from QEMU's
+    start to launch.sh's exit is there, in the host's order, and they add up to the whole."""
+    r = subprocess.run([sys.executable, "bench/boot_phases.py", "-n", "1", "--warmup", "0", "--json", "-q"],
+                       cwd=REPO, env=boot_env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout)
+    for kernel in ("own", "debian"):
+        stretches = result["traced"][kernel]
+        assert "→ Run /init as init process" in stretches and "→ printk: console [" in stretches
+        assert all(s["host_s"] >= 0 for s in stretches.values())
+        assert 0 < result["uninstrumented"][kernel]["QEMU start → program exec (host)"] \
+            < result["uninstrumented"][kernel]["QEMU start → QEMU exit (host)"]
+    assert result["left_running"] == []
+
+
+def test_shares_benchmark_runs_every_column(boot_env) -> None:
+    """One round, a small file: boot and boot + read over virtio-fs and over 9p, all exit 0."""
+    r = subprocess.run([sys.executable, "bench/shares.py", "-n", "1", "--warmup", "0", "--size", "8", "--json", "-q"],
+                       cwd=REPO, env=boot_env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout)
+    assert set(result["commands"]) == {"boot-virtiofs", "boot-9p", "read-virtiofs", "read-9p"}
+    assert result["ratios"]["read"]["of_medians"] > 0 and result["left_running"] == []
+
+
+def test_concurrency_benchmark_runs_them_all(boot_env) -> None:
+    """One round of 3 runs at once (each must exit 0, or the benchmark fails) against one."""
+    r = subprocess.run([sys.executable, "bench/concurrency.py", "-n", "1", "--warmup", "0", "--runs", "3", "--json", "-q"],
+                       cwd=REPO, env=boot_env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout)
+    assert result["many_vs_one"]["of_medians"] > 0 and result["commands"]["many"]["maxrss_median_mib"] > 10
+    assert result["left_running"] == []
