@@ -42,6 +42,7 @@ class CacheKey:
     facts: HostFacts
     locked: bool = False  # --locked: a hit must have been checked against the lockfile too
     tty: bool = False  # run -t: the program gets a pty
+    publish: tuple[str, ...] = ()  # run -p: forwards, as written
 
     def digest(self) -> str:
         value = {
@@ -53,6 +54,7 @@ class CacheKey:
             "facts": self.facts.to_dict(),
             **({"locked": True} if self.locked else {}),
             **({"tty": True} if self.tty else {}),
+            **({"publish": list(self.publish)} if self.publish else {}),
             "code": _code_fingerprint(),
         }
         return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()

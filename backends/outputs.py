@@ -19,7 +19,7 @@ __all__ = ["build", "link_result"]
 
 def build(manifest: str, *, argv: Sequence[str] | None, env: Mapping[str, str] | None, store: str,
           facts: HostFacts, environ: Mapping[str, str] = os.environ, locked: bool = False,
-          progress: Any = None, tty: bool = False) -> tuple[str, LaunchPlan]:
+          progress: Any = None, tty: bool = False, publish: Sequence[str] = ()) -> tuple[str, LaunchPlan]:
     """The output path and plan of a manifest, compiling and building only what changed.
 
     An unchanged manifest on an unchanged host is answered from the evaluation cache
@@ -28,12 +28,14 @@ def build(manifest: str, *, argv: Sequence[str] | None, env: Mapping[str, str] |
     from microvmc.backends import evalcache
 
     key = evalcache.CacheKey(manifest=os.path.abspath(manifest), argv=tuple(argv or ()),
-                             env=tuple(sorted((env or {}).items())), store=store, facts=facts, locked=locked, tty=tty)
+                             env=tuple(sorted((env or {}).items())), store=store, facts=facts, locked=locked, tty=tty,
+                             publish=tuple(publish))
     hit = evalcache.lookup(key, environ)
     if hit is not None:
         return hit.output, hit.plan
     compiled, image, lock_file = compile_with_image(manifest, argv=argv, env=env, store=store, facts=facts,
-                                                    environ=environ, locked=locked, progress=progress, tty=tty)
+                                                    environ=environ, locked=locked, progress=progress, tty=tty,
+                                                    publish=publish)
     from microvmc.backends.build import BUILDERS, realize
     from microvmc.compiler.graph import Builder
 
@@ -49,14 +51,14 @@ def build(manifest: str, *, argv: Sequence[str] | None, env: Mapping[str, str] |
 def compile_with_image(manifest: str, *, argv: Sequence[str] | None, env: Mapping[str, str] | None, store: str,
                        facts: HostFacts, environ: Mapping[str, str] = os.environ, locked: bool = False,
                        update: bool = False, progress: Any = None, notes: list[str] | None = None,
-                       tty: bool = False):
+                       tty: bool = False, publish: Sequence[str] = ()):
     """(compiled, the image it uses, the lockfile's path): the manifest read, its image fetched and
     unpacked as needed (pinned by the lockfile unless `update`), then compiled."""
     from microvmc.backends.images import resolve_image
     from microvmc.compiler import lockfile
     from microvmc.compiler.pipeline import compile_manifest, read_manifest
 
-    value = read_manifest(manifest, argv=argv, env=env, tty=tty)
+    value = read_manifest(manifest, argv=argv, env=env, tty=tty, publish=publish)
     lock_file = lockfile.lock_path(os.path.abspath(manifest))
     lock = read_lock(lock_file)
     if locked and lock is None:

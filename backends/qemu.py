@@ -21,6 +21,7 @@ from pathlib import Path
 
 from microvmc.backends._procs import Child, running
 from microvmc.backends._unix import bind
+from microvmc.backends.ports import check_forwards
 from microvmc.compiler.launch import C_VIRTIOFSD_PID_DIR, Fd, LaunchPlan, VirtiofsdPlan, c_virtiofsd_pid_file
 from microvmc.compiler.verdict import Logs
 from microvmc.errors import HostError
@@ -78,6 +79,7 @@ def launch(plan: LaunchPlan, *, logs: RunLogs, stdin: int, rundir: Path) -> Iter
     executable = plan.qemu_argv[0] if plan.qemu_argv else ""
     if not shutil.which(executable):
         raise HostError(f"QEMU not found: {executable!r}", hint="install qemu-system-x86")
+    check_forwards(plan.machine.nic)  # a port in use is one line now, not QEMU's after the daemons started
     with ExitStack() as stack:
         daemons = tuple(
             (vp, stack.enter_context(_virtiofsd(vp, rundir=rundir, log=logs.virtiofsd(vp.tag))))

@@ -41,7 +41,8 @@ from microvmc.compiler.manifest import (
 from microvmc.compiler.store import digest, store_path
 from microvmc.errors import HostError, KernelError, ManifestError, Problem
 
-__all__ = ["Builder", "Node", "Graph", "Sources", "resolve", "base_kernel_params", "init_sources", "INIT_CFLAGS"]
+__all__ = ["Builder", "Node", "Graph", "Sources", "resolve", "base_kernel_params", "init_sources", "INIT_CFLAGS",
+           "with_name_resolution", "NET_FILES", "NAME_FILES"]
 
 # Bumped when a builder's output changes for the same inputs, so old store paths are not reused.
 BUILDER_VERSION = 1
@@ -52,6 +53,11 @@ USER_NETWORK = "10.0.2.0/24"
 USER_ADDRESS = "10.0.2.15/24"
 USER_GATEWAY = "10.0.2.2"  # also the host's loopback
 USER_DNS = "10.0.2.3"
+
+# Name resolution in the guest (init/net.c): init writes hosts and resolv.conf into a tmpfs here, the
+# MVMC_M<n> ops bind them onto /etc and then detach it. The image is never modified.
+NET_FILES = "/dev/.microvmc-net"
+NAME_FILES = ("/etc/hosts", "/etc/resolv.conf")
 
 ROOT_MODE_FLAG = {RootMode.READ_ONLY: "ro", RootMode.OVERLAY: "overlay", RootMode.READ_WRITE: "rw"}
 
@@ -274,8 +280,22 @@ def guest_config(manifest: Manifest, root_mode: str, *, hold: bool = False) -> G
         ),
         # Then the mounts, in order, and the hidden shares they bound from are detached.
         mounts=tuple(_mount_op(m) for m in manifest.mounts)
-        + tuple(GuestMountOp(kind="detach", a=s.guest) for s in manifest.shares if s.hidden),
+        + tuple(GuestMountOp(kind="detach", a=s.guest) for s in manifest.shares if s.hidden)
+        + ((GuestMountOp(kind="detach", a=NET_FILES),) if manifest.network.mode is not NetworkMode.NONE else ()),
     )
+
+
+def with_name_resolution(manifest: Manifest) -> Manifest:
+    """With a network, the guest's /etc/hosts (its hostname on its address) and /etc/resolv.conf are
+    init's, bound over whatever the image has, first of the mounts (a target the manifest binds
+    itself is left to it). A read-only image that lacks them gets an overlay-ro root for their
+    mount points (missing_mount_points), as for any bind."""
+    if manifest.network.mode is NetworkMode.NONE:
+        return manifest
+    bound = {guest_path(m.target) for m in manifest.mounts if m.kind is MountKind.BIND}
+    ours = tuple(Mount(kind=MountKind.BIND, target=path, source=f"{NET_FILES}/{os.path.basename(path)}")
+                 for path in NAME_FILES if path not in bound)
+    return replace(manifest, mounts=ours + manifest.mounts)
 
 
 def _mount_op(mount: Mount) -> GuestMountOp:

@@ -18,7 +18,8 @@ from typing import Any, Mapping, Sequence
 
 from microvmc.errors import ManifestError, Problem
 
-__all__ = ["Loaded", "load", "display_path", "key_path", "clip", "MAX_MANIFEST_BYTES", "MAX_DEPTH"]
+__all__ = ["Loaded", "load", "display_path", "key_path", "clip", "parse_publish", "publish_origin",
+           "MAX_MANIFEST_BYTES", "MAX_DEPTH"]
 
 # Keys whose values are host paths, relative to the file they are written in. "*" matches any key.
 PATH_KEYS: tuple[tuple[str, ...], ...] = (
@@ -34,6 +35,41 @@ MAX_DEPTH = 32  # the schema's deepest key is network.forwards[i].host, at depth
 
 KeyPath = tuple[str | int, ...]
 COMMAND_LINE = "command line"  # the origin of -e and -- overrides, in messages
+PUBLISH_SYNTAX = "[HOSTADDR:]HOSTPORT:GUESTPORT[/tcp|udp]"
+
+
+def publish_origin(text: str) -> str:
+    """The origin of a forward given as `run -p TEXT`, in messages and in launch.sh."""
+    return f"-p {text}"
+
+
+def parse_publish(text: str) -> dict[str, Any]:
+    """`-p [HOSTADDR:]HOSTPORT:GUESTPORT[/tcp|udp]` (docker's syntax) → a network.forwards entry.
+    The host address is loopback unless given (docker's default is every address). Only the syntax
+    is checked here; ranges, duplicates and the mode are validation's, as for the manifest's own."""
+    def bad(why: str) -> ManifestError:
+        return ManifestError([Problem(publish_origin(text), "", f"{why}; expected {PUBLISH_SYNTAX}")])
+
+    spec, slash, protocol = text.partition("/")
+    if slash and protocol not in ("tcp", "udp"):
+        raise bad(f"{json.dumps(protocol)} is not tcp or udp")
+    parts = spec.split(":")
+    if len(parts) not in (2, 3):
+        raise bad("a host port and a guest port are both needed" if len(parts) == 1 else "too many ':'")
+    *address, host, guest = parts
+    for port in (host, guest):
+        if not port:
+            raise bad("a port is empty (a random host port is not supported)")
+        if "-" in port:
+            raise bad(f"{json.dumps(port)}: port ranges are not supported")
+        if not port.isascii() or not port.isdigit():
+            raise bad(f"{json.dumps(port)} is not a port number")
+    forward: dict[str, Any] = {"host": int(host), "guest": int(guest), "protocol": protocol or "tcp"}
+    if address:
+        if not address[0]:
+            raise bad("the host address is empty")
+        forward["host_address"] = address[0]
+    return forward
 
 
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
@@ -77,18 +113,39 @@ class Loaded:
     files: tuple[str, ...]  # absolute paths of every file read, in merge order
     root: str  # display path of the manifest asked for
 
-    def overridden(self, *, argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> "Loaded":
-        """The document with the command line's argv and environment entries on top, so they are
-        validated like the rest; a problem in them is reported as the command line's."""
+    def overridden(self, *, argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None,
+                   publish: Sequence[str] | None = None) -> "Loaded":
+        """The document with the command line's argv, environment entries and forwards (`-p`, after
+        the manifest's) on top, so they are validated like the rest; a problem in them is reported as
+        the command line's."""
         process = dict(self.data.get("process") or {}) if isinstance(self.data.get("process"), dict) else {}
         origins = dict(self.origins)
+        data = dict(self.data)
+        if publish:
+            network = dict(data["network"]) if isinstance(data.get("network"), dict) else {}
+            forwards = list(network["forwards"]) if isinstance(network.get("forwards"), list) else []
+            if not forwards:  # a problem with the forwards as a whole (mode "none") names the first -p
+                origins[("network", "forwards")] = publish_origin(publish[0])
+            problems = []
+            for text in publish:
+                try:
+                    forwards.append(parse_publish(text))
+                except ManifestError as err:
+                    problems += err.problems
+                    continue
+                where = ("network", "forwards", len(forwards) - 1)
+                origins.update({where: publish_origin(text),
+                                **{(*where, key): publish_origin(text) for key in forwards[-1]}})
+            if problems:
+                raise ManifestError(problems)
+            data["network"] = {**network, "forwards": forwards}
         if argv:
             process["argv"] = list(argv)
             origins.update({("process", "argv"): COMMAND_LINE, **{("process", "argv", i): COMMAND_LINE for i in range(len(argv))}})
         if env:
             process["env"] = {**(process.get("env") if isinstance(process.get("env"), dict) else {}), **env}
             origins.update({("process", "env", name): COMMAND_LINE for name in env})
-        return replace(self, data={**self.data, "process": process}, origins=origins)
+        return replace(self, data={**data, "process": process}, origins=origins)
 
     def origin(self, path: KeyPath) -> str:
         """The file that set `path`, or the closest enclosing value, or the root manifest."""

@@ -107,15 +107,22 @@ class Nic:
     dns: str
     forwards: tuple[tuple[str, str, int, int], ...]  # (protocol, host address, host port, guest port)
     keys: tuple[str, ...] = ("network.mode", "network.forwards")
+    # Where each forward was written, for messages: "network.forwards[0]", or "-p 8080:80" (run -p).
+    sources: tuple[str, ...] = ()
+
+    def source(self, index: int) -> str:
+        return self.sources[index] if index < len(self.sources) else f"network.forwards[{index}]"
 
     def to_dict(self) -> dict[str, Any]:
         return {"outbound": self.outbound, "network": self.network, "address": self.address, "gateway": self.gateway,
-                "dns": self.dns, "forwards": [list(f) for f in self.forwards], "keys": list(self.keys)}
+                "dns": self.dns, "forwards": [list(f) for f in self.forwards], "keys": list(self.keys),
+                **({"sources": list(self.sources)} if self.sources else {})}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Nic":
         return cls(outbound=d["outbound"], network=d["network"], address=d["address"], gateway=d["gateway"],
-                   dns=d["dns"], forwards=tuple(tuple(f) for f in d["forwards"]), keys=tuple(d["keys"]))
+                   dns=d["dns"], forwards=tuple(tuple(f) for f in d["forwards"]), keys=tuple(d["keys"]),
+                   sources=tuple(d.get("sources", ())))
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -216,6 +216,11 @@ class Forward:
     key: str = ""  # where it was written, for messages: "network.forwards[0]"
     origin: str = ""  # the file that wrote it, or "command line"
 
+    @property
+    def shown(self) -> str:
+        """How the user wrote it: "-p 8080:80" on the command line, else its manifest key."""
+        return self.origin if self.origin.startswith("-p ") else self.key
+
     def to_dict(self) -> dict[str, Any]:
         return {"host_address": self.host_address, "host": self.host, "guest": self.guest,
                 "protocol": str(self.protocol)}
@@ -609,8 +614,9 @@ def _semantic_problems(loaded: Loaded) -> list[tuple[KeyPath, Problem]]:
             continue
         for other, j in listening.get((protocol, port), ()):
             if "0.0.0.0" in (other, address) or other == address:
-                add(("network", "forwards", i, "host"), f"{port} is already forwarded by network.forwards[{j}] "
-                    f"({protocol} on {other})")
+                by = loaded.origin(("network", "forwards", j))
+                by = by if by.startswith("-p ") else f"network.forwards[{j}]"
+                add(("network", "forwards", i, "host"), f"{port} is already forwarded by {by} ({protocol} on {other})")
                 break
         listening.setdefault((protocol, port), []).append((address, i))
     return problems

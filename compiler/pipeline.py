@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 from microvmc.compiler.emit import Output, emit
-from microvmc.compiler.graph import Graph, Sources, choose_transports, resolve
+from microvmc.compiler.graph import Graph, Sources, choose_transports, resolve, with_name_resolution
 from microvmc.compiler.builtin_image import GROUP, PASSWD
 from microvmc.compiler.host import HostFacts
 from microvmc.compiler.ociimage import ResolvedImage
@@ -38,9 +38,11 @@ def read_manifest(
     env: Mapping[str, str] | None = None,
     cwd: str | None = None,
     tty: bool = False,
+    publish: Sequence[str] | None = None,
 ) -> Manifest:
-    """load + validate, with command-line overrides applied (`tty`: `run -t`, a pty in the guest)."""
-    manifest = validate(load(path, cwd=cwd).overridden(argv=argv, env=env))
+    """load + validate, with command-line overrides applied (`tty`: `run -t`, a pty in the guest;
+    `publish`: `run -p` forwards)."""
+    manifest = validate(load(path, cwd=cwd).overridden(argv=argv, env=env, publish=publish))
     if tty:
         from dataclasses import replace
 
@@ -56,7 +58,7 @@ def compile_manifest(
     `image`: what backends/images.py found for the manifest's image (needed for the OCI sources;
     without it the built-in image's users are assumed)."""
     manifest = apply_image(manifest, image or ResolvedImage(kind=str(manifest.image.source), passwd=PASSWD, group=GROUP))
-    manifest = choose_transports(manifest, facts, image)
+    manifest = with_name_resolution(choose_transports(manifest, facts, image))
     graph = resolve(manifest, facts, store, sources, hold=hold, image=image)
     launch = plan(manifest, graph, facts)
     return Compiled(manifest=manifest, graph=graph, plan=launch, output=emit(launch, graph, store))

@@ -77,7 +77,8 @@ def _nic(manifest: Manifest) -> Nic | None:
         return None
     return Nic(outbound=network.mode is NetworkMode.USER, network=USER_NETWORK, address=USER_ADDRESS,
                gateway=USER_GATEWAY, dns=USER_DNS,
-               forwards=tuple((str(f.protocol), f.host_address, f.host, f.guest) for f in network.forwards))
+               forwards=tuple((str(f.protocol), f.host_address, f.host, f.guest) for f in network.forwards),
+               sources=tuple(f.shown for f in network.forwards))
 
 
 def plan(manifest: Manifest, graph: Graph, facts: HostFacts) -> LaunchPlan:

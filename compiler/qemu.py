@@ -55,7 +55,8 @@ def _nic(nic: Nic) -> ArgGroup:
     args = ("-netdev", opts("user", ("id", "net0"), ("net", nic.network), ("restrict", not nic.outbound), *hostfwd),
             "-device", opts("virtio-net-device", ("netdev", "net0")))
     what = "user-mode network" if nic.outbound else "isolated user-mode network (restrict=on: no way out)"
-    forwards = ", ".join(f"{a}:{h}->{g}/{p}" for p, a, h, g in nic.forwards) or "no forwards"
+    forwards = ", ".join(f"{a}:{h}->{g}/{p}" + (f" ({nic.source(i)})" if nic.source(i).startswith("-p ") else "")
+                         for i, (p, a, h, g) in enumerate(nic.forwards)) or "no forwards"
     return ArgGroup(keys=nic.keys, comment=f"{what}, guest {nic.address}; {forwards}", args=args)
 
 

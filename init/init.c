@@ -355,6 +355,7 @@ int main(void)
 	mount_root();
 	switch_root();
 	mount_api_filesystems();
+	network_up(); /* before the shares: the MVMC_M<n> mounts bind its /etc/hosts and /etc/resolv.conf */
 	mount_shares();
 	if (cfg.hostname) {
 		step("hostname %s", cfg.hostname);
@@ -362,7 +363,6 @@ int main(void)
 			fail("hostname", errno, "sethostname %s", cfg.hostname);
 	}
 	report("time mounts %ld", uptime_ms());
-	network_up();
 	int sigfd = setup_signals();
 	if (program->tty && !program->rows) {
 		/* MVMC_TTY=1: the host sends the terminal's size first; the program starts with it */

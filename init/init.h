@@ -119,7 +119,7 @@ void mount_shares(void);
 
 /* ---------------------------------------------------------------- net.c */
 
-void network_up(void); /* lo, and with MVMC_NET the network device, its route and resolv.conf */
+void network_up(void); /* lo, and with MVMC_NET the network device, its route, hosts and resolv.conf */
 
 /* ---------------------------------------------------------------- process.c */
 

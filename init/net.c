@@ -1,5 +1,7 @@
-/* The network: lo is always up; with MVMC_NET, the VM's network device gets its static address, a
- * default route and, on a writable root, /etc/resolv.conf. ioctls only: no tools in the image. */
+/* The network: lo is always up; with MVMC_NET, the VM's network device gets its static address and
+ * a default route, and the guest its /etc/hosts and /etc/resolv.conf. ioctls only: no tools in the
+ * image. Runs after the API filesystems (NET_FILES is under /dev) and before the shares and the
+ * MVMC_M<n> mounts, which bind the files. */
 #include "init.h"
 
 #include <arpa/inet.h>
@@ -12,11 +14,13 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <sys/mount.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #define DEVICE_DEADLINE_MS 5000
+#define NET_FILES "/dev/.microvmc-net" /* compiler/graph.py: NET_FILES */
 
 static void set_addr(struct sockaddr *sa, struct in_addr addr)
 {
@@ -64,23 +68,31 @@ static struct in_addr parse_ip(const char *text, const char *what)
 	return addr;
 }
 
-static void write_resolv_conf(const char *dns)
+static void write_file(const char *path, const char *text)
 {
-	/* the image is never modified: only an overlay's or a read-write root's own files */
-	if (strcmp(cfg.root.mode, "overlay") != 0 && strcmp(cfg.root.mode, "rw") != 0) {
-		step("network: root is read-only, /etc/resolv.conf left as it is");
-		return;
-	}
-	if (mkdir("/etc", 0755) < 0 && errno != EEXIST)
-		fail("network", errno, "mkdir /etc");
-	unlink("/etc/resolv.conf"); /* it may be a symlink into a missing /run/... */
-	int fd = open("/etc/resolv.conf", O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0644);
-	if (fd < 0)
-		fail("network", errno, "open /etc/resolv.conf");
-	char line[64];
-	int n = snprintf(line, sizeof line, "nameserver %s\n", dns);
-	if (write_all(fd, line, n) < 0 || close(fd) < 0)
-		fail("network", errno, "write /etc/resolv.conf");
+	int fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, 0644);
+	if (fd < 0 || write_all(fd, text, strlen(text)) < 0 || close(fd) < 0)
+		fail("network", errno, "write %s", path);
+}
+
+/* Name resolution without tools in the image and without modifying it: /etc/hosts and
+ * /etc/resolv.conf are written into a tmpfs of their own at NET_FILES, which the compiler's
+ * MVMC_M<n> ops bind onto /etc (on any root: read-only, overlay or read-write) and then detach. */
+static void write_name_files(const char *address, const char *dns)
+{
+	if (mkdir(NET_FILES, 0755) < 0)
+		fail("network", errno, "mkdir " NET_FILES);
+	if (mount("tmpfs", NET_FILES, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "mode=0755,size=64k") < 0)
+		fail("network", errno, "mount tmpfs on " NET_FILES);
+	const char *name = cfg.hostname ? cfg.hostname : "localhost";
+	size_t size = strlen(name) + 256;
+	char *text = need(malloc(size));
+	snprintf(text, size, "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n%s\t%s\n", address,
+		 name);
+	write_file(NET_FILES "/hosts", text);
+	snprintf(text, size, "nameserver %s\n", dns);
+	write_file(NET_FILES "/resolv.conf", text);
+	free(text);
 }
 
 /* MVMC_NET = address/prefix:gateway:dns */
@@ -132,6 +144,6 @@ void network_up(void)
 	if (ioctl(s, SIOCADDRT, &route) < 0)
 		fail("network", errno, "default route via %s", gateway);
 	close(s);
-	write_resolv_conf(dns);
+	write_name_files(address, dns);
 	free(spec);
 }

@@ -53,6 +53,9 @@ def _parser() -> argparse.ArgumentParser:
         if overrides:
             p.add_argument("-e", "--env", action="append", default=[], metavar="KEY=VALUE",
                            help="set an environment variable of the program (repeatable)")
+            p.add_argument("-p", "--publish", action="append", default=[], metavar="[ADDR:]HOSTPORT:GUESTPORT[/PROTO]",
+                           help="forward a host port to the guest (repeatable; as docker's -p, but on 127.0.0.1 "
+                                "unless ADDR is given); added to network.forwards")
             p.add_argument("argv", nargs="*", metavar="-- ARGV", help="run this argv instead of process.argv")
         return p
 
@@ -166,6 +169,7 @@ def _compile(args: argparse.Namespace, *, overrides: bool = True):
         args.manifest,
         argv=getattr(args, "argv", None) if overrides else None,
         env=_env_overrides(getattr(args, "env", [])) if overrides else None,
+        publish=getattr(args, "publish", []) if overrides else (),
         store=_store(args), facts=probe_host(), progress=terminal_progress(),
     )
     return compiled
@@ -197,7 +201,8 @@ def _built(args: argparse.Namespace):
     from microvmc.backends.progress import terminal_progress
 
     return build(args.manifest, argv=args.argv, env=_env_overrides(args.env), store=_store(args), facts=probe_host(),
-                 locked=args.locked, progress=terminal_progress(), tty=getattr(args, "tty", False))
+                 locked=args.locked, progress=terminal_progress(), tty=getattr(args, "tty", False),
+                 publish=args.publish)
 
 
 def _store(args: argparse.Namespace) -> str:
