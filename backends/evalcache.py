@@ -43,6 +43,8 @@ class CacheKey:
     locked: bool = False  # --locked: a hit must have been checked against the lockfile too
     tty: bool = False  # run -t: the program gets a pty
     publish: tuple[str, ...] = ()  # run -p: forwards, as written
+    volumes: tuple[str, ...] = ()  # run -v: as written, relative to `cwd`
+    cwd: str = ""
 
     def digest(self) -> str:
         value = {
@@ -55,6 +57,7 @@ class CacheKey:
             **({"locked": True} if self.locked else {}),
             **({"tty": True} if self.tty else {}),
             **({"publish": list(self.publish)} if self.publish else {}),
+            **({"volumes": list(self.volumes), "cwd": self.cwd} if self.volumes else {}),
             "code": _code_fingerprint(),
         }
         return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()

@@ -19,7 +19,8 @@ __all__ = ["build", "link_result"]
 
 def build(manifest: str, *, argv: Sequence[str] | None, env: Mapping[str, str] | None, store: str,
           facts: HostFacts, environ: Mapping[str, str] = os.environ, locked: bool = False,
-          progress: Any = None, tty: bool = False, publish: Sequence[str] = ()) -> tuple[str, LaunchPlan]:
+          progress: Any = None, tty: bool = False, publish: Sequence[str] = (),
+          volumes: Sequence[str] = ()) -> tuple[str, LaunchPlan]:
     """The output path and plan of a manifest, compiling and building only what changed.
 
     An unchanged manifest on an unchanged host is answered from the evaluation cache
@@ -29,13 +30,13 @@ def build(manifest: str, *, argv: Sequence[str] | None, env: Mapping[str, str] |
 
     key = evalcache.CacheKey(manifest=os.path.abspath(manifest), argv=tuple(argv or ()),
                              env=tuple(sorted((env or {}).items())), store=store, facts=facts, locked=locked, tty=tty,
-                             publish=tuple(publish))
+                             publish=tuple(publish), volumes=tuple(volumes), cwd=os.getcwd() if volumes else "")
     hit = evalcache.lookup(key, environ)
     if hit is not None:
         return hit.output, hit.plan
     compiled, image, lock_file = compile_with_image(manifest, argv=argv, env=env, store=store, facts=facts,
                                                     environ=environ, locked=locked, progress=progress, tty=tty,
-                                                    publish=publish)
+                                                    publish=publish, volumes=volumes)
     from microvmc.backends.build import BUILDERS, realize
     from microvmc.compiler.graph import Builder
 
@@ -51,14 +52,14 @@ def build(manifest: str, *, argv: Sequence[str] | None, env: Mapping[str, str] |
 def compile_with_image(manifest: str, *, argv: Sequence[str] | None, env: Mapping[str, str] | None, store: str,
                        facts: HostFacts, environ: Mapping[str, str] = os.environ, locked: bool = False,
                        update: bool = False, progress: Any = None, notes: list[str] | None = None,
-                       tty: bool = False, publish: Sequence[str] = ()):
+                       tty: bool = False, publish: Sequence[str] = (), volumes: Sequence[str] = ()):
     """(compiled, the image it uses, the lockfile's path): the manifest read, its image fetched and
     unpacked as needed (pinned by the lockfile unless `update`), then compiled."""
     from microvmc.backends.images import resolve_image
     from microvmc.compiler import lockfile
     from microvmc.compiler.pipeline import compile_manifest, read_manifest
 
-    value = read_manifest(manifest, argv=argv, env=env, tty=tty, publish=publish)
+    value = read_manifest(manifest, argv=argv, env=env, tty=tty, publish=publish, volumes=volumes, store=store)
     lock_file = lockfile.lock_path(os.path.abspath(manifest))
     lock = read_lock(lock_file)
     if locked and lock is None:

@@ -21,7 +21,9 @@ from pathlib import Path
 
 from microvmc.backends._procs import Child, running
 from microvmc.backends._unix import bind
+from microvmc.backends.oci import stage_files, unstage
 from microvmc.backends.ports import check_forwards
+from microvmc.compiler.oci import StagedFile
 from microvmc.compiler.launch import C_VIRTIOFSD_PID_DIR, Fd, LaunchPlan, VirtiofsdPlan, c_virtiofsd_pid_file
 from microvmc.compiler.verdict import Logs
 from microvmc.errors import HostError
@@ -81,6 +83,11 @@ def launch(plan: LaunchPlan, *, logs: RunLogs, stdin: int, rundir: Path) -> Iter
         raise HostError(f"QEMU not found: {executable!r}", hint="install qemu-system-x86")
     check_forwards(plan.machine.nic)  # a port in use is one line now, not QEMU's after the daemons started
     with ExitStack() as stack:
+        for fs in plan.machine.filesystems:
+            if fs.staged_from:  # run -v of a file: alone in its own directory, for this run
+                stack.callback(unstage, rundir / fs.host_dir)
+                stage_files([StagedFile(source=fs.staged_from, name=os.path.basename(fs.staged_from),
+                                        destination="run -v", read_only=fs.read_only)], rundir / fs.host_dir)
         daemons = tuple(
             (vp, stack.enter_context(_virtiofsd(vp, rundir=rundir, log=logs.virtiofsd(vp.tag))))
             for vp in plan.virtiofsd

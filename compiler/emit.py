@@ -8,6 +8,7 @@ the manifest keys it came from, so the script a person reviews is exactly what r
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 from dataclasses import dataclass
@@ -109,6 +110,9 @@ def launch_script(plan: LaunchPlan) -> str:
             _comment((f"{', '.join(group.keys)}: " if group.keys else "") + group.comment),
             " \\\n    ".join(["set --" if i == 0 else 'set -- "$@"', *_option_lines(group.args)]),
         )],
+        "STAGE": _stage_lines(plan),
+        "UNSTAGE": ['    for m in ${staged_mounts:-}; do umount -- "$rundir/$m" 2>/dev/null; done  # run -v files bound here']
+        if any(fs.staged_from for fs in plan.machine.filesystems) else [],
         "EXEC_CASE": [f"                {errno}) code={int(status)} ;;"
                       for errno, status in sorted(EXEC_ERRNO_STATUS.items())],
     }
@@ -147,6 +151,29 @@ def fill(template: str, *, blocks: dict[str, list[str]], values: dict[str, str],
             out.append(_TOKEN.sub(lambda m: values[m.group(1)], line))
     assert not keep, "an @if@ without its @end@"
     return "\n".join(out) + "\n"
+
+
+def _stage_lines(plan: LaunchPlan) -> list[str]:
+    """What backends/qemu.py does for each `run -v` file (backends/oci.py's staging): the file alone in
+    a directory of its own, by a hard link, else (as root) a bind mount, else a copy if read-only."""
+    lines: list[str] = []
+    for fs in plan.machine.filesystems:
+        if not fs.staged_from:
+            continue
+        src, dst = shlex.quote(fs.staged_from), shlex.quote(f"{fs.host_dir}/{os.path.basename(fs.staged_from)}")
+        lines += [
+            "",
+            _comment(f"{', '.join(fs.keys)}: run -v of the file {fs.staged_from}, alone in {fs.host_dir}"
+                     + (" (read-only)" if fs.read_only else "")),
+            f"mkdir {shlex.quote(fs.host_dir)} || exit {int(ExitStatus.HOST)}",
+            f"if ln -- {src} {dst} 2>/dev/null; then :",
+            f'elif : > {dst} && mount --bind -- {src} {dst} 2>/dev/null; then staged_mounts="${{staged_mounts:-}} {dst}"',
+            *([f"elif cp -p -- {src} {dst}; then :"] if fs.read_only else []),
+            f"else echo {shlex.quote(f'microvmc: cannot share {fs.staged_from}: it cannot be linked or mounted here')}"
+            f" >&2; exit {int(ExitStatus.HOST)}",
+            "fi",
+        ]
+    return lines
 
 
 def _ceil(seconds: float) -> int:

@@ -440,8 +440,8 @@ def resolve(manifest: Manifest, facts: HostFacts, store: str, sources: Sources =
     # One virtiofsd per virtiofs share, the root filesystem first.
     add(Node(id="share:root", builder=Builder.SOURCE, digest=nodes["rootfs"].digest, path=nodes["rootfs"].path,
              keys=("image",)), "rootfs")
-    for share in manifest.shares:
-        source(f"share:{share.tag}", share.host, (f"shares.{share.tag}",), content=False)
+    for share in manifest.shares:  # (a staged file: identified by the file's path; its directory is made per run)
+        source(f"share:{share.tag}", share.staged_from or share.host, (f"shares.{share.tag}",), content=False)
     shares = [(ROOT_TAG, image.transport, image.mode is not RootMode.READ_WRITE)] + [
         (s.tag, s.transport, s.read_only) for s in manifest.shares
     ]

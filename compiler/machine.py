@@ -83,16 +83,20 @@ class Filesystem:
     # How the files' owners and modes are kept: "native" (as they are), or "mapped-xattr" (in
     # user.virtfs.* xattrs: an image an ordinary user unpacked; 9p only).
     ownership: str = "native"
+    # A single host file (`run -v FILE:...`): `host_dir` is relative to the run directory, made per run
+    # holding this file alone (backends/qemu.py stages it), so nothing beside it crosses into the VM.
+    staged_from: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return {"tag": self.tag, "transport": self.transport, "host_dir": self.host_dir,
                 "read_only": self.read_only, "keys": list(self.keys),
-                **({"ownership": self.ownership} if self.ownership != "native" else {})}
+                **({"ownership": self.ownership} if self.ownership != "native" else {}),
+                **({"staged_from": self.staged_from} if self.staged_from else {})}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Filesystem":
         return cls(tag=d["tag"], transport=d["transport"], host_dir=d["host_dir"], read_only=d["read_only"],
-                   keys=tuple(d["keys"]), ownership=d.get("ownership", "native"))
+                   keys=tuple(d["keys"]), ownership=d.get("ownership", "native"), staged_from=d.get("staged_from", ""))
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

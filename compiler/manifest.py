@@ -201,8 +201,9 @@ class Share:
     guest: str
     read_only: bool
     transport: Transport
-    # Not a manifest key: the OCI runtime's staged single files.
+    # Not manifest keys: the OCI runtime's and `run -v`'s staged single files.
     hidden: bool = False  # mounted only for `Manifest.mounts` to bind from, then detached
+    staged_from: str = ""  # `run -v` of a file: `host` is a directory made per run (relative to the run directory) holding it
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -271,7 +272,8 @@ class Manifest:
             "kernel": {**_fields(self.kernel), "cmdline": list(self.kernel.cmdline)},
             "resources": _fields(self.resources),
             "logs": _fields(self.logs),
-            "shares": {s.tag: {k: v for k, v in _fields(s).items() if k != "tag" and (k, v) != ("hidden", False)}
+            "shares": {s.tag: {k: v for k, v in _fields(s).items()
+                               if k != "tag" and (k, v) not in (("hidden", False), ("staged_from", ""))}
                        for s in self.shares},
             "network": self.network.to_dict(),
         }

@@ -39,10 +39,16 @@ def read_manifest(
     cwd: str | None = None,
     tty: bool = False,
     publish: Sequence[str] | None = None,
+    volumes: Sequence[str] | None = None,
+    store: str | None = None,
 ) -> Manifest:
     """load + validate, with command-line overrides applied (`tty`: `run -t`, a pty in the guest;
-    `publish`: `run -p` forwards)."""
-    manifest = validate(load(path, cwd=cwd).overridden(argv=argv, env=env, publish=publish))
+    `publish`: `run -p` forwards; `volumes`: `run -v` shares and files, never `store` read-write)."""
+    from microvmc.compiler.volumes import apply_file_volumes, with_volumes
+
+    loaded, files = with_volumes(load(path, cwd=cwd).overridden(argv=argv, env=env, publish=publish),
+                                 volumes or (), cwd=cwd or os.getcwd(), store=store)
+    manifest = apply_file_volumes(validate(loaded), files)
     if tty:
         from dataclasses import replace
 

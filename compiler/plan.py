@@ -53,7 +53,7 @@ def describe(manifest: Manifest, graph: Graph) -> Machine:
                               keys=("image.path", "image.transport", "image.mode"),
                               ownership=graph.node("rootfs").params_dict().get("ownership", "native"))]
     filesystems += [Filesystem(tag=s.tag, transport=str(s.transport), host_dir=s.host, read_only=s.read_only,
-                               keys=(f"shares.{s.tag}",)) for s in manifest.shares]
+                               keys=(f"shares.{s.tag}",), staged_from=s.staged_from) for s in manifest.shares]
     return Machine(
         name=manifest.hostname,
         accel=graph.accel,

@@ -46,6 +46,8 @@ def _filesystem(fs: Filesystem) -> ArgGroup:
                                ("readonly", fs.read_only)),
                 "-device", opts("virtio-9p-device", ("fsdev", chardev), ("mount_tag", fs.tag)))
     comment = f"share {fs.tag!r}: {fs.host_dir} over {fs.transport}" + (" (read-only)" if fs.read_only else "")
+    if fs.staged_from:
+        comment += f", in the run directory, holding {fs.staged_from} alone (run -v)"
     return ArgGroup(keys=fs.keys, comment=comment, args=args)
 
 

@@ -56,6 +56,9 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("-p", "--publish", action="append", default=[], metavar="[ADDR:]HOSTPORT:GUESTPORT[/PROTO]",
                            help="forward a host port to the guest (repeatable; as docker's -p, but on 127.0.0.1 "
                                 "unless ADDR is given); added to network.forwards")
+            p.add_argument("--volume", action="append", default=[], metavar="HOST:GUEST[:ro]",
+                           help="share a host directory or a single file at GUEST (repeatable; `-v` when its value "
+                                "has a ':'; otherwise -v is --verbose)")
             p.add_argument("argv", nargs="*", metavar="-- ARGV", help="run this argv instead of process.argv")
         return p
 
@@ -170,6 +173,7 @@ def _compile(args: argparse.Namespace, *, overrides: bool = True):
         argv=getattr(args, "argv", None) if overrides else None,
         env=_env_overrides(getattr(args, "env", [])) if overrides else None,
         publish=getattr(args, "publish", []) if overrides else (),
+        volumes=getattr(args, "volume", []) if overrides else (),
         store=_store(args), facts=probe_host(), progress=terminal_progress(),
     )
     return compiled
@@ -202,7 +206,7 @@ def _built(args: argparse.Namespace):
 
     return build(args.manifest, argv=args.argv, env=_env_overrides(args.env), store=_store(args), facts=probe_host(),
                  locked=args.locked, progress=terminal_progress(), tty=getattr(args, "tty", False),
-                 publish=args.publish)
+                 publish=args.publish, volumes=args.volume)
 
 
 def _store(args: argparse.Namespace) -> str:
@@ -465,6 +469,9 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     if "--" in words:
         cut = words.index("--")
         words, program = words[:cut], words[cut + 1:]
+    # `-v HOST:GUEST` is docker's volume; `-v` before anything else stays --verbose (`run -v app.toml`).
+    words = ["--volume" if w == "-v" and i + 1 < len(words) and ":" in words[i + 1] else w
+             for i, w in enumerate(words)]
     args = parser.parse_args(words)
     if program is not None:
         if not hasattr(args, "argv"):
