@@ -100,3 +100,16 @@ def test_concurrency_benchmark_runs_them_all(boot_env) -> None:
     result = json.loads(r.stdout)
     assert result["many_vs_one"]["of_medians"] > 0 and result["commands"]["many"]["maxrss_median_mib"] > 10
     assert result["left_running"] == []
+
+
+def test_network_benchmark_runs_every_column(boot_env) -> None:
+    """One round: a transfer into the guest over a forward and the same to a host process (each
+    receiver counts the bytes), and a boot with a network device and one without; all leave nothing
+    running."""
+    r = subprocess.run([sys.executable, "bench/network.py", "-n", "1", "--warmup", "0", "--mib", "2", "--json", "-q"],
+                       cwd=REPO, env=boot_env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout)
+    assert set(result["throughput"]["columns"]) == {"vm", "host"} and set(result["boot"]["commands"]) == {"user", "none"}
+    assert result["throughput"]["vm_vs_host"]["of_medians"] > 0 and result["boot"]["user_vs_none"]["of_medians"] > 0
+    assert result["left_running"] == []
