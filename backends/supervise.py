@@ -37,7 +37,10 @@ VIRTIOFSD_GRACE_WITH_QEMU = 3.0  # a virtiofsd that ends cleanly: QEMU's shutdow
 # QEMU ending makes virtiofsd end too; a virtiofsd that ends on its own leaves QEMU running.
 # This long, QEMU gets to show which of the two happened.
 VIRTIOFSD_EXIT_GRACE = 0.5
-SHUTDOWN_GRACE = 10.0  # seconds QEMU gets to end after init's final report
+SHUTDOWN_GRACE = 10.0  # seconds QEMU gets to end after init's final report (and our `drained`)
+# Output init reported `sent` but that does not arrive for this long, while nothing holds our reading
+# back, is given up on: init is told it was drained, so that a miscount cannot keep a VM up forever.
+DRAIN_STALL = 10.0
 EOF_GRACE = 5.0  # seconds after QEMU ended until its pipes must be at EOF
 SINK_LIMIT = 1 << 20  # bytes kept for a slow reader before we stop reading from QEMU
 READ_CHUNK = 1 << 16
@@ -226,6 +229,9 @@ class Supervisor:
         self.providers: list[Callable[[], dict[int, tuple[int, Callback]]]] = []
         self.closed: set[Fd] = set()  # outputs whose reader went away, as init has been told
         self.pending_stop: float | None = None  # a stop requested while booting or held
+        self.received = {Fd.STDOUT: 0, Fd.STDERR: 0}  # bytes read from QEMU's pipes
+        self.undrained: dict[Fd, int] = {}  # init's `sent` counts not yet acknowledged with `drained`
+        self.reported = False  # init's final report is in
         start = time.monotonic()
         # A held VM waits for `start` as long as the caller likes: the boot deadline is for `ready`.
         self.boot_deadline = start + plan.boot_timeout if plan.boot_timeout > 0 else None
@@ -233,6 +239,7 @@ class Supervisor:
         self.shutdown_deadline: float | None = None  # set by the final report
         self.stop_deadline: float | None = None  # set when a signal was sent to the program
         self.eof_deadline: float | None = None  # set when QEMU has ended
+        self.drain_deadline: float | None = None  # while init waits for `drained`: pushed on by progress
 
     # --- what owners call ---
 
@@ -318,7 +325,7 @@ class Supervisor:
         while not self._over(time.monotonic()):
             self._watch()
             deadlines = [d for d in (self.boot_deadline, self.run_deadline, self.shutdown_deadline,
-                                     self.stop_deadline, self.eof_deadline) if d is not None]
+                                     self.stop_deadline, self.eof_deadline, self.drain_deadline) if d is not None]
             timeout = max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
             for key, events in self.selector.select(timeout):
                 key.data(events)
@@ -343,6 +350,9 @@ class Supervisor:
             seen.run_timeout = True
         elif seen.dead_daemon is not None:
             pass
+        elif self.drain_deadline is not None and now >= self.drain_deadline:
+            self._acknowledge(force=True)  # (the loop goes on: QEMU now ends)
+            return False
         elif self.shutdown_deadline is not None and now >= self.shutdown_deadline:
             pass  # the report is in but QEMU does not end: it gets stopped, the report stands
         elif seen.qemu_status is not None:
@@ -359,7 +369,7 @@ class Supervisor:
         a second signal, or one during boot, stops the VM."""
         seen = self.seen
         if (not self.forward_signals or self.state is not State.RUNNING or seen.forwarded
-                or self.shutdown_deadline is not None or self.plan.stop_timeout <= 0):
+                or self.reported or self.plan.stop_timeout <= 0):
             return False
         if not self.send_signal(number):
             return False
@@ -382,6 +392,7 @@ class Supervisor:
         wanted: dict[int, tuple[int, Callback]] = dict(self.extra)
         for provide in self.providers:
             wanted.update(provide())
+        self._acknowledge()
         for kind, sink in self.sinks.items():
             if sink.broken and kind not in self.closed:
                 # The reader went away: init closes the program's end too, so it gets EPIPE (SIGPIPE).
@@ -424,6 +435,19 @@ class Supervisor:
         os.close(pipe)
         self.relay[1] = -1
 
+    def _acknowledge(self, force: bool = False) -> None:
+        """`drained` for each stream of which every byte init `sent` has been read: only then may init
+        end the VM (QEMU drops what it still holds). The shutdown grace starts once both are told."""
+        now = time.monotonic()
+        if self.drain_deadline is not None and any(s.full for s in self.sinks.values()):
+            self.drain_deadline = now + DRAIN_STALL  # our caller's reader holds us back: not a stall
+        for kind, count in list(self.undrained.items()):
+            if (force or self.received[kind] >= count) and self.control(f"drained {kind.name.lower()}"):
+                del self.undrained[kind]
+        if self.reported and not self.undrained and self.shutdown_deadline is None and self.seen.qemu_status is None:
+            self.drain_deadline = None
+            self.shutdown_deadline = now + SHUTDOWN_GRACE
+
     def _forget_readers(self) -> None:
         self.readers.clear()  # closed by launch(); _watch unregisters them
 
@@ -441,6 +465,9 @@ class Supervisor:
         if kind == Fd.STATUS:
             self._status(data)
         else:
+            self.received[kind] += len(data)
+            if self.drain_deadline is not None:
+                self.drain_deadline = time.monotonic() + DRAIN_STALL
             self.sinks[kind].push(data)
 
     def _status(self, data: bytes) -> None:
@@ -464,10 +491,16 @@ class Supervisor:
                 self.seen.host["started"] = now - self.began
                 self.boot_deadline = None
                 self._enter(State.RUNNING)
-            elif report.final and self.shutdown_deadline is None:
+            elif report.kind == "sent" and report.stage in ("stdout", "stderr"):
+                self.undrained[Fd[report.stage.upper()]] = report.number
+            elif report.final and not self.reported:
                 self.seen.host["reported"] = now - self.began
+                self.reported = True
                 self.boot_deadline = self.stop_deadline = None
-                self.shutdown_deadline = now + SHUTDOWN_GRACE
+                if self.undrained:  # init waits for `drained` first (_acknowledge)
+                    self.drain_deadline = now + DRAIN_STALL
+                else:
+                    self.shutdown_deadline = now + SHUTDOWN_GRACE
                 self._enter(State.STOPPING)
 
     def _drain_status(self) -> None:
@@ -488,6 +521,7 @@ class Supervisor:
         self.seen.host["qemu-exited"] = time.monotonic() - self.began
         self.selector.unregister(self.vm.qemu.pidfd)
         self.boot_deadline = self.shutdown_deadline = self.stop_deadline = self.run_deadline = None
+        self.drain_deadline = None
         self.eof_deadline = time.monotonic() + EOF_GRACE
         self._drain_status()
         failed = []
@@ -505,7 +539,7 @@ class Supervisor:
             return  # (QEMU's end, seen in the same poll, has already accounted for the daemon)
         self.selector.unregister(child.pidfd)
         self._drain_status()
-        if self.shutdown_deadline is not None:
+        if self.reported:
             return  # the final report is in: the guest is shutting down
         # A clean exit is what QEMU's shutdown causes (it closes the connection first): give QEMU longer.
         if self.vm.qemu.wait(VIRTIOFSD_EXIT_GRACE if status else VIRTIOFSD_GRACE_WITH_QEMU) is not None:

@@ -63,9 +63,9 @@ def interpret_status(report: str) -> Outcome:
 class Report:
     """One report line of init (init/PROTOCOL.md), parsed: the one parser every reader uses."""
 
-    kind: str  # time, ready, started, exit, signal, error; "" for a line no host knows
-    stage: str = ""  # time: the stage; error: where init failed
-    number: int = 0  # time: ms; exit: the code; signal: the signal; error: errno
+    kind: str  # time, ready, started, sent, exit, signal, error; "" for a line no host knows
+    stage: str = ""  # time: the stage; sent: the stream; error: where init failed
+    number: int = 0  # time: ms; sent: bytes; exit: the code; signal: the signal; error: errno
     message: str = ""  # error: the rest of the line
 
     @property
@@ -78,8 +78,8 @@ class Report:
         return interpret_status(self.line()).status
 
     def line(self) -> str:
-        if self.kind == "time":
-            return f"time {self.stage} {self.number}"
+        if self.kind in ("time", "sent"):
+            return f"{self.kind} {self.stage} {self.number}"
         if self.kind in ("exit", "signal"):
             return f"{self.kind} {self.number}"
         if self.kind == "error":
@@ -89,9 +89,9 @@ class Report:
 
 def parse_report(line: str) -> Report:
     kind, _, rest = line.rstrip("\n").partition(" ")
-    if kind == "time":
-        stage, _, ms = rest.partition(" ")
-        return Report(kind="time", stage=stage, number=int(ms)) if ms.isdigit() else Report(kind="")
+    if kind in ("time", "sent"):
+        stage, _, number = rest.partition(" ")
+        return Report(kind=kind, stage=stage, number=int(number)) if number.isdigit() else Report(kind="")
     if kind in ("exit", "signal"):
         return Report(kind=kind, number=int(rest)) if rest.isdigit() else Report(kind="")
     if kind == "error":

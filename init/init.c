@@ -32,6 +32,7 @@ struct relay {
 	char buf[RELAY_SIZE];
 	size_t len, off;
 	int eof; /* `from` is at its end (or was closed) */
+	unsigned long long sent; /* bytes written to `to` */
 };
 
 static struct relay r_in, r_out, r_err; /* stdin port → program; program → stdout/stderr ports */
@@ -42,6 +43,7 @@ static int program_status, program_ended;
 static long stop_deadline;
 static int closed_early[2]; /* `close stdout|stderr` before the program ran */
 static int sized;	    /* the host said the terminal's size */
+static int undrained[2];    /* stdout, stderr: sent bytes the host has not yet said it read (`drained`) */
 
 static void relay_init(struct relay *r, int from, int to)
 {
@@ -49,6 +51,7 @@ static void relay_init(struct relay *r, int from, int to)
 	r->to = to;
 	r->len = r->off = 0;
 	r->eof = 0;
+	r->sent = 0;
 }
 
 static int relay_pollfds(struct relay *r, struct pollfd *fds)
@@ -85,6 +88,7 @@ static void relay_write(struct relay *r)
 		return;
 	}
 	r->off += n;
+	r->sent += n;
 	if (r->off == r->len)
 		r->len = r->off = 0;
 }
@@ -197,6 +201,8 @@ static void control_line(const char *line)
 			close_output(r);
 		else
 			closed_early[r == &r_err] = 1;
+	} else if (strcmp(line, "drained stdout") == 0 || strcmp(line, "drained stderr") == 0) {
+		undrained[strcmp(line + 8, "stderr") == 0] = 0;
 	} else if (strcmp(line, "channel") == 0) {
 		channel_attach(ports[PORT_CHANNEL]);
 	}
@@ -265,12 +271,41 @@ static int done(void)
 	return output_done(&r_out) && output_done(&r_err) && (channel_idle() || late);
 }
 
+/*
+ * The VM must not end while QEMU still holds output: what the guest wrote to a port sits in its
+ * virtqueue until QEMU has written it to the host's pipe, which a slow (or descheduled) reader leaves
+ * full, and QEMU drops the queue when the VM ends. So the host says when it has read every byte
+ * (`sent` → `drained`, PROTOCOL.md); init waits for that, or for the host to close the control port.
+ */
+static void announce_output(void)
+{
+	struct relay *out[2] = {&r_out, &r_err};
+	for (int i = 0; i < 2; i++)
+		if (out[i]->sent) {
+			undrained[i] = 1;
+			report("sent %s %llu", i ? "stderr" : "stdout", out[i]->sent);
+		}
+}
+
+static void await_drained(void)
+{
+	if (undrained[0] || undrained[1])
+		step("waiting for the host to read all output");
+	while ((undrained[0] || undrained[1]) && ports[PORT_CONTROL] >= 0) {
+		struct pollfd pfd = {.fd = ports[PORT_CONTROL], .events = POLLIN};
+		if (poll(&pfd, 1, -1) > 0)
+			read_control();
+	}
+}
+
 static void __attribute__((noreturn)) loop(int sigfd)
 {
 	static struct pollfd fds[MAX_POLL];
 	for (;;) {
 		int n = 0, n_sig, n_ctl = -1, in0, in_n, out0, out_n, err0, err_n, ch0, ch_n;
 		if (done()) {
+			announce_output();
+			before_reboot = await_drained;
 			if (WIFSIGNALED(program_status))
 				finish("signal %d", WTERMSIG(program_status));
 			finish("exit %d", WEXITSTATUS(program_status));

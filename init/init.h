@@ -39,7 +39,8 @@ void report(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 /* one report line, formatted as report() does, into buf; returns its length (with the '\n') */
 size_t format_report(char *buf, size_t size, const char *fmt, va_list ap);
 void kill_and_reap_all(void);
-/* The end of the VM: sync, the last report, reboot. */
+/* The end of the VM: sync, the last report, before_reboot() if set, reboot. */
+extern void (*before_reboot)(void);
 void finish(const char *fmt, ...) __attribute__((noreturn, format(printf, 1, 2)));
 void fail(const char *stage, int err, const char *fmt, ...) __attribute__((noreturn, format(printf, 3, 4)));
 void set_nonblocking(int fd);

@@ -16,6 +16,7 @@
 
 int console = 2;
 int debug;
+void (*before_reboot)(void);
 
 long uptime_ms(void)
 {
@@ -163,6 +164,8 @@ void finish(const char *fmt, ...)
 	va_start(ap, fmt);
 	vreport(fmt, ap);
 	va_end(ap);
+	if (before_reboot)
+		before_reboot();
 	reboot(RB_AUTOBOOT);
 	for (;;) /* unreachable in practice; PID 1 must never return */
 		pause();

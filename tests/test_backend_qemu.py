@@ -655,26 +655,37 @@ boot = pytest.mark.skipif(
 )
 
 # PID 1: finds the named ports, reports as init/PROTOCOL.md says, runs /prog with the ports as
-# its stdio, reports its status, reboots (QEMU's -no-reboot then ends QEMU).
+# its stdio (through tee | wc -c: how many bytes it sent), reports its status, waits until the host
+# says it read all of each stream (`drained`), reboots (QEMU's -no-reboot then ends QEMU).
 INIT = """#!/bin/sh
 /bin/busybox --install -s /bin
 export PATH=/bin
 mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
+mkdir -p /tmp
 for m in /lib/modules/*.ko; do insmod "$m"; done
 i=0
 while [ $i -lt 200 ]; do
   n=0
   for p in /sys/class/virtio-ports/*; do [ -s "$p/name" ] && n=$((n+1)); done
-  [ $n -ge 4 ] && break
+  [ $n -ge 5 ] && break
   sleep 0.05; i=$((i+1))
 done
 for p in /sys/class/virtio-ports/*; do ln -s "/dev/${p##*/}" "/dev/port-$(cat "$p/name")"; done
 echo started > /dev/port-status
-sh /prog < /dev/port-stdin > /dev/port-stdout 2> /dev/port-stderr
-echo "exit $?" > /dev/port-status
+mkfifo /tmp/err
+tee /dev/port-stderr < /tmp/err | wc -c > /tmp/sent-stderr &
+{ sh /prog < /dev/port-stdin 2> /tmp/err; echo $? > /tmp/code; } | tee /dev/port-stdout | wc -c > /tmp/sent-stdout
+wait
+acks=0
+for s in stdout stderr; do
+  n=$(cat /tmp/sent-$s)
+  [ "$n" -gt 0 ] && echo "sent $s $n" > /dev/port-status && acks=$((acks+1))
+done
+echo "exit $(cat /tmp/code)" > /dev/port-status
 sync
+while [ $acks -gt 0 ] && read -r word stream; do [ "$word" = drained ] && acks=$((acks-1)); done < /dev/port-control
 reboot -f
 """
 
@@ -749,6 +760,7 @@ def qemu_argv(kernel: str, initrd: str, shares: tuple[str, ...] = ()) -> list[st
     for name, fd in (("stdout", 1), ("stderr", 3), ("status", 4)):
         argv += ["-chardev", f"file,id={name},path=/dev/fd/{fd},append=on"]
         argv += ["-device", f"virtserialport,chardev={name},name={name}"]
+    argv += ["-chardev", "pipe,id=control,path=/dev/fd/6", "-device", "virtserialport,chardev=control,name=control"]
     for tag in shares:
         argv += ["-chardev", f"socket,id=fs-{tag},path=fs-{tag}.sock"]
         argv += ["-device", f"vhost-user-fs-device,chardev=fs-{tag},tag={tag}"]
@@ -766,7 +778,7 @@ def test_boot_status_streams_and_stdin_eof(run, tmp_path, vmlinux):
     plan = make_plan(qemu_argv(vmlinux, initramfs(tmp_path / "initrd", INIT, prog)))
     status, out, err = run(plan, input=b"line one\nline two\n")
     assert (status, out, err) == (7, b"line one\nline two\nout\n", b"err\n")
-    assert run.log("status") == "started\nexit 7\n"
+    assert run.log("status") == "started\nsent stdout 22\nsent stderr 4\nexit 7\n"
     run.assert_clean(str(tmp_path))
 
 
@@ -810,7 +822,7 @@ def test_boot_sigterm_mid_run(run, tmp_path, vmlinux):
     plan = make_plan(
         qemu_argv(vmlinux, initramfs(tmp_path / "initrd", INIT, prog), shares=("root",)),
         shares=(("root", str(share), virtiofsd_argv(share)),),
-        stop_timeout=0,  # this init has no control port: the signal stops the VM
+        stop_timeout=0,  # this init passes no signals on: the signal stops the VM
     )
     helper = run_in_helper(plan, run)
     try:

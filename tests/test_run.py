@@ -59,7 +59,7 @@ def test_hello(env) -> None:
         "hello", "exited", 0, str(EXAMPLES / "hello.toml"))
     assert not (runs[-1] / "vm").exists() and not (runs[-1] / "control.sock").exists()
     report = (runs[-1] / "status").read_text().splitlines()
-    assert [line for line in report if not line.startswith("time ")] == ["started", "exit 0"]
+    assert [line for line in report if not line.startswith("time ")] == ["started", "sent stdout 21", "exit 0"]
     assert (runs[-1] / "console.log").stat().st_size > 0
     # The boot timeline: init's stages in order, on the guest's clock, and the host's marks.
     timeline = json.loads((runs[-1] / "timeline.json").read_text())
@@ -120,6 +120,35 @@ def test_binary_stdin_to_stdout_and_eof(env) -> None:
     assert r.returncode == 0
     assert r.stderr.strip() == b"1048576"
     assert r.stdout == data
+
+
+@pytest.mark.parametrize("kernel", ["microvmc", "debian"])
+@pytest.mark.parametrize("how", ["run", "launch.sh"])
+def test_all_output_reaches_a_reader_that_starts_late(env, tmp_path: Path, how: str, kernel: str) -> None:
+    """3 MiB to a reader that waits 3 s first: more than `run` buffers (1 MiB) and the pipes hold, so
+    the rest waits in the guest's port queue, which QEMU drops when the VM ends. init ends the VM only
+    once told that all of it was read (`sent` / `drained`); before that, the output arrived cut short
+    (1 MiB and a bit) every time on the own kernel."""
+    line = b"0123456789abcde\n"
+    manifest = tmp_path / "big.toml"
+    manifest.write_text(f'version = 1\n[kernel]\nsource = "{kernel}"\n[process]\n'
+                        'argv = ["/bin/sh", "-c", "yes 0123456789abcde | head -c 3145728; echo done >&2"]\n')
+    if how == "run":
+        cmd = [*MICROVMC, "run", str(manifest)]
+    else:
+        subprocess.run([*MICROVMC, "build", "-o", str(tmp_path / "out"), str(manifest)], env=env, check=True,
+                       capture_output=True, timeout=TIMEOUT)
+        cmd = ["sh", str(tmp_path / "out" / "launch.sh")]
+    for attempt in range(2):
+        received = tmp_path / f"received-{attempt}"
+        vm = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        reader = subprocess.Popen(["sh", "-c", 'sleep 3; exec cat > "$0"', str(received)], stdin=vm.stdout)
+        vm.stdout.close()
+        err = vm.stderr.read()
+        assert (vm.wait(timeout=TIMEOUT), reader.wait(timeout=TIMEOUT), err) == (0, 0, b"done\n")
+        data = received.read_bytes()
+        assert (len(data), data == line * (3 << 16)) == (3 << 20, True), attempt
+    assert leftovers(env) == []
 
 
 def test_killed_by_a_signal_and_verbose_says_which_accelerator(env) -> None:

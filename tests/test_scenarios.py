@@ -1,7 +1,8 @@
 """The same fake-QEMU scenarios against both runners of a plan: the backend (`microvmc run`) and the
 generated `launch.sh`. Each scenario's status is the same from both, except where the README
 ("launch.sh and the backend") says launch.sh cannot tell: 119 (output that could not be
-written: its relays are cat) and 122 (a virtiofsd that died: it does not watch its daemons)."""
+written: its relays do not tell that from a reader that went away) and 122 (a virtiofsd that
+died: it does not watch its daemons)."""
 
 from __future__ import annotations
 
@@ -28,6 +29,11 @@ SCENARIOS = {
     "program not found": ("printf 'error exec 2 /x: not found\\n' >&4", b"", int(ExitStatus.NOT_FOUND), b"", {}),
     "program not executable": ("printf 'error exec 13 /x: denied\\n' >&4", b"", int(ExitStatus.NOT_EXECUTABLE), b"",
                                {}),
+    # init ends the VM only once told that every byte it `sent` was read: the host must not end the run
+    # at the report, and must say `drained` (here the output comes after the report, as from QEMU's queue)
+    "output after the report, until `drained`": (
+        "printf 'started\\nsent stdout 5\\nexit 0\\n' >&4; sleep 0.5; printf hello; read -r ack <&6; printf \" $ack\"",
+        b"", 0, b"hello drained stdout", {}),
     "boot timeout": ("sleep 30", b"", int(ExitStatus.TIMEOUT), b"", {"boot_timeout": 1}),
     "run timeout": ("printf 'started\\n' >&4; sleep 30", b"", int(ExitStatus.TIMEOUT), b"",
                     {"boot_timeout": 10, "timeout": 1}),
@@ -66,7 +72,7 @@ def test_backend_and_launch_sh_agree(tmp_path, name, monkeypatch) -> None:
 
 
 def test_output_that_cannot_be_written_only_the_backend_tells(tmp_path, monkeypatch) -> None:
-    """119 is the backend's: launch.sh's relays are cat, which cannot tell a full disk from a reader
+    """119 is the backend's: launch.sh's relays do not tell a full disk from a reader
     that went away, so the program's own status stands (documented in the README)."""
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
     plan = make_plan([sh_qemu(tmp_path, "printf 'started\\n' >&4; echo output; printf 'exit 0\\n' >&4")])

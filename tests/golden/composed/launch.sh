@@ -52,6 +52,7 @@ die_with_us=""
 command -v setpriv >/dev/null 2>&1 && die_with_us="setpriv --pdeathsig KILL --"
 exec 9<&0  # the program's stdin, kept for QEMU (a background job would get /dev/null)
 cd "$rundir" || exit 121
+command -v python3 >/dev/null 2>&1 || { echo "microvmc: launch.sh needs python3 (its output relays)" >&2; exit 121; }
 
 wait_for_socket() {  # socket, pid, description, log: wait at most 10 s
     tries=0
@@ -128,10 +129,46 @@ if [ -t 9 ]; then  # a terminal keeps its line mode (QEMU would make it raw): ca
     pids="$pids $!"
     exec 9<stdin.pipe
 fi
-# A reader that goes away (`| head`) is told to init, which closes the program's end: it gets EPIPE.
-{ cat <&3 || { printf 'close stdout\n' >&8; cat <&3 >/dev/null; }; } 3<stdout.pipe 7>&- &
+# The relays count what they pass on: init ends the VM only once told that every byte it `sent`
+# has been read (`drained`, init/PROTOCOL.md), because QEMU drops the output it still holds when the
+# VM ends. A reader that goes away (`| head`) is told to init, which closes the program's end: it gets EPIPE.
+relay='
+import os, select, sys
+name = sys.argv[1].encode()
+out, got, want, broken, seen = 1 if name == b"stdout" else 2, 0, None, False, -1
+while True:
+    try:
+        size = os.stat("status").st_size if want is None else seen
+    except OSError:
+        size = seen
+    if size != seen:
+        with open("status", "rb") as f:
+            report = f.read()
+        seen = len(report)
+        for fields in (line.split(b" ") for line in report.split(b"\n")):
+            if len(fields) == 3 and fields[:2] == [b"sent", name] and fields[2].isdigit():
+                want = int(fields[2])
+    if want is not None and want >= 0 and got >= want:
+        os.write(8, b"drained " + name + b"\n")
+        want = -1
+    if want is None and not select.select([3], [], [], 0.02)[0]:
+        continue
+    data = os.read(3, 65536)
+    if not data:
+        break
+    got += len(data)
+    while data and not broken:
+        try:
+            data = data[os.write(out, data):]
+        except BlockingIOError:
+            select.select([], [out], [])
+        except OSError:
+            broken = True
+            os.write(8, b"close " + name + b"\n")
+'
+python3 -I -S -c "$relay" stdout 3<stdout.pipe 7>&- &
 relays="$!"
-{ cat <&3 >&2 || { printf 'close stderr\n' >&8; cat <&3 >/dev/null; }; } 3<stderr.pipe 7>&- &
+python3 -I -S -c "$relay" stderr 3<stderr.pipe 7>&- &
 relays="$relays $!"
 $die_with_us "$@" 0<&9 1>stdout.pipe 3>stderr.pipe 4>status 5>console.log 6<&8 2>qemu.log 7>&- 8<&- 9<&- &
 qemu=$!
