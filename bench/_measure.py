@@ -348,6 +348,8 @@ def emit_report(result: dict[str, Any], text: str, as_json: bool) -> None:
         return
     m = result["machine"]
     print(text)
+    if "left_running" in result:  # what the harness had to stop: a benchmarked command's leak
+        print("left running (stopped by the benchmark): " + (", ".join(result["left_running"]) or "nothing"))
     print(
         f"machine: {m['cpus']} CPUs ({m['cpu_model']}), {m['memory']}, Linux {m['kernel']}, Python {m['python']}; "
         f"load {m['loadavg_start']:.2f} → {m['loadavg_end']:.2f}; "

@@ -54,8 +54,6 @@ def main(argv: list[str] | None = None) -> int:
     text = [m.table(rows, ["command", "median", "peak RSS of one run's largest process"]),
             f"{args.runs} at once / 1: {r['of_medians']:.2f} (ratio of medians), {r['median_of_paired']:.2f} (paired); "
             f"{os.cpu_count()} CPUs, one vCPU per VM; all {args.runs} exited 0 in every round"]
-    if left:
-        text.append(f"left running: {', '.join(left)}")
     m.emit_report(result, "\n".join(text), args.json)
     return 0
 

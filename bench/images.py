@@ -122,7 +122,6 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"pull + unpack / skopeo + umoci = {result['pull_ratio']['of_medians']:.3f}; "
         f"image boot / directory boot = {result['boot_ratio']['of_medians']:.3f}",
-        "left running (stopped by the benchmark): " + (", ".join(result["left_running"]) or "nothing"),
     ]
     m.emit_report(result, "\n".join(lines), args.json)
     return 0

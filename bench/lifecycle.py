@@ -94,7 +94,6 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"ps -a over {RECORDS} records / over 1 = {result['ps_ratio']['of_medians']:.3f}; "
         f"run -d + wait / foreground run = {result['detached_ratio']['of_medians']:.3f}",
-        "left running (stopped by the benchmark): " + (", ".join(result["left_running"]) or "nothing"),
     ])
     m.emit_report(result, text, args.json)
     return 0

@@ -117,7 +117,6 @@ def main(argv: list[str] | None = None) -> int:
         "",
         "where the time goes: each runtime call podman made, median (the rest is podman and conmon)",
         m.table(call_rows, ["call", "runc", "microvmc-runtime"]),
-        *([f"left running: {', '.join(result['left_running'])}"] if result["left_running"] else []),
     ])
     m.emit_report(result, text, args.json)
     return 0

@@ -76,8 +76,6 @@ def main(argv: list[str] | None = None) -> int:
               for program, r in result["ratios"].items()),
             "the read alone (boot + read − boot): " + ", ".join(
                 f"{t} {s:.2f} s ({args.size / s:.0f} MiB/s)" if s > 0 else f"{t} {s:.2f} s" for t, s in read.items())]
-    if left:
-        text.append(f"left running: {', '.join(left)}")
     m.emit_report(result, "\n".join(text), args.json)
     return 0
 
