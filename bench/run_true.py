@@ -149,8 +149,6 @@ def main(argv: list[str] | None = None) -> int:
     if (ratio <= TARGET) != (paired <= TARGET):
         verdict += f", but the paired ratio ({paired:.3f}) says otherwise: too noisy to tell, rerun with a larger -n"
     leftovers = [f"after {c[k]['label']}: {', '.join(c[k]['leftovers'])}" for k in c if c[k]["leftovers"]]
-    if result["left_running"]:
-        leftovers.append(f"at the end: {', '.join(result['left_running'])}")
     lines = [
         f"run /bin/true in a VM ({result['accel']}): {args.reps} runs each, alternated; "
         "ratio = median / median of the baseline; paired, delta, cpu delta = medians over rounds of "
@@ -162,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         f"microvmc run − baseline = {r['microvmc/baseline']['delta_paired_median_s']:+.3f} s; "
         f"a cached microvmc build alone takes {m.secs(c['build']['wall_median_s'])}, which run pays before booting",
         "same VM as the plan: " + ("yes" if not result["differences"] else "NO: " + "; ".join(result["differences"])),
-        "left running (stopped by the benchmark): " + ("; ".join(leftovers) if leftovers else "nothing")
+        "left running after a run (stopped by the benchmark): " + ("; ".join(leftovers) if leftovers else "nothing")
         + "; left in TMPDIR by the runs: " + (", ".join(result["left_in_tmpdir"]) or "nothing"),
     ]
     m.emit_report(result, "\n".join(lines), args.json)
