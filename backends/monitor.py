@@ -55,7 +55,7 @@ from microvmc.compiler.launch import Fd, LaunchPlan, ProcessSpec
 from microvmc.compiler.verdict import Verdict, judge, timeline_record, timeline_summary
 from microvmc.errors import ExitStatus, MicrovmcError
 
-__all__ = ["LogLimits", "serve", "run_plan", "start_detached", "Client"]
+__all__ = ["LogLimits", "serve", "run_plan", "start_detached", "controlling_terminal", "Client"]
 
 REQUEST_LIMIT = 1 << 16  # bytes of one request line
 MAX_CONNECTIONS = 64
@@ -729,11 +729,25 @@ def start_detached(plan: LaunchPlan, run: Run, *, hold: bool = False,
     raise MicrovmcError(f"the run's monitor failed; see {run.dir / 'monitor.log'}", status=ExitStatus.HOST)
 
 
+def controlling_terminal(fd: int) -> None:
+    """Make the terminal on `fd` this process's controlling terminal, in a session of its own: a
+    resize of the terminal's other side (an engine's TIOCSWINSZ on the pty master it was given)
+    then arrives as SIGWINCH, which passes the new size on, and its hangup as SIGHUP. The caller
+    is the second child of a double fork, so it is no group leader and may start a session."""
+    import fcntl
+    import termios
+
+    os.setsid()
+    fcntl.ioctl(fd, termios.TIOCSCTTY, 0)
+
+
 def _daemon(plan: LaunchPlan, run: Run, *, hold: bool, stdio: tuple[int, int, int] | None,
             terminal: int | None, log_limits: LogLimits | None, keep_stdin: bool, tty: bool, ready: int) -> int:
     """The monitor's body: returns the status it exits with (the program's)."""
     log = os.open(run.dir / "monitor.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
     null = os.open(os.devnull, os.O_RDWR)
+    if terminal is not None:
+        controlling_terminal(terminal)
     program_input = None
     if stdio is None:
         stdin, stdout, stderr = null, None, None
@@ -854,9 +868,11 @@ class Client:
         return int(answer["status"]), answer.get("message", "")
 
     def exec(self, process: ProcessSpec, stdin: int, stdout: int, stderr: int, *,
-             signals: Signals | None = None, terminal: int | None = None) -> tuple[int, str]:
+             signals: Signals | None = None, terminal: int | None = None,
+             started: Callable[[], None] | None = None) -> tuple[int, str]:
         """Run `process` in the VM with these descriptors as its stdio; blocks until it ended.
-        `signals` caught here are passed on to it; with `terminal`, SIGWINCH passes its size on."""
+        `signals` caught here are passed on to it; with `terminal`, SIGWINCH passes its size on;
+        `started` is called once the monitor has the descriptors and the process is starting."""
         sock = self._connect()
         if sock is None:
             raise RunStateError(f"run {self.run.name!r} is not running ({self.run.state()})")
@@ -866,6 +882,8 @@ class Client:
             if answer is None or "error" in answer:
                 why = answer["error"] if answer else "the run ended"
                 raise RunStateError(f"cannot exec in run {self.run.name!r}: {why}")
+            if started is not None:
+                started()
             answer = self._follow(lines, signals, terminal, "the exec")
             return int(answer["status"]), answer.get("message", "")
 

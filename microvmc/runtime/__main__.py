@@ -1,0 +1,3 @@
+from microvmc.runtime.cli import entry
+
+entry()
