@@ -7,11 +7,14 @@ Each test boots one VM per engine (~3-5 s under TCG, more on a loaded machine)."
 from __future__ import annotations
 
 import os
+import select
+import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
-from oci_engines import BUSYBOX_IMAGE, leftovers, run_container
+from oci_engines import BUSYBOX_IMAGE, Bind, container_argv, leftovers, run_container
 
 pytestmark = [pytest.mark.engine, pytest.mark.boot]
 
@@ -59,3 +62,186 @@ def test_stdin_reaches_the_program_and_its_end(eut) -> None:
     data = b"x" * 100_000 + b"\n"
     r = run_container(eut, RT, BUSYBOX_IMAGE, ["wc", "-c"], input=data, interactive=True)
     assert (r.returncode, r.stdout.strip()) == (0, str(len(data)).encode()), (r.stderr, _calls(eut))
+
+
+def _in_pty(argv: list[str], env: dict[str, str], steps, *, size=(30, 100), timeout: float = 180) -> tuple[int, bytes]:
+    """Run `argv` with a pty of `size` as its controlling terminal, as a person at a terminal would;
+    `steps` are (bytes to wait for, what to do then with the master) in order. Its status and output."""
+    import fcntl
+    import termios
+
+    from microvmc.backends.terminal import set_size
+
+    master, slave = os.openpty()
+    set_size(slave, *size)
+    proc = subprocess.Popen(argv, env=env, stdin=slave, stdout=slave, stderr=slave, start_new_session=True,
+                            preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))
+    os.close(slave)
+    out = b""
+    deadline = time.monotonic() + timeout
+    pending = list(steps)
+    try:
+        while time.monotonic() < deadline:
+            while pending and pending[0][0] in out:
+                _, act = pending.pop(0)
+                act(master)
+                out += b"\x00"  # what was waited for is not waited for again
+            ready, _, _ = select.select([master], [], [], 1.0)
+            if ready:
+                try:
+                    data = os.read(master, 65536)
+                except OSError:  # EIO: every slave closed
+                    break
+                if not data:
+                    break
+                out += data
+        status = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(master)
+    return status, out.replace(b"\x00", b"")
+
+
+def _type(text: bytes, pause: float = 1.0):
+    def act(master: int) -> None:
+        time.sleep(pause)  # the engine's resize, or the program's read, gets there first
+        os.write(master, text)
+    return act
+
+
+def _resize(rows: int, cols: int):
+    def act(master: int) -> None:
+        from microvmc.backends.terminal import set_size
+
+        set_size(master, rows, cols)
+    return act
+
+
+def test_terminal_size_and_resize(eut) -> None:
+    script = "[ -t 0 ] && [ -t 1 ] && echo is-a-tty; echo ready; read x; stty size; read y; stty size; exit 5"
+    argv = [*eut.engine.client(), *container_argv(eut, RT, BUSYBOX_IMAGE, ["sh", "-c", script], interactive=True,
+                                                  tty=True)]
+    status, out = _in_pty(argv, eut.engine.env, [
+        (b"ready", _type(b"\r")),
+        (b"30 100", _resize(40, 120)),
+        (b"30 100", _type(b"\r", pause=3.0)),
+    ])
+    text = out.decode(errors="replace")
+    assert "is-a-tty" in text, (text, _calls(eut))
+    lines = [line.strip() for line in text.splitlines()]
+    assert "30 100" in lines and "40 120" in lines, (text, _calls(eut))
+    assert lines.index("30 100") < lines.index("40 120")
+    assert status == 5, (status, text)
+
+
+def test_user(eut) -> None:
+    if eut.name == "containerd":
+        pytest.skip("ctr run has no --user")
+    r = run_container(eut, RT, BUSYBOX_IMAGE, ["id"], user="1000:1000")
+    assert r.returncode == 0, (r.stderr, _calls(eut))
+    assert r.stdout.decode().startswith("uid=1000(user) gid=1000(user)"), r.stdout
+
+
+def test_bind_mounted_files_and_directories(eut, tmp_path: Path) -> None:
+    ro_dir, rw_dir = tmp_path / "ro", tmp_path / "rw"
+    ro_dir.mkdir()
+    rw_dir.mkdir()
+    (ro_dir / "a.txt").write_text("in a read-only directory\n")
+    ro_file, rw_file = tmp_path / "ro.txt", tmp_path / "rw.txt"
+    ro_file.write_text("a read-only file\n")
+    rw_file.write_text("a writable file\n")
+    rw_file.chmod(0o666)
+    script = ("cat /ro/a.txt /etc/ro.txt /rw.txt; "
+              "echo x 2>/dev/null > /ro/new || echo ro-dir-refused; "
+              "echo x 2>/dev/null > /etc/ro.txt || echo ro-file-refused; "
+              "echo written > /rw/new && echo changed > /rw.txt && echo ok")
+    binds = [Bind(ro_dir, "/ro", read_only=True), Bind(rw_dir, "/rw"), Bind(ro_file, "/etc/ro.txt", read_only=True),
+             Bind(rw_file, "/rw.txt")]
+    r = run_container(eut, RT, BUSYBOX_IMAGE, ["sh", "-c", script], binds=binds)
+    assert r.returncode == 0, (r.stdout, r.stderr, _calls(eut))
+    assert r.stdout.decode().splitlines() == ["in a read-only directory", "a read-only file", "a writable file",
+                                              "ro-dir-refused", "ro-file-refused", "ok"], r.stderr
+    assert (rw_dir / "new").read_text() == "written\n"
+    assert rw_file.read_text() == "changed\n"
+    assert ro_file.read_text() == "a read-only file\n" and not (ro_dir / "new").exists()
+
+
+def _exec(eut, name: str, argv: list[str], *, input: bytes | None = None, env=(), workdir=None, user=None,
+          interactive: bool = False):
+    if eut.name == "containerd":
+        args = ["task", "exec", "--exec-id", f"e{time.monotonic_ns()}"]
+        args += [f"--cwd={workdir}"] if workdir else []
+        args += [f"--user={user}"] if user else []
+        assert not env, "ctr task exec has no --env"
+        return eut.engine.run(*args, name, *argv, input=input, timeout=120)
+    args = ["exec"]
+    args += ["--interactive"] if interactive else []
+    args += [f"--env={e}" for e in env]
+    args += [f"--workdir={workdir}"] if workdir else []
+    args += [f"--user={user}"] if user else []
+    return eut.engine.run(*args, name, *argv, input=input, timeout=120)
+
+
+def test_exec_into_a_running_container_then_stop_and_rm(eut) -> None:
+    name = f"x{time.monotonic_ns()}"
+    r = run_container(eut, RT, BUSYBOX_IMAGE, ["sleep", "1000"], name=name, detach=True, rm=False)
+    assert r.returncode == 0, (r.stderr, _calls(eut))
+    try:
+        r = _exec(eut, name, ["sh", "-c", "echo in $(uname -r); exit 3"])
+        assert r.returncode == 3, (r.stdout, r.stderr, _calls(eut))
+        assert r.stdout.startswith(b"in ") and r.stdout.split()[-1].decode() != os.uname().release
+        if eut.name != "containerd":  # ctr task exec never closes stdin, nor takes --env
+            r = _exec(eut, name, ["wc", "-c"], input=b"0123456789", interactive=True)
+            assert (r.returncode, r.stdout.strip()) == (0, b"10"), r.stderr
+            r = _exec(eut, name, ["sh", "-c", "echo $A $(pwd) $(id -u):$(id -g)"], env=["A=1"], workdir="/tmp",
+                      user="1000:1000")
+            assert (r.returncode, r.stdout) == (0, b"1 /tmp 1000:1000\n"), r.stderr
+        else:
+            r = _exec(eut, name, ["sh", "-c", "echo $(pwd) $(id -u)"], workdir="/tmp", user="1000")
+            assert (r.returncode, r.stdout) == (0, b"/tmp 1000\n"), r.stderr
+        # the container's program is still the one that runs: the execs were processes of their own
+        r = _exec(eut, name, ["sh", "-c", "ps | grep -c 'sleep 1000'"])
+        assert r.stdout.strip() != b"0", r.stdout
+    finally:
+        _stop_and_rm(eut, name)
+    assert "exec" in eut.calls[RT].verbs()
+
+
+def _stop_and_rm(eut, name: str) -> None:
+    if eut.name == "containerd":
+        eut.engine.run("task", "kill", name, timeout=60, check=True)
+        deadline = time.monotonic() + 60
+        while b"RUNNING" in eut.engine.run("task", "ls").stdout and time.monotonic() < deadline:
+            time.sleep(0.2)
+        eut.engine.run("task", "rm", name, timeout=60, check=True)
+        eut.engine.run("containers", "rm", name, timeout=60, check=True)
+        return
+    r = eut.engine.run("stop", "--time", "5", name, timeout=120, check=True)
+    r = eut.engine.run("inspect", "--format", "{{.State.ExitCode}}", name, check=True)
+    assert r.stdout.strip() == b"143", r.stdout  # sleep got the SIGTERM, in the VM
+    eut.engine.run("rm", name, timeout=120, check=True)
+
+
+def test_rm_force_of_a_running_container(eut) -> None:
+    name = f"f{time.monotonic_ns()}"
+    r = run_container(eut, RT, BUSYBOX_IMAGE, ["sleep", "1000"], name=name, detach=True, rm=False)
+    assert r.returncode == 0, (r.stderr, _calls(eut))
+    if eut.name == "containerd":
+        eut.engine.run("task", "rm", "--force", name, timeout=120, check=True)
+        eut.engine.run("containers", "rm", name, timeout=60, check=True)
+    else:
+        eut.engine.run("rm", "--force", name, timeout=120, check=True)
+
+
+@pytest.mark.parametrize("engine", ["podman", "docker"])
+def test_the_seed_pipeline(request, engine: str) -> None:
+    """echo hello | ENGINE run -i --rm IMG cat | ENGINE run -i --rm --runtime RT IMG head -n 7"""
+    eut = request.getfixturevalue(engine)
+    client = eut.engine.client()[0]
+    line = (f"echo hello | {client} run -i --rm {BUSYBOX_IMAGE} cat | "
+            f"{client} run -i --rm --runtime {RT} {BUSYBOX_IMAGE} head -n 7")
+    r = subprocess.run(["sh", "-c", line], env=eut.engine.env, capture_output=True, timeout=300)
+    assert (r.returncode, r.stdout) == (0, b"hello\n"), r.stderr
+    _no_leftovers(eut)

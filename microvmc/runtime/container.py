@@ -41,6 +41,7 @@ STOP_WAIT = 30.0  # seconds delete waits for a stopped VM's monitor to end befor
 START_WAIT = 60.0  # seconds start waits for the program to be reported running
 DEFAULT_SIZE = (24, 80)
 FILES = "files"  # the run directory's staging directory
+EXEC_EXIT_GRACE = 1.0  # seconds a detached exec's process lives at least, once its pid file is written
 
 
 def default_root() -> str:
@@ -402,13 +403,18 @@ def _exec_detached(run: Run, request, stdio: tuple[int, int, int], terminal: int
             for fd in (0, 1, 2):  # the engine's pipes stay open in the VM's process only
                 os.dup2(null, fd)
 
+            began = []
+
             def started() -> None:
+                began.append(time.monotonic())
                 os.write(write_end, f"ok {os.getpid()}\n".encode())
                 os.close(write_end)
                 for fd in mine:
                     os.close(fd)
 
             status = _exec_here(run, request, (mine[0], mine[1], mine[2]), terminal, started=started)
+            if began:  # containerd 1.6's shim drops an exit it sees before it has read the pid file
+                time.sleep(max(0.0, began[0] + EXEC_EXIT_GRACE - time.monotonic()))
         except RuntimeFailure as err:
             try:
                 os.write(write_end, f"error {err.message}\n".encode())
