@@ -86,8 +86,11 @@ def launch(plan: LaunchPlan, *, logs: RunLogs, stdin: int, rundir: Path) -> Iter
         for fs in plan.machine.filesystems:
             if fs.staged_from:  # run -v of a file: alone in its own directory, for this run
                 stack.callback(unstage, rundir / fs.host_dir)
-                stage_files([StagedFile(source=fs.staged_from, name=os.path.basename(fs.staged_from),
-                                        destination="run -v", read_only=fs.read_only)], rundir / fs.host_dir)
+                try:
+                    stage_files([StagedFile(source=fs.staged_from, name=os.path.basename(fs.staged_from),
+                                            destination="run -v", read_only=fs.read_only)], rundir / fs.host_dir)
+                except HostError as err:  # (its hint is the OCI runtime's)
+                    raise HostError(err.message, hint="share it read-only (:ro), or run microvmc as root") from None
         daemons = tuple(
             (vp, stack.enter_context(_virtiofsd(vp, rundir=rundir, log=logs.virtiofsd(vp.tag))))
             for vp in plan.virtiofsd

@@ -469,9 +469,12 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     if "--" in words:
         cut = words.index("--")
         words, program = words[:cut], words[cut + 1:]
-    # `-v HOST:GUEST` is docker's volume; `-v` before anything else stays --verbose (`run -v app.toml`).
-    words = ["--volume" if w == "-v" and i + 1 < len(words) and ":" in words[i + 1] else w
-             for i, w in enumerate(words)]
+    # After run, build or plan, `-v HOST:GUEST` is docker's volume; any other -v stays --verbose
+    # (`run -v app.toml`, `microvmc -v run ...`, an exec's own argv).
+    command = next((i for i, w in enumerate(words) if w in COMMANDS), len(words))
+    if words[command:command + 1] in (["run"], ["build"], ["plan"]):
+        words = ["--volume" if i > command and w == "-v" and i + 1 < len(words) and ":" in words[i + 1] else w
+                 for i, w in enumerate(words)]
     args = parser.parse_args(words)
     if program is not None:
         if not hasattr(args, "argv"):

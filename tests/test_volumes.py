@@ -32,6 +32,7 @@ def test_v_is_a_volume_when_it_has_a_colon_else_verbose() -> None:
     args = _parse(["run", "-v", "m.toml", "--volume", "x:/y"])
     assert (args.volume, args.verbose, args.manifest) == (["x:/y"], True, "m.toml")
     assert _parse(["-v", "build", "m.toml"]).verbose
+    assert _parse(["exec", "web", "ls", "-v", "a:b"]).argv == ["ls", "-v", "a:b"]  # an exec's argv is its own
 
 
 def test_a_directory_is_a_share_and_a_file_is_staged_alone(tmp_path: Path) -> None:
