@@ -162,3 +162,12 @@ def test_delete_force_of_running_and_of_killed_create(boot_env, tmp_path: Path) 
     time.sleep(0.5)
     assert list(root.iterdir()) == [] and no_processes(root) == [] and mounts_below(tmp_path) == []
     assert host.read_text() == "127.0.0.1 localhost\n"
+
+
+def test_run_is_create_start_wait_delete(boot_env, tmp_path: Path) -> None:
+    bundle = bundle_with(tmp_path, ["/bin/sh", "-c", "echo run $(hostname); exit 4"])
+    root = tmp_path / "state"
+    run, state = drive(boot_env, root, bundle, [["run", "--bundle", str(bundle), "c3"], ["state", "c3"]])
+    assert (run["rc"], run["out"]) == (4, "run rt\n"), run
+    assert state["err"] == "container does not exist\n"
+    assert list(root.iterdir()) == [] and no_processes(root) == []

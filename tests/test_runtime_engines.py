@@ -136,10 +136,10 @@ def test_terminal_size_and_resize(eut) -> None:
     assert status == 5, (status, text)
 
 
-def test_user(eut) -> None:
+def test_user_and_no_network(eut) -> None:
     if eut.name == "containerd":
         pytest.skip("ctr run has no --user")
-    r = run_container(eut, RT, BUSYBOX_IMAGE, ["id"], user="1000:1000")
+    r = run_container(eut, RT, BUSYBOX_IMAGE, ["id"], user="1000:1000", network="none")
     assert r.returncode == 0, (r.stderr, _calls(eut))
     assert r.stdout.decode().startswith("uid=1000(user) gid=1000(user)"), r.stdout
 
