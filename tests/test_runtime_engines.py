@@ -201,6 +201,14 @@ def test_exec_into_a_running_container_then_stop_and_rm(eut) -> None:
         else:
             r = _exec(eut, name, ["sh", "-c", "echo $(pwd) $(id -u)"], workdir="/tmp", user="1000")
             assert (r.returncode, r.stdout) == (0, b"/tmp 1000\n"), r.stderr
+        # a terminal for the exec: a pty over the console socket, the size the client's
+        tty_args = ["task", "exec", "--tty", "--exec-id", f"t{time.monotonic_ns()}"] if eut.name == "containerd" \
+            else ["exec", "--interactive", "--tty"]
+        status, out = _in_pty([*eut.engine.client(), *tty_args, name, "sh", "-c",
+                               "[ -t 0 ] && [ -t 1 ] && echo exec-tty; stty size; exit 6"], eut.engine.env, [],
+                              size=(33, 99), timeout=120)
+        assert b"exec-tty" in out and b"33 99" in out, (out, _calls(eut))
+        assert status == 6, (status, out)
         # the container's program is still the one that runs: the execs were processes of their own
         r = _exec(eut, name, ["sh", "-c", "ps | grep -c 'sleep 1000'"])
         assert r.stdout.strip() != b"0", r.stdout
