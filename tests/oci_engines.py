@@ -612,6 +612,18 @@ def containerd(engines_root, busybox_archive, boot_env) -> Iterator[EngineUnderT
         yield EngineUnderTest("containerd", engine, calls, {name: engine.runc_root / name for name in runtimes})
 
 
+ENGINES = ("podman", "docker", "containerd")
+
+
+def engine_param(request) -> EngineUnderTest:
+    """The engine a test is parametrized with (request.param, one of ENGINES), its runtimes' call
+    logs cleared."""
+    eut = request.getfixturevalue(request.param)
+    for calls in eut.calls.values():
+        calls.clear()
+    return eut
+
+
 @dataclass(frozen=True)
 class Bind:
     source: Path

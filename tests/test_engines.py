@@ -6,19 +6,15 @@ from __future__ import annotations
 
 import pytest
 
-from oci_engines import BUSYBOX_IMAGE, leftovers, run_container
+from oci_engines import BUSYBOX_IMAGE, ENGINES, engine_param, leftovers, run_container
 
 # Slow (daemons, ~1.5 min): kept out of the fast suite (-m "not boot") with the boots.
 pytestmark = [pytest.mark.engine, pytest.mark.boot]
 
-ENGINES = ["podman", "docker", "containerd"]
-
 
 @pytest.fixture(params=ENGINES)
 def eut(request):
-    eut = request.getfixturevalue(request.param)
-    for calls in eut.calls.values():
-        calls.clear()
+    eut = engine_param(request)
     yield eut
     assert leftovers(eut, "runclog") == []
 

@@ -14,19 +14,16 @@ from pathlib import Path
 
 import pytest
 
-from oci_engines import BUSYBOX_IMAGE, Bind, container_argv, leftovers, run_container
+from oci_engines import BUSYBOX_IMAGE, ENGINES, Bind, container_argv, engine_param, leftovers, run_container
 
 pytestmark = [pytest.mark.engine, pytest.mark.boot]
 
 RT = "microvm"
-ENGINES = ["podman", "docker", "containerd"]
 
 
 @pytest.fixture(params=ENGINES)
 def eut(request):
-    eut = request.getfixturevalue(request.param)
-    for calls in eut.calls.values():
-        calls.clear()
+    eut = engine_param(request)
     yield eut
     _no_leftovers(eut)
 
