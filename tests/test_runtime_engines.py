@@ -136,9 +136,22 @@ def test_terminal_size_and_resize(eut) -> None:
 def test_user_and_no_network(eut) -> None:
     if eut.name == "containerd":
         pytest.skip("ctr run has no --user")
-    r = run_container(eut, RT, BUSYBOX_IMAGE, ["id"], user="1000:1000", network="none")
+    r = run_container(eut, RT, BUSYBOX_IMAGE, ["sh", "-c", "id; ulimit -n"], user="1000:1000", network="none")
     assert r.returncode == 0, (r.stderr, _calls(eut))
-    assert r.stdout.decode().startswith("uid=1000(user) gid=1000(user)"), r.stdout
+    lines = r.stdout.decode().splitlines()
+    assert lines[0].startswith("uid=1000(user) gid=1000(user)"), r.stdout
+    if eut.name == "podman":  # its containers.conf's default_ulimits, through config.json's rlimits
+        assert lines[1] == "20000", r.stdout
+
+
+def test_what_a_vm_cannot_do_is_refused_through_the_engine(eut) -> None:
+    """A host device cannot enter the VM: create fails before anything starts, and the engine shows
+    the runtime's one line."""
+    if eut.name == "containerd":
+        pytest.skip("ctr run --device is not in containerd 1.6's ctr")
+    r = eut.engine.run("run", "--rm", "--runtime", RT, "--device", "/dev/zero", BUSYBOX_IMAGE, "true", timeout=120)
+    assert r.returncode != 0, (r.stdout, r.stderr)
+    assert b"host devices cannot be passed into the VM" in r.stderr, (r.stderr, _calls(eut))
 
 
 def test_bind_mounted_files_and_directories(eut, tmp_path: Path) -> None:
