@@ -19,6 +19,7 @@ from microvmc import __version__
 from microvmc.compiler.graph import Graph
 from microvmc.compiler.host import VirtiofsdFlavour
 from microvmc.compiler.launch import C_VIRTIOFSD_PID_DIR, Fd, LaunchPlan
+from microvmc.compiler.machine import NicKind
 from microvmc.compiler.status import EXEC_ERRNO_STATUS
 from microvmc.compiler.store import digest, store_path
 from microvmc.errors import ExitStatus
@@ -111,6 +112,7 @@ def launch_script(plan: LaunchPlan) -> str:
             " \\\n    ".join(["set --" if i == 0 else 'set -- "$@"', *_option_lines(group.args)]),
         )],
         "STAGE": _stage_lines(plan),
+        "REFUSE": _refuse_lines(plan),
         "UNSTAGE": ['    for m in ${staged_mounts:-}; do umount -- "$rundir/$m" 2>/dev/null; done  # run -v files bound here']
         if any(fs.staged_from for fs in plan.machine.filesystems) else [],
         "EXEC_CASE": [f"                {errno}) code={int(status)} ;;"
@@ -174,6 +176,18 @@ def _stage_lines(plan: LaunchPlan) -> list[str]:
             "fi",
         ]
     return lines
+
+
+def _refuse_lines(plan: LaunchPlan) -> list[str]:
+    """What this script cannot do, refused before it makes anything: a tap device in a network
+    namespace (network.mode = "netns") is made and joined by microvmc's backend (backends/netns.py)."""
+    nic = plan.machine.nic
+    if nic is None or nic.kind is not NicKind.TAP:
+        return []
+    message = (f"microvmc: this script cannot join the VM to the network namespace {nic.namespace} "
+               "(network.mode = \"netns\"): `microvmc run` makes its tap device; run the manifest with it")
+    return [_comment("network.mode: netns needs microvmc run (backends/netns.py makes the tap in the namespace)"),
+            f"echo {shlex.quote(message)} >&2", f"exit {int(ExitStatus.HOST)}"]
 
 
 def _ceil(seconds: float) -> int:

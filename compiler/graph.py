@@ -271,7 +271,7 @@ def guest_config(manifest: Manifest, root_mode: str, *, hold: bool = False) -> G
         tty=manifest.process.tty,
         hold=hold,
         hostname=manifest.hostname,
-        net=f"{USER_ADDRESS}:{USER_GATEWAY}:{USER_DNS}" if manifest.network.mode is not NetworkMode.NONE else "",
+        net=_guest_net(manifest),
         root=GuestMount(fs=str(manifest.image.transport), tag=ROOT_TAG, mode=root_mode),
         # Mounted in this order: a share before any share mounted inside it.
         shares=tuple(
@@ -283,6 +283,16 @@ def guest_config(manifest: Manifest, root_mode: str, *, hold: bool = False) -> G
         + tuple(GuestMountOp(kind="detach", a=s.guest) for s in manifest.shares if s.hidden)
         + ((GuestMountOp(kind="detach", a=NET_FILES),) if manifest.network.mode is not NetworkMode.NONE else ()),
     )
+
+
+def _guest_net(manifest: Manifest) -> str:
+    """MVMC_NET: "address/prefix:gateway:dns[,dns...]" (no DNS server: empty), "" without a network."""
+    network = manifest.network
+    if network.mode is NetworkMode.NONE:
+        return ""
+    if network.mode is NetworkMode.NETNS:
+        return f"{network.address}:{network.gateway}:{','.join(network.dns)}"
+    return f"{USER_ADDRESS}:{USER_GATEWAY}:{USER_DNS}"
 
 
 def with_name_resolution(manifest: Manifest) -> Manifest:

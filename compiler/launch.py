@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from microvmc.compiler.cmdline import GuestUser, Rlimit, encode
 from microvmc.compiler.host import VirtiofsdFlavour
-from microvmc.compiler.machine import Fd, Machine
+from microvmc.compiler.machine import Fd, Machine, NicKind
 
 __all__ = ["Fd", "ArgGroup", "VirtiofsdPlan", "LaunchPlan", "C_VIRTIOFSD_PID_DIR", "c_virtiofsd_pid_file", "ProcessSpec",
            "program_process"]
@@ -114,7 +114,9 @@ class LaunchPlan:
             "log_max_files": self.log_max_files,
             "transports": [list(t) for t in self.transports],
             "sources": list(self.sources),
-            "fds": {fd.name.lower(): int(fd) for fd in Fd},
+            # the descriptors QEMU is started with: the tap's only for a Nic on one
+            "fds": {fd.name.lower(): int(fd) for fd in Fd
+                    if fd is not Fd.TAP or (self.machine.nic is not None and self.machine.nic.kind is NicKind.TAP)},
         }
 
     @classmethod

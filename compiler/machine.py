@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from enum import IntEnum, StrEnum
 from typing import Any
 
-__all__ = ["Fd", "Link", "Port", "Filesystem", "Nic", "Machine", "PORTS", "CHANNEL_SOCKET"]
+__all__ = ["Fd", "Link", "Port", "Filesystem", "NicKind", "Nic", "Machine", "PORTS", "CHANNEL_SOCKET"]
 
 CHANNEL_SOCKET = "channel.sock"  # in the run directory: the exec channel's host end (init/PROTOCOL.md)
 
@@ -30,6 +30,7 @@ class Fd(IntEnum):
     STATUS = 4  # init's reports (init/PROTOCOL.md)
     CONSOLE = 5  # the guest console: kernel messages, kept in the run's console log
     CONTROL = 6  # requests to init (`signal <n>`, init/PROTOCOL.md); QEMU opens it as a pipe chardev
+    TAP = 7  # a Nic of kind TAP: the tap device the backend made in the network namespace (backends/netns.py)
 
 
 class Link(StrEnum):
@@ -99,10 +100,15 @@ class Filesystem:
                    keys=tuple(d["keys"]), ownership=d.get("ownership", "native"), staged_from=d.get("staged_from", ""))
 
 
+class NicKind(StrEnum):
+    USER = "user"  # a user-mode (NAT) network the VMM provides, with host ports forwarded to the guest
+    TAP = "tap"  # a tap device (descriptor Fd.TAP) in a network namespace, joined to its interface
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Nic:
-    """The VM's network device on a user-mode (NAT) network the VMM provides, with host ports
-    forwarded to the guest."""
+    """The VM's network device: on a user-mode (NAT) network the VMM provides, with host ports
+    forwarded to the guest; or on a tap device joined to a network namespace's interface."""
 
     outbound: bool  # False: nothing leaves the network (only the forwards reach the guest)
     network: str  # "10.0.2.0/24"
@@ -113,6 +119,10 @@ class Nic:
     keys: tuple[str, ...] = ("network.mode", "network.forwards")
     # Where each forward was written, for messages: "network.forwards[0]", or "-p 8080:80" (run -p).
     sources: tuple[str, ...] = ()
+    kind: NicKind = NicKind.USER
+    mac: str = ""  # TAP: the guest NIC's (the namespace interface's)
+    namespace: str = ""  # TAP: where the backend makes the tap, and the interface it joins it to
+    interface: str = ""  # "": the namespace's one interface other than lo
 
     def source(self, index: int) -> str:
         return self.sources[index] if index < len(self.sources) else f"network.forwards[{index}]"
@@ -120,13 +130,16 @@ class Nic:
     def to_dict(self) -> dict[str, Any]:
         return {"outbound": self.outbound, "network": self.network, "address": self.address, "gateway": self.gateway,
                 "dns": self.dns, "forwards": [list(f) for f in self.forwards], "keys": list(self.keys),
-                **({"sources": list(self.sources)} if self.sources else {})}
+                **({"sources": list(self.sources)} if self.sources else {}),
+                **({"kind": str(self.kind), "mac": self.mac, "namespace": self.namespace, "interface": self.interface}
+                   if self.kind is not NicKind.USER else {})}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Nic":
         return cls(outbound=d["outbound"], network=d["network"], address=d["address"], gateway=d["gateway"],
                    dns=d["dns"], forwards=tuple(tuple(f) for f in d["forwards"]), keys=tuple(d["keys"]),
-                   sources=tuple(d.get("sources", ())))
+                   sources=tuple(d.get("sources", ())), kind=NicKind(d.get("kind", "user")), mac=d.get("mac", ""),
+                   namespace=d.get("namespace", ""), interface=d.get("interface", ""))
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -117,6 +117,7 @@ class NetworkMode(StrEnum):
     NONE = "none"
     USER = "user"  # QEMU's user-mode network (slirp): NAT through the host
     ISOLATED = "isolated"  # the same with no way out: only the forwards reach the guest
+    NETNS = "netns"  # a Linux network namespace's (a container engine's), through a tap joined to its interface
 
 
 class Protocol(StrEnum):
@@ -231,10 +232,19 @@ class Forward:
 class Network:
     mode: NetworkMode
     forwards: tuple[Forward, ...] = ()
+    # mode netns: the namespace, its interface ("": its one other than lo), and the guest's configuration
+    namespace: str = ""
+    interface: str = ""
+    address: str = ""  # "10.88.0.5/16"
+    gateway: str = ""
+    mac: str = ""
+    dns: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
-        # forwards absent when there are none, so that manifests without them keep their digests
-        return {"mode": str(self.mode), **({"forwards": [f.to_dict() for f in self.forwards]} if self.forwards else {})}
+        # keys absent when unset, so that manifests without them keep their digests
+        netns = {k: v for k in ("namespace", "interface", "address", "gateway", "mac") if (v := getattr(self, k))}
+        return {"mode": str(self.mode), **netns, **({"dns": list(self.dns)} if self.dns else {}),
+                **({"forwards": [f.to_dict() for f in self.forwards]} if self.forwards else {})}
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -401,6 +411,8 @@ def _schema_message(err: Any) -> str:
         return f"{value} is above the maximum of {show(err.validator_value)}{unit}"
     if kind == "minItems":
         return f"{value} must have at least {err.validator_value} item" + ("s" if err.validator_value != 1 else "")
+    if kind == "maxItems":
+        return f"{value} has more than {err.validator_value} item" + ("s" if err.validator_value != 1 else "")
     if kind == "minLength":
         return f"{value} must not be empty"
     return f"{value}: {err.message}"
@@ -597,8 +609,10 @@ def _semantic_problems(loaded: Loaded) -> list[tuple[KeyPath, Problem]]:
 
     network = data.get("network") if isinstance(data.get("network"), dict) else {}
     forwards = network.get("forwards") if isinstance(network.get("forwards"), list) else []
-    if forwards and network.get("mode") == "none":
-        add(("network", "forwards"), "need network.mode = \"user\" or \"isolated\"", "network.mode is \"none\"")
+    if forwards and network.get("mode") in ("none", "netns"):
+        add(("network", "forwards"), "need network.mode = \"user\" or \"isolated\"", f"network.mode is {show(network.get('mode'))}"
+            + (": the namespace's own port mappings reach the guest" if network.get("mode") == "netns" else ""))
+    _netns_problems(network, add)
     listening: dict[tuple[str, int], list[tuple[str, int]]] = {}  # (protocol, host port) → (address, index)
     for i, forward in enumerate(forwards):
         if not isinstance(forward, dict):
@@ -622,6 +636,75 @@ def _semantic_problems(loaded: Loaded) -> list[tuple[KeyPath, Problem]]:
                 break
         listening.setdefault((protocol, port), []).append((address, i))
     return problems
+
+
+NETNS_KEYS = ("namespace", "interface", "address", "gateway", "mac", "dns")
+_MAC = re.compile(r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}")
+_IFNAME = re.compile(r"[^/\s:]{1,15}")  # the kernel's IFNAMSIZ less its NUL; no '/', ':' or space
+
+
+def _netns_problems(network: dict[str, Any], add: Any) -> None:
+    """mode netns: a namespace path and the guest's address, gateway and MAC, each well-formed."""
+    if network.get("mode") != "netns":
+        for key in NETNS_KEYS:
+            if key in network:
+                add(("network", key), "is used only when network.mode is \"netns\"")
+        return
+    for key in ("namespace", "address", "gateway", "mac"):
+        if key not in network:
+            add(("network", key), "is required when network.mode is \"netns\"")
+    namespace = network.get("namespace")
+    if isinstance(namespace, str) and namespace:
+        if not namespace.startswith("/"):
+            add(("network", "namespace"), f"{show(namespace)} is not an absolute path",
+                "a network namespace such as /run/netns/NAME or /proc/PID/ns/net")
+        elif not os.path.exists(namespace):
+            add(("network", "namespace"), f"{show(namespace)} does not exist")
+    interface = network.get("interface")
+    if isinstance(interface, str) and interface and not _IFNAME.fullmatch(interface):
+        add(("network", "interface"), f"{show(interface)} is not an interface name",
+            "at most 15 characters, without '/', ':' or spaces")
+    address, net = network.get("address"), None
+    if isinstance(address, str):
+        try:
+            if "/" not in address:
+                raise ValueError
+            net = ipaddress.IPv4Interface(address)
+        except ValueError:
+            add(("network", "address"), f"{show(address)} is not an IPv4 address with a prefix length",
+                "such as \"10.88.0.5/16\"")
+        else:
+            if not 1 <= net.network.prefixlen <= 30:
+                add(("network", "address"), f"{show(address)}: the prefix length must be 1 to 30, so that "
+                    "the gateway is in the guest's network")
+                net = None
+            elif net.ip in (net.network.network_address, net.network.broadcast_address):
+                add(("network", "address"), f"{show(address)} is its network's "
+                    + ("network address" if net.ip == net.network.network_address else "broadcast address"))
+                net = None
+    gateway = network.get("gateway")
+    if isinstance(gateway, str):
+        try:
+            gw = ipaddress.IPv4Address(gateway)
+        except ValueError:
+            add(("network", "gateway"), f"{show(gateway)} is not an IPv4 address")
+        else:
+            if net is not None and (gw not in net.network or gw == net.ip):
+                add(("network", "gateway"), f"{show(gateway)} is not another address in network.address's network "
+                    f"{net.network}")
+    mac = network.get("mac")
+    if isinstance(mac, str):
+        if not _MAC.fullmatch(mac):
+            add(("network", "mac"), f"{show(mac)} is not a MAC address", "six hex bytes: \"aa:bb:cc:dd:ee:ff\"")
+        elif int(mac[:2], 16) & 1:
+            add(("network", "mac"), f"{show(mac)} is a multicast address, not a NIC's")
+    dns = network.get("dns")
+    for i, server in enumerate(dns if isinstance(dns, list) else ()):
+        if isinstance(server, str):
+            try:
+                ipaddress.IPv4Address(server)
+            except ValueError:
+                add(("network", "dns", i), f"{show(server)} is not an IPv4 address")
 
 
 def validate(loaded: Loaded) -> Manifest:
@@ -697,7 +780,9 @@ def from_document(data: dict[str, Any], *, files: tuple[str, ...], name: str,
         network=Network(mode=NetworkMode(data["network"]["mode"]), forwards=tuple(
             Forward(host_address=f["host_address"], host=f["host"], guest=f["guest"], protocol=Protocol(f["protocol"]),
                     key=f"network.forwards[{i}]", origin=(origins or {}).get(i, name))
-            for i, f in enumerate(data["network"].get("forwards", ())))),
+            for i, f in enumerate(data["network"].get("forwards", ()))),
+            **{k: data["network"][k] for k in ("namespace", "interface", "address", "gateway") if k in data["network"]},
+            mac=data["network"].get("mac", "").lower(), dns=tuple(data["network"].get("dns", ()))),
         files=files,
         name=name,
     )

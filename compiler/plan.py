@@ -3,11 +3,13 @@ kernel command line). The Machine is VMM-neutral; compiler/qemu.py lowers it to 
 
 from __future__ import annotations
 
+import ipaddress
+
 from microvmc.compiler.graph import ROOT_TAG, USER_ADDRESS, USER_DNS, USER_GATEWAY, USER_NETWORK, Graph
 from microvmc.compiler.host import HostFacts, VirtiofsdFlavour
 from microvmc.compiler import qemu
 from microvmc.compiler.launch import Fd, LaunchPlan, VirtiofsdPlan
-from microvmc.compiler.machine import PORTS, Filesystem, Machine, Nic
+from microvmc.compiler.machine import PORTS, Filesystem, Machine, Nic, NicKind
 from microvmc.compiler.manifest import Manifest, NetworkMode, RootMode, Transport
 from microvmc.errors import HostError
 
@@ -75,6 +77,11 @@ def _nic(manifest: Manifest) -> Nic | None:
     network = manifest.network
     if network.mode is NetworkMode.NONE:
         return None
+    if network.mode is NetworkMode.NETNS:
+        keys = ("network.mode", "network.namespace", "network.interface", "network.address", "network.mac")
+        return Nic(kind=NicKind.TAP, outbound=True, network=str(ipaddress.IPv4Interface(network.address).network),
+                   address=network.address, gateway=network.gateway, dns=",".join(network.dns), forwards=(),
+                   keys=keys, mac=network.mac, namespace=network.namespace, interface=network.interface)
     return Nic(outbound=network.mode is NetworkMode.USER, network=USER_NETWORK, address=USER_ADDRESS,
                gateway=USER_GATEWAY, dns=USER_DNS,
                forwards=tuple((str(f.protocol), f.host_address, f.host, f.guest) for f in network.forwards),

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from microvmc.compiler.host import HostFacts
 from microvmc.compiler.launch import ArgGroup, Fd
-from microvmc.compiler.machine import Filesystem, Link, Machine, Nic, Port
+from microvmc.compiler.machine import Filesystem, Link, Machine, Nic, NicKind, Port
 from microvmc.compiler.qemuopts import opts
 
 __all__ = ["lower", "CPU_MODEL"]
@@ -52,6 +52,14 @@ def _filesystem(fs: Filesystem) -> ArgGroup:
 
 
 def _nic(nic: Nic) -> ArgGroup:
+    if nic.kind is NicKind.TAP:
+        # vhost=off: vhost-net wants /dev/vhost-net and is a kernel fast path, not a need on TCG
+        args = ("-netdev", opts("tap", ("id", "net0"), ("fd", str(int(Fd.TAP))), ("vhost", False)),
+                "-device", opts("virtio-net-device", ("netdev", "net0"), ("mac", nic.mac)))
+        comment = (f"the network namespace {nic.namespace}'s {nic.interface or 'interface'}, through a tap (fd "
+                   f"{int(Fd.TAP)}) joined to it by tc mirred redirects; guest {nic.address} via {nic.gateway}, "
+                   f"MAC {nic.mac}")
+        return ArgGroup(keys=nic.keys, comment=comment, args=args)
     # slirp: the guest's DHCP is unused (init sets the address), hostfwd listens on the host
     hostfwd = [("hostfwd", f"{proto}:{address}:{host}-:{guest}") for proto, address, host, guest in nic.forwards]
     args = ("-netdev", opts("user", ("id", "net0"), ("net", nic.network), ("restrict", not nic.outbound), *hostfwd),

@@ -85,17 +85,24 @@ static void write_name_files(const char *address, const char *dns)
 	if (mount("tmpfs", NET_FILES, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "mode=0755,size=64k") < 0)
 		fail("network", errno, "mount tmpfs on " NET_FILES);
 	const char *name = cfg.hostname ? cfg.hostname : "localhost";
-	size_t size = strlen(name) + 256;
+	size_t size = strlen(name) + strlen(dns) * 2 + 256;
 	char *text = need(malloc(size));
 	snprintf(text, size, "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n%s\t%s\n", address,
 		 name);
 	write_file(NET_FILES "/hosts", text);
-	snprintf(text, size, "nameserver %s\n", dns);
+	/* one nameserver line per server of the comma-separated list (none: an empty resolv.conf) */
+	size_t used = 0;
+	text[0] = '\0';
+	for (const char *server = dns; *server;) {
+		size_t n = strcspn(server, ",");
+		used += snprintf(text + used, size - used, "nameserver %.*s\n", (int)n, server);
+		server += n + (server[n] == ',');
+	}
 	write_file(NET_FILES "/resolv.conf", text);
 	free(text);
 }
 
-/* MVMC_NET = address/prefix:gateway:dns */
+/* MVMC_NET = address/prefix:gateway:dns[,dns...] (dns may be empty: no DNS server) */
 void network_up(void)
 {
 	int s = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
@@ -116,7 +123,13 @@ void network_up(void)
 	if (prefix < 1 || prefix > 32)
 		fail("config", 0, "MVMC_NET=%s: bad prefix length", cfg.net);
 	struct in_addr addr = parse_ip(address, "address"), gw = parse_ip(gateway, "gateway");
-	parse_ip(dns, "dns");
+	for (char *server = dns, *end; *server; server = *end ? end + 1 : end) {
+		end = server + strcspn(server, ",");
+		char saved = *end;
+		*end = '\0';
+		parse_ip(server, "dns");
+		*end = saved;
+	}
 	struct in_addr mask = {.s_addr = htonl(0xffffffffu << (32 - prefix))};
 
 	char name[IFNAMSIZ];

@@ -173,3 +173,68 @@ def test_a_privileged_port_as_an_ordinary_user_is_refused_before_boot() -> None:
     uid = int(subprocess.run(["id", "-u", "nobody"], capture_output=True, text=True).stdout)
     assert r.stdout.strip() == repr([f"-p {start - 1}:80: 127.0.0.1:{start - 1}/tcp: ports below {start} "
                                      f"(net.ipv4.ip_unprivileged_port_start) need root, and microvmc runs as uid {uid}"])
+
+
+NETNS = ('[process]\nargv = ["true"]\n[network]\nmode = "netns"\nnamespace = "/proc/self/ns/net"\n'
+         'address = "10.88.0.5/16"\ngateway = "10.88.0.1"\nmac = "0A:58:0A:58:00:05"\n')
+
+
+def test_netns_is_lowered_to_a_tap_with_the_interfaces_mac(tmp_path: Path) -> None:
+    c = compiled(tmp_path, NETNS + 'dns = ["10.88.0.1", "192.0.2.53"]\ninterface = "eth0"\n')
+    argv = c.plan.qemu_argv
+    at = argv.index("-netdev")
+    assert list(argv[at:at + 4]) == ["-netdev", "tap,id=net0,fd=7,vhost=off",
+                               "-device", "virtio-net-device,netdev=net0,mac=0a:58:0a:58:00:05"]
+    assert "MVMC_NET=10.88.0.5/16:10.88.0.1:10.88.0.1,192.0.2.53" in c.plan.cmdline.split()
+    nic = c.plan.machine.nic
+    assert (str(nic.kind), nic.namespace, nic.interface, nic.network) == ("tap", "/proc/self/ns/net", "eth0", "10.88.0.0/16")
+    assert Nic.from_dict(json.loads(json.dumps(nic.to_dict()))) == nic
+    launch = dict((name, content) for name, content, _ in c.output.files)["launch.sh"].decode()
+    assert ("\n# network.mode, network.namespace, network.interface, network.address, network.mac: the network "
+            "namespace /proc/self/ns/net's eth0, through a tap (fd 7) joined to it by tc mirred redirects; guest "
+            "10.88.0.5/16 via 10.88.0.1, MAC 0a:58:0a:58:00:05\n") in launch
+    # launch.sh refuses it before it makes anything: the tap is microvmc run's to make
+    assert launch.split("\n")[launch.split("\n").index("set -u") + 2:][:2] == [
+        "echo 'microvmc: this script cannot join the VM to the network namespace /proc/self/ns/net (network.mode = "
+        "\"netns\"): `microvmc run` makes its tap device; run the manifest with it' >&2", "exit 121"]
+    r = subprocess.run(["sh", "-c", launch], capture_output=True, text=True, timeout=30)
+    assert (r.returncode, r.stdout) == (121, "")
+    assert r.stderr.startswith("microvmc: this script cannot join the VM to the network namespace")
+
+
+def test_netns_without_dns_has_an_empty_list(tmp_path: Path) -> None:
+    c = compiled(tmp_path, NETNS)
+    assert "MVMC_NET=10.88.0.5/16:10.88.0.1:" in c.plan.cmdline.split()
+
+
+@pytest.mark.parametrize("network, errors", [
+    ('mode = "netns"', ['network.namespace: is required when network.mode is "netns"',
+                        'network.address: is required when network.mode is "netns"',
+                        'network.gateway: is required when network.mode is "netns"',
+                        'network.mac: is required when network.mode is "netns"']),
+    ('mode = "netns"\nnamespace = "run/netns/x"\naddress = "10.88.0.5"\ngateway = "10.99.0.1"\nmac = "01:00:5e:00:00:01"\n'
+     'interface = "eth0/1"\ndns = ["::1", "1.1.1.1"]',
+     ['network.namespace: "run/netns/x" is not an absolute path (a network namespace such as /run/netns/NAME or '
+      '/proc/PID/ns/net)',
+      "network.interface: \"eth0/1\" is not an interface name (at most 15 characters, without '/', ':' or spaces)",
+      'network.address: "10.88.0.5" is not an IPv4 address with a prefix length (such as "10.88.0.5/16")',
+      'network.mac: "01:00:5e:00:00:01" is a multicast address, not a NIC\'s',
+      'network.dns[0]: "::1" is not an IPv4 address']),
+    ('mode = "netns"\nnamespace = "/nonexistent/ns"\naddress = "10.88.0.0/16"\ngateway = "10.88.0.1"\nmac = "0a:58"',
+     ['network.namespace: "/nonexistent/ns" does not exist',
+      'network.address: "10.88.0.0/16" is its network\'s network address',
+      'network.mac: "0a:58" is not a MAC address (six hex bytes: "aa:bb:cc:dd:ee:ff")']),
+    ('mode = "netns"\nnamespace = "/proc/self/ns/net"\naddress = "10.88.0.5/16"\ngateway = "10.89.0.1"\n'
+     'mac = "0a:58:0a:58:00:05"\ndns = ["1.1.1.1", "1.1.1.2", "1.1.1.3", "1.1.1.4"]\nforwards = [{ host = 8080, guest = 80 }]',
+     ['network.gateway: "10.89.0.1" is not another address in network.address\'s network 10.88.0.0/16',
+      'network.dns: ["1.1.1.1", "1.1.1.2", "1.1.1.3", "1.1.1.4"] has more than 3 items',
+      'network.forwards: need network.mode = "user" or "isolated" (network.mode is "netns": the namespace\'s own '
+      'port mappings reach the guest)']),
+    ('mode = "user"\nnamespace = "/proc/self/ns/net"\nmac = "0a:58:0a:58:00:05"',
+     ['network.namespace: is used only when network.mode is "netns"',
+      'network.mac: is used only when network.mode is "netns"']),
+])
+def test_netns_problems_are_one_line_each(tmp_path: Path, network: str, errors: list[str]) -> None:
+    with pytest.raises(ManifestError) as err:
+        manifest(tmp_path, f'[process]\nargv = ["true"]\n[network]\n{network}\n')
+    assert err.value.lines() == [f"m.toml: {e}" for e in errors]
