@@ -22,9 +22,11 @@ from pathlib import Path
 from microvmc.backends._procs import Child, running
 from microvmc.backends._unix import bind
 from microvmc.backends.oci import stage_files, unstage
+from microvmc.backends.netns import tap_joined
 from microvmc.backends.ports import check_forwards
 from microvmc.compiler.oci import StagedFile
 from microvmc.compiler.launch import C_VIRTIOFSD_PID_DIR, Fd, LaunchPlan, VirtiofsdPlan, c_virtiofsd_pid_file
+from microvmc.compiler.machine import NicKind
 from microvmc.compiler.verdict import Logs
 from microvmc.errors import HostError
 
@@ -91,11 +93,14 @@ def launch(plan: LaunchPlan, *, logs: RunLogs, stdin: int, rundir: Path) -> Iter
                                             destination="run -v", read_only=fs.read_only)], rundir / fs.host_dir)
                 except HostError as err:  # (its hint is the OCI runtime's)
                     raise HostError(err.message, hint="share it read-only (:ro), or run microvmc as root") from None
+        nic = plan.machine.nic
+        # network.mode = "netns": the tap made in the namespace and joined to its interface, until QEMU is gone
+        tap = stack.enter_context(tap_joined(nic.namespace, nic.interface)) if nic and nic.kind is NicKind.TAP else None
         daemons = tuple(
             (vp, stack.enter_context(_virtiofsd(vp, rundir=rundir, log=logs.virtiofsd(vp.tag))))
             for vp in plan.virtiofsd
         )
-        qemu, readers, control = stack.enter_context(_qemu(plan, rundir=rundir, stdin=stdin, logs=logs))
+        qemu, readers, control = stack.enter_context(_qemu(plan, rundir=rundir, stdin=stdin, logs=logs, tap=tap))
         yield Vm(qemu=qemu, daemons=daemons, readers=readers, control=control, rundir=rundir)
 
 
@@ -230,7 +235,7 @@ class _Closer:
 
 @contextmanager
 def _qemu(
-    plan: LaunchPlan, *, rundir: Path, stdin: int, logs: RunLogs
+    plan: LaunchPlan, *, rundir: Path, stdin: int, logs: RunLogs, tap: int | None = None
 ) -> Iterator[tuple[Child, dict[Fd, int], int]]:
     """QEMU with exactly the descriptors of `Fd`; yields it and the read ends of its outputs."""
     with ExitStack() as stack:
@@ -257,6 +262,7 @@ def _qemu(
             Fd.STATUS: pipes[Fd.STATUS][1],
             Fd.CONSOLE: console,
             Fd.CONTROL: control_read,
+            **({Fd.TAP: tap} if tap is not None else {}),
         }
         # os.posix_spawn has no chdir action; env(1) changes directory and execs QEMU in place.
         argv = ("env", "-C", str(rundir), "--", *plan.qemu_argv)

@@ -1,0 +1,181 @@
+"""A VM on a Linux network namespace's network, the way Kata joins one: in the namespace, a tap
+device for QEMU, joined to the namespace's interface (a container engine's veth) by tc ingress
+qdiscs with `mirred egress redirect` filters both ways. The guest has the interface's MAC and
+address, so what the engine's network sends to the interface reaches the guest, and what the guest
+sends leaves through the interface.
+
+Netlink through pyroute2 (links, addresses, routes, tc), not `ip`/`tc` output. The tap is made by a
+thread that has entered the namespace (setns applies to the calling thread only): a tap is created in
+the namespace of whoever opens /dev/net/tun.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import os
+import struct
+import threading
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+from microvmc.errors import HostError
+
+__all__ = ["Observed", "observe", "tap_joined", "NetnsError"]
+
+CLONE_NEWNET = 0x40000000
+TUNSETIFF = 0x400454CA
+IFF_TAP, IFF_NO_PI = 0x0002, 0x1000
+ETH_P_ALL = 0x0003
+INGRESS = 0xFFFF0000  # the ingress qdisc's handle, "ffff:"
+TAP_NAME = "mvmc%d"  # the kernel picks the number
+
+
+class NetnsError(HostError):
+    """The namespace or its interface is not what a VM can be joined to."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Observed:
+    """A namespace's interface as the guest takes it over."""
+
+    interface: str
+    mac: str
+    address: str  # "10.88.0.5/16"; "" when it has no IPv4 address
+    gateway: str  # the default route's; "" without one
+    mtu: int
+
+
+def _ipr(namespace: str) -> Any:
+    try:
+        from pyroute2 import IPRoute
+    except ImportError as e:  # a dependency (pyproject.toml); missing only in a broken install
+        raise HostError("pyroute2 is not installed: network.mode = \"netns\" needs it") from e
+    if not os.path.exists(namespace):
+        raise NetnsError(f"network namespace {namespace} does not exist")
+    try:
+        return IPRoute(netns=namespace)
+    except OSError as e:
+        raise NetnsError(f"cannot enter network namespace {namespace}: {e.strerror or e}") from e
+
+
+def _interface(ipr: Any, namespace: str, interface: str | None) -> Any:
+    links = [link for link in ipr.get_links() if link.get_attr("IFLA_IFNAME") != "lo"]
+    if interface:
+        found = [link for link in links if link.get_attr("IFLA_IFNAME") == interface]
+        if not found:
+            raise NetnsError(f"network namespace {namespace} has no interface {interface!r}")
+        return found[0]
+    ours = [link for link in links if not link.get_attr("IFLA_IFNAME").startswith(TAP_NAME[:4])]
+    if len(ours) != 1:
+        names = ", ".join(link.get_attr("IFLA_IFNAME") for link in ours) or "none"
+        raise NetnsError(f"network namespace {namespace} has {len(ours)} interfaces other than lo ({names}): "
+                         "name one in network.interface")
+    return ours[0]
+
+
+def observe(namespace: str, interface: str | None = None) -> Observed:
+    """The namespace's interface (its one other than lo unless named): name, MAC, first IPv4
+    address with its prefix, the default gateway, MTU."""
+    with _ipr(namespace) as ipr:
+        link = _interface(ipr, namespace, interface)
+        index = link["index"]
+        addresses = [a for a in ipr.get_addr(family=2, index=index)]
+        address = f"{addresses[0].get_attr('IFA_ADDRESS')}/{addresses[0]['prefixlen']}" if addresses else ""
+        gateway = ""
+        for route in ipr.get_routes(family=2, table=254):
+            if route["dst_len"] == 0 and route.get_attr("RTA_GATEWAY") and route.get_attr("RTA_OIF") in (index, None):
+                gateway = route.get_attr("RTA_GATEWAY")
+                break
+        return Observed(interface=link.get_attr("IFLA_IFNAME"), mac=link.get_attr("IFLA_ADDRESS"),
+                        address=address, gateway=gateway, mtu=link.get_attr("IFLA_MTU"))
+
+
+def _in_namespace(namespace: str, work: Callable[[], Any]) -> Any:
+    """`work()` run by a thread that has entered the namespace (the rest of the process stays out)."""
+    result: dict[str, Any] = {}
+
+    def thread() -> None:
+        try:
+            fd = os.open(namespace, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                libc = ctypes.CDLL(None, use_errno=True)
+                if libc.setns(fd, CLONE_NEWNET) != 0:
+                    errno = ctypes.get_errno()
+                    raise OSError(errno, os.strerror(errno))
+            finally:
+                os.close(fd)
+            result["value"] = work()
+        except BaseException as e:  # handed to the caller's thread
+            result["error"] = e
+
+    t = threading.Thread(target=thread, name="microvmc-netns")
+    t.start()
+    t.join()
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
+
+
+def _open_tap() -> tuple[int, str]:
+    fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
+    try:
+        answer = fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", TAP_NAME.encode(), IFF_TAP | IFF_NO_PI))
+    except OSError:
+        os.close(fd)
+        raise
+    return fd, struct.unpack("16sH", answer)[0].rstrip(b"\0").decode()
+
+
+def _redirect(ipr: Any, source: int, target: int) -> None:
+    """Every frame arriving on `source` leaves through `target` (tc: ingress qdisc, u32 match-all, mirred)."""
+    ipr.tc("add", "ingress", source, "ffff:")
+    ipr.tc("add-filter", "u32", source, ":1", parent="ffff:", protocol=ETH_P_ALL, target=0, keys=["0x0/0x0+0"],
+           action={"kind": "mirred", "direction": "egress", "action": "redirect", "ifindex": target})
+
+
+def _has_ingress(ipr: Any, index: int) -> bool:
+    return any(q["handle"] == INGRESS for q in ipr.get_qdiscs(index=index))
+
+
+@contextmanager
+def tap_joined(namespace: str, interface: str = "") -> Iterator[int]:
+    """A tap device made in the namespace and joined to its interface both ways; yields the tap's
+    descriptor (QEMU's Fd.TAP). On exit the interface's ingress qdisc (its filter with it) goes and
+    the tap with the last descriptor of it (QEMU's has gone by then): the namespace is as it was."""
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    with ExitStack() as stack:
+        ipr = stack.enter_context(_ipr(namespace))
+        link = _interface(ipr, namespace, interface or None)
+        name, index = link.get_attr("IFLA_IFNAME"), link["index"]
+        if _has_ingress(ipr, index):
+            raise NetnsError(f"the interface {name} of network namespace {namespace} already has an ingress qdisc "
+                             "(another VM joined to it?)")
+        try:
+            fd, tap = _in_namespace(namespace, _open_tap)
+        except OSError as e:
+            raise NetnsError(f"cannot make a tap device in network namespace {namespace}: {e.strerror or e}") from e
+        stack.callback(_remove_tap, ipr, tap)
+        stack.callback(os.close, fd)
+        try:
+            tap_index = ipr.link_lookup(ifname=tap)[0]
+            ipr.link("set", index=tap_index, mtu=link.get_attr("IFLA_MTU"), state="up")
+            stack.callback(_remove_ingress, ipr, index)
+            _redirect(ipr, index, tap_index)
+            _redirect(ipr, tap_index, index)
+        except NetlinkError as e:
+            raise NetnsError(f"cannot join a tap device to {name} in network namespace {namespace}: {e.args[-1]}") from e
+        yield fd
+
+
+def _remove_ingress(ipr: Any, index: int) -> None:
+    if _has_ingress(ipr, index):
+        ipr.tc("del", "ingress", index, "ffff:")
+
+
+def _remove_tap(ipr: Any, tap: str) -> None:
+    """The tap goes with its last descriptor; should anything still hold one, it is deleted."""
+    if found := ipr.link_lookup(ifname=tap):
+        ipr.link("del", index=found[0])
