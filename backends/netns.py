@@ -20,9 +20,10 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
+from microvmc.compiler.manifest import Network, NetworkMode
 from microvmc.errors import HostError
 
-__all__ = ["Observed", "observe", "tap_joined", "NetnsError"]
+__all__ = ["Observed", "observe", "namespace_network", "tap_joined", "NetnsError"]
 
 CLONE_NEWNET = 0x40000000
 TUNSETIFF = 0x400454CA
@@ -179,3 +180,20 @@ def _remove_tap(ipr: Any, tap: str) -> None:
     """The tap goes with its last descriptor; should anything still hold one, it is deleted."""
     if found := ipr.link_lookup(ifname=tap):
         ipr.link("del", index=found[0])
+
+
+def namespace_network(namespace: str, interface: str = "") -> tuple[Network | None, str]:
+    """The manifest's `[network]` for a VM that takes over the namespace's interface (mode netns,
+    its observed MAC, address and gateway), or None and why not: an interface without an IPv4
+    address or without a default route (the guest init needs both) keeps the VM without a network,
+    as does a namespace with only lo (an engine's `--network none`)."""
+    if not interface:
+        with _ipr(namespace) as ipr:
+            if all(link.get_attr("IFLA_IFNAME") == "lo" for link in ipr.get_links()):
+                return None, f"network namespace {namespace} has no interface other than lo"
+    seen = observe(namespace, interface or None)
+    if not seen.address or not seen.gateway:
+        missing = "IPv4 address" if not seen.address else "default route"
+        return None, f"the interface {seen.interface} of network namespace {namespace} has no {missing}"
+    return Network(mode=NetworkMode.NETNS, namespace=namespace, interface=seen.interface, address=seen.address,
+                   gateway=seen.gateway, mac=seen.mac.lower()), ""

@@ -9,17 +9,16 @@ from __future__ import annotations
 import http.server
 import json
 import os
-import secrets
 import subprocess
 import sys
 import threading
 import time
 import urllib.request
-from pathlib import Path
 
 import pytest
 
 from microvmc.backends.netns import observe
+import test_netns
 
 pytestmark = [pytest.mark.boot,
               pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/dev/net/tun"),
@@ -29,30 +28,11 @@ MICROVMC = [sys.executable, "-m", "microvmc"]
 TIMEOUT = 240
 
 
+namespace = test_netns.namespace  # the fixture: eth0 on a veth pair, as an engine makes it
+
+
 def ip(*args: str) -> str:
     return subprocess.run(["ip", *args], check=True, capture_output=True, text=True).stdout
-
-
-@pytest.fixture
-def namespace():
-    """A namespace with eth0 (10.<a>.<b>.2/24, default via .1), the veth's other end on the host (.1)."""
-    tag = secrets.token_hex(3)
-    name, host_end, a, b = f"mvmct{tag}", f"mvmch{tag}", 200 + secrets.randbelow(50), secrets.randbelow(250)
-    subnet = f"10.{a}.{b}"
-    try:
-        ip("netns", "add", name)
-        ip("link", "add", host_end, "type", "veth", "peer", "name", f"mvmcp{tag}")
-        ip("link", "set", f"mvmcp{tag}", "netns", name)
-        ip("-n", name, "link", "set", f"mvmcp{tag}", "name", "eth0")
-        ip("-n", name, "addr", "add", f"{subnet}.2/24", "dev", "eth0")
-        ip("-n", name, "link", "set", "eth0", "up")
-        ip("-n", name, "route", "add", "default", "via", f"{subnet}.1")
-        ip("addr", "add", f"{subnet}.1/24", "dev", host_end)
-        ip("link", "set", host_end, "up")
-        yield f"/run/netns/{name}", subnet
-    finally:
-        subprocess.run(["ip", "link", "del", host_end], capture_output=True)
-        subprocess.run(["ip", "netns", "del", name], capture_output=True)
 
 
 def test_a_vm_on_a_network_namespace_reaches_and_is_reached(boot_env, tmp_path, namespace) -> None:
