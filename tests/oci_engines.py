@@ -615,10 +615,10 @@ def containerd(engines_root, busybox_archive, boot_env) -> Iterator[EngineUnderT
 ENGINES = ("podman", "docker", "containerd")
 
 
-def engine_param(request) -> EngineUnderTest:
-    """The engine a test is parametrized with (request.param, one of ENGINES), its runtimes' call
-    logs cleared."""
-    eut = request.getfixturevalue(request.param)
+def engine_param(request, name: str | None = None) -> EngineUnderTest:
+    """The engine `name`, else the one a test is parametrized with (request.param, one of ENGINES),
+    its runtimes' call logs cleared."""
+    eut = request.getfixturevalue(name or request.param)
     for calls in eut.calls.values():
         calls.clear()
     return eut

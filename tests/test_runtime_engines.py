@@ -256,10 +256,29 @@ def test_rm_force_of_a_running_container(eut) -> None:
 @pytest.mark.parametrize("engine", ["podman", "docker"])
 def test_the_seed_pipeline(request, engine: str) -> None:
     """echo hello | ENGINE run -i --rm IMG cat | ENGINE run -i --rm --runtime RT IMG head -n 7"""
-    eut = request.getfixturevalue(engine)
+    eut = engine_param(request, engine)
     client = eut.engine.client()[0]
     line = (f"echo hello | {client} run -i --rm {BUSYBOX_IMAGE} cat | "
             f"{client} run -i --rm --runtime {RT} {BUSYBOX_IMAGE} head -n 7")
     r = subprocess.run(["sh", "-c", line], env=eut.engine.env, capture_output=True, timeout=300)
     assert (r.returncode, r.stdout) == (0, b"hello\n"), r.stderr
+    _no_leftovers(eut)
+
+
+@pytest.mark.parametrize("engine", ["podman", "docker"])
+def test_a_debian_userland(request, engine: str) -> None:
+    """A real distribution's image (Debian 12 minbase with python3, made offline with mmdebstrap and
+    imported): its dynamic binaries, its users, its python run in the VM."""
+    import imagekit
+
+    from oci_engines import DEBIAN_IMAGE
+
+    eut = engine_param(request, engine)
+    if eut.engine.run("image", "inspect", DEBIAN_IMAGE).returncode != 0:
+        eut.engine.run("import", str(imagekit.debian_tar()), DEBIAN_IMAGE, timeout=600, check=True)
+    r = run_container(eut, RT, DEBIAN_IMAGE, ["sh", "-c", "cat /etc/debian_version; python3 -c 'print(6 * 7)'; "
+                                              "id -un; ls -ld /usr/bin/passwd | cut -c1-10"])
+    assert r.returncode == 0, (r.stdout, r.stderr, _calls(eut))
+    lines = r.stdout.decode().splitlines()
+    assert lines[0].startswith("12.") and lines[1:] == ["42", "root", "-rwsr-xr-x"], r.stdout
     _no_leftovers(eut)
