@@ -292,7 +292,9 @@ def _guest_net(manifest: Manifest) -> str:
         return ""
     if network.mode is NetworkMode.NETNS:
         return f"{network.address}:{network.gateway}:{','.join(network.dns)}"
-    return f"{USER_ADDRESS}:{USER_GATEWAY}:{USER_DNS}"
+    # isolated: slirp's DNS does not answer (restrict=on), so the guest is given none (a lookup then
+    # fails at once instead of timing out)
+    return f"{USER_ADDRESS}:{USER_GATEWAY}:{USER_DNS if network.mode is NetworkMode.USER else ''}"
 
 
 def with_name_resolution(manifest: Manifest) -> Manifest:

@@ -96,6 +96,7 @@ def test_forwards_are_lowered_with_where_they_came_from(tmp_path: Path) -> None:
     assert group.comment == ("isolated user-mode network (restrict=on: no way out), guest 10.0.2.15/24; "
                              "127.0.0.1:8080->80/tcp, 127.0.0.1:5353->53/udp (-p 5353:53/udp)")
     assert c.plan.machine.nic.sources == ("network.forwards[0]", "-p 5353:53/udp")
+    assert "MVMC_NET=10.0.2.15/24:10.0.2.2:" in c.plan.cmdline.split()  # isolated: no name server answers
     assert Nic.from_dict(json.loads(json.dumps(c.plan.machine.nic.to_dict()))) == c.plan.machine.nic
     launch = dict((name, content) for name, content, _ in c.output.files)["launch.sh"].decode()
     assert "\n# network.mode, network.forwards: isolated user-mode network (restrict=on: no way out), guest " \
@@ -117,6 +118,7 @@ def test_name_resolution_files_are_bound_by_init_on_a_network(tmp_path: Path) ->
         "MVMC_M1=bind-rw:/dev/.microvmc-net/resolv.conf:/etc/resolv.conf",
         "MVMC_M2=detach:/dev/.microvmc-net:",
     ]
+    assert "MVMC_NET=10.0.2.15/24:10.0.2.2:10.0.2.3" in params
     # The built-in image has no /etc/hosts: its read-only root gets an overlay for the mount points.
     assert "MVMC_ROOT=virtiofs:root:overlay-ro" in params
     none = compiled(tmp_path, '[process]\nargv = ["true"]\n')

@@ -114,7 +114,7 @@ def test_isolated_lets_the_forwards_in_and_nothing_out(env, tmp_path) -> None:
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     port = free_port()
-    script = (f"wget -q -O - http://10.0.2.2:{server.server_address[1]}/ >/dev/null 2>&1; echo wget $?; "
+    script = (f"cat /etc/resolv.conf; wget -q -O - http://10.0.2.2:{server.server_address[1]}/ >/dev/null 2>&1; echo wget $?; "
               + GUEST_SERVER.format(text="isolated"))
     m = write(tmp_path, f'mode = "isolated"\nforwards = [{{ host = {port}, guest = 80 }}]', script)
     vm = start(env, m)
