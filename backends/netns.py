@@ -12,6 +12,7 @@ the namespace of whoever opens /dev/net/tun.
 from __future__ import annotations
 
 import ctypes
+import errno
 import fcntl
 import os
 import struct
@@ -103,8 +104,8 @@ def _in_namespace(namespace: str, work: Callable[[], Any]) -> Any:
             try:
                 libc = ctypes.CDLL(None, use_errno=True)
                 if libc.setns(fd, CLONE_NEWNET) != 0:
-                    errno = ctypes.get_errno()
-                    raise OSError(errno, os.strerror(errno))
+                    code = ctypes.get_errno()
+                    raise OSError(code, os.strerror(code))
             finally:
                 os.close(fd)
             result["value"] = work()
@@ -172,8 +173,16 @@ def tap_joined(namespace: str, interface: str = "") -> Iterator[int]:
 
 
 def _remove_ingress(ipr: Any, index: int) -> None:
-    if _has_ingress(ipr, index):
-        ipr.tc("del", "ingress", index, "ffff:")
+    """The interface's ingress qdisc and its filter; an interface that is gone (an engine's network
+    teardown deleted the veth first) took them with it."""
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    try:
+        if _has_ingress(ipr, index):
+            ipr.tc("del", "ingress", index, "ffff:")
+    except NetlinkError as e:
+        if e.code not in (errno.ENODEV, errno.EINVAL, errno.ENOENT):
+            raise
 
 
 def _remove_tap(ipr: Any, tap: str) -> None:

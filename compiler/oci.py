@@ -441,8 +441,8 @@ def container_manifest(
         kind_name, path = ns.get("type"), ns.get("path")
         if kind_name == "network" and isinstance(path, str) and path:
             network_namespace = path
-            reader.note(f"linux.namespaces[{i}]", f"the network namespace {path} is kept for the VM's network; "
-                        "the VM has no network device yet")
+            reader.note(f"linux.namespaces[{i}]", f"the network namespace {path} is the VM's network: the VM takes "
+                        "over its interface (network.mode \"netns\")")
         elif kind_name == "user":
             reader.note(f"linux.namespaces[{i}]", "the guest has no user namespace: IDs are the guest's own")
         elif path:

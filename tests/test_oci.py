@@ -78,7 +78,7 @@ def test_podman_default() -> None:
     assert not c.process.terminal
     notes = "\n".join(c.notes)
     for expected in ("linux.seccomp: a VM is its own sandbox", "cgroup on /sys/fs/cgroup",
-                     "mqueue on /dev/mqueue: not mounted in the guest", "the VM has no network device yet",
+                     "mqueue on /dev/mqueue: not mounted in the guest", "is the VM's network: the VM takes over its interface",
                      "process.capabilities: capabilities are not dropped",
                      "/dev/shm is the guest's own tmpfs"):
         assert expected in notes, notes

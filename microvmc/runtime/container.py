@@ -90,6 +90,8 @@ class Runtime:
             container = container_manifest(config, bundle=bundle, container_id=container_id, staging=str(staging))
         except MicrovmcError as err:
             raise RuntimeFailure("; ".join(err.lines())) from None
+        if container.network_namespace:
+            container = self._on_namespace_network(container)
         for note in container.notes:
             self.log("warning", note)
         process = container.process
@@ -122,6 +124,21 @@ class Runtime:
                 self._destroy(run)
                 raise
         return pid
+
+    def _on_namespace_network(self, container):
+        """The engine's network namespace (podman, CNI: config.json gives its path): the VM takes over
+        its interface, observed now (backends/netns.py); without an IPv4 address and a default route
+        (`--network none`: only lo) the VM has no network device."""
+        from microvmc.backends.netns import namespace_network
+
+        try:
+            network, why = namespace_network(container.network_namespace)
+        except MicrovmcError as err:
+            raise RuntimeFailure(f"the container's network: {err.message}") from None
+        if network is None:
+            self.log("info", f"{why}: the VM has no network device")
+            return container
+        return replace(container, manifest=replace(container.manifest, network=network))
 
     def start(self, container_id: str) -> None:
         from microvmc.backends.monitor import Client
