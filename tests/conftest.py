@@ -49,12 +49,36 @@ def real_kernel_dir() -> Path:
     return Path(os.environ.get("MICROVMC_KERNEL_DIR", Path.home() / ".local/share/microvmc/kernel/default"))
 
 
+def own_kernel_dir() -> Path:
+    return real_kernel_dir().parent / "microvmc"
+
+
+# The boot tests run on the default kernel, microvmc's own (scripts/setup builds it). A smaller set
+# also runs on the Debian kernel, the module path (modules found, ordered, put in the initramfs and
+# loaded by init): those take `kernel` in KERNELS, and `-m debian` selects them.
+KERNELS = ("microvmc", pytest.param("debian", marks=pytest.mark.debian))
+
+
+def on_kernel(manifest: Path, kernel: str, folder: Path) -> Path:
+    """`manifest`, booting `kernel` (a kernel.source): itself for the default, else a manifest of the
+    same name in `folder` that imports it and sets kernel.source."""
+    if kernel == "microvmc":
+        return manifest
+    wrapper = folder / kernel / manifest.name
+    wrapper.parent.mkdir(parents=True, exist_ok=True)
+    wrapper.write_text(f'version = 1\nimports = ["{manifest}"]\n[kernel]\nsource = "{kernel}"\n')
+    return wrapper
+
+
 @pytest.fixture(scope="session")
 def boot_env(tmp_path_factory) -> dict[str, str]:
-    """Environment for real boots: a private store and state dir, the real default kernel."""
+    """Environment for real boots: a private store and state dir, the real kernels (the default is
+    microvmc's own: the suite runs on it)."""
     missing = [tool for tool in ("qemu-system-x86_64", "busybox", "gcc") if not shutil.which(tool)]
     assert not missing, f"real boots need {missing}: run scripts/setup"
     assert (real_kernel_dir() / "vmlinuz").is_file(), f"no kernel at {real_kernel_dir()}: run scripts/setup"
+    assert (own_kernel_dir() / "vmlinux").is_file(), \
+        f"no own kernel at {own_kernel_dir()}: run scripts/setup (or microvmc kernel build)"
     root = tmp_path_factory.mktemp("boot")
     env = dict(os.environ)
     env.update(

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import EXAMPLES
+from conftest import EXAMPLES, on_kernel
 
 MICROVMC = [sys.executable, "-m", "microvmc"]
 
@@ -82,8 +82,9 @@ def test_unchanged_manifest_rebuilds_nothing(env, tmp_path: Path) -> None:
 
 
 def test_concurrent_builds_do_not_corrupt_the_store(env, tmp_path: Path) -> None:
+    manifest = on_kernel(EXAMPLES / "shares.toml", "debian", tmp_path)  # a kernel with modules to copy
     procs = [
-        subprocess.Popen([*MICROVMC, "build", "--no-link", str(EXAMPLES / "shares.toml")], cwd=tmp_path, env=env,
+        subprocess.Popen([*MICROVMC, "build", "--no-link", str(manifest)], cwd=tmp_path, env=env,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for _ in range(4)
     ]
@@ -99,7 +100,7 @@ def test_concurrent_builds_do_not_corrupt_the_store(env, tmp_path: Path) -> None
 
 
 def test_initramfs_extracts_identically_with_gnu_cpio(env, tmp_path: Path) -> None:
-    out = build(env, tmp_path, str(EXAMPLES / "hello.toml"), "--no-link")
+    out = build(env, tmp_path, str(on_kernel(EXAMPLES / "hello.toml", "debian", tmp_path)), "--no-link")
     initramfs = Path(plan_inputs(out)[1], "initramfs.cpio.gz")
     dest = tmp_path / "x"
     dest.mkdir()
@@ -201,14 +202,14 @@ def test_evaluation_cache_sees_what_resolve_looked_at(env, tmp_path: Path) -> No
 
 
 def test_a_kernel_given_by_path(env, tmp_path: Path, boot_env) -> None:
-    """kernel.source = "path": the same bzImage is the same store path as the default kernel's;
+    """kernel.source = "path": the same bzImage is the same store path as the Debian kernel's;
     an ELF vmlinux works too; modules of another kernel are refused with the reason."""
     import json
 
     from conftest import FIXTURES, real_kernel_dir
 
     kernel = real_kernel_dir()
-    default = build(env, tmp_path, str(EXAMPLES / "hello.toml"), "--no-link")
+    default = build(env, tmp_path, str(on_kernel(EXAMPLES / "hello.toml", "debian", tmp_path)), "--no-link")
     (tmp_path / "by-path.toml").write_text(
         f'version = 1\n[kernel]\nsource = "path"\nimage = "{kernel}/vmlinuz"\nmodules = "{kernel}/modules"\n'
         '[process]\nargv = ["true"]\n'
@@ -218,7 +219,7 @@ def test_a_kernel_given_by_path(env, tmp_path: Path, boot_env) -> None:
     assert kernel_of(by_path) == kernel_of(default)
 
     vmlinux = Path(kernel_of(default))
-    assert vmlinux.read_bytes()[:4] == b"\x7fELF"  # the default kernel boots as its PVH vmlinux
+    assert vmlinux.read_bytes()[:4] == b"\x7fELF"  # the Debian kernel boots as its PVH vmlinux
     (tmp_path / "elf.toml").write_text(
         f'version = 1\n[kernel]\nsource = "path"\nimage = "{vmlinux}"\nmodules = "{kernel}/modules"\n'
         '[process]\nargv = ["true"]\n'

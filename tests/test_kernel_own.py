@@ -83,7 +83,7 @@ def kernels(tmp_path: Path) -> Path:
     return tmp_path
 
 
-@pytest.mark.parametrize("own_default", [False, True])
+@pytest.mark.parametrize("own_default", [False, True])  # True: as shipped
 def test_default_is_the_own_kernel_when_built_else_debian(kernels: Path, own_default: bool, monkeypatch):
     import microvmc.compiler.kernels as k
 
@@ -92,6 +92,9 @@ def test_default_is_the_own_kernel_when_built_else_debian(kernels: Path, own_def
     chosen = choose_kernel(_manifest(KernelSource.DEFAULT), facts)
     assert (chosen.image, chosen.modules) == (str(kernels / "default/vmlinuz"), str(kernels / "default/modules"))
     assert chosen.own == str(kernels / "microvmc/vmlinux")  # watched: its appearing is a cache miss
+    if own_default:  # the fallback says why it is not the own kernel
+        assert chosen.what == ("the default kernel (the Debian kernel: microvmc's own kernel is not built; "
+                               "`microvmc kernel build`)")
     with pytest.raises(ManifestError, match=r"microvmc's own kernel is not installed: .*microvmc/vmlinux is missing "
                                             r"\(run `microvmc kernel build`"):
         choose_kernel(_manifest(KernelSource.MICROVMC), facts)

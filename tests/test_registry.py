@@ -352,7 +352,9 @@ def test_source_errors(sources, env, tmp_path):
 
 def test_lockfile_round_trip(registry, image_layout, env, tmp_path):
     imagekit.push(image_layout, "bbox", registry, "t/moving:1", format="oci")
-    app = write(tmp_path / "app.toml", f'version = 1\n[image]\nsource = "registry"\nreference = "{registry}/t/moving:1"\n')
+    # (the Debian kernel: a kernel with modules, so that the lock pins them too)
+    app = write(tmp_path / "app.toml", f'version = 1\n[kernel]\nsource = "debian"\n[image]\nsource = "registry"\n'
+                f'reference = "{registry}/t/moving:1"\n')
     done = microvmc("build", "--locked", str(app), env=env, cwd=tmp_path, check=False)
     assert (done.returncode, done.stderr) == (125, f"microvmc: app.lock is missing, and --locked needs it "
                                                    f"(make it with: microvmc lock {app})\n")

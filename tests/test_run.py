@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import EXAMPLES, private_runtime
+from conftest import EXAMPLES, KERNELS, on_kernel, private_runtime
 
 pytestmark = pytest.mark.boot
 
@@ -46,17 +46,22 @@ def leftovers(env) -> list[str]:
     return procs + dirs
 
 
-def test_hello(env) -> None:
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_hello(env, tmp_path: Path, kernel: str) -> None:
     import json
 
-    r = run(env, str(EXAMPLES / "hello.toml"))
+    manifest = on_kernel(EXAMPLES / "hello.toml", kernel, tmp_path)
+    r = run(env, str(manifest))
     assert (r.returncode, r.stdout, r.stderr) == (0, b"hello from a microVM\n", b"")
     # The run left its record and logs (not its sockets or runtime directory).
     runs = sorted((p for p in Path(env["XDG_STATE_HOME"], "microvmc", "runs").iterdir() if p.is_dir()),
                   key=lambda p: p.stat().st_mtime_ns)
     record = json.loads((runs[-1] / "record.json").read_text())
     assert (record["plan"]["name"], record["state"], record["status"], record["manifest"]) == (
-        "hello", "exited", 0, str(EXAMPLES / "hello.toml"))
+        "hello", "exited", 0, str(manifest))
+    graph = json.loads(Path(record["output"], "plan.json").read_text())["graph"]
+    chosen = next(n for n in graph["nodes"] if n["id"] == "boot-kernel")["locations"]["chosen"]
+    assert chosen.startswith({"microvmc": "microvmc's own kernel", "debian": "the Debian kernel"}[kernel]), chosen
     assert not (runs[-1] / "vm").exists() and not (runs[-1] / "control.sock").exists()
     report = (runs[-1] / "status").read_text().splitlines()
     assert [line for line in report if not line.startswith("time ")] == ["started", "sent stdout 21", "exit 0"]
@@ -114,15 +119,16 @@ def toml_string(value: str) -> str:
     return json.dumps(value, ensure_ascii=False)
 
 
-def test_binary_stdin_to_stdout_and_eof(env) -> None:
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_binary_stdin_to_stdout_and_eof(env, tmp_path: Path, kernel: str) -> None:
     data = os.urandom(1 << 20)
-    r = run(env, str(EXAMPLES / "cat.toml"), "--", "/bin/sh", "-c", "tee /tmp/copy | wc -c >&2; cat /tmp/copy", input=data)
+    r = run(env, str(on_kernel(EXAMPLES / "cat.toml", kernel, tmp_path)), "--", "/bin/sh", "-c", "tee /tmp/copy | wc -c >&2; cat /tmp/copy", input=data)
     assert r.returncode == 0
     assert r.stderr.strip() == b"1048576"
     assert r.stdout == data
 
 
-@pytest.mark.parametrize("kernel", ["microvmc", "debian"])
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("how", ["run", "launch.sh"])
 def test_all_output_reaches_a_reader_that_starts_late(env, tmp_path: Path, how: str, kernel: str) -> None:
     """3 MiB to a reader that waits 3 s first: more than `run` buffers (1 MiB) and the pipes hold, so
@@ -225,10 +231,11 @@ def test_a_reader_that_goes_away_ends_the_program_as_locally(env, tmp_path: Path
     assert leftovers(env) == []
 
 
-def test_shares_overlay_and_9p(env) -> None:
-    r = run(env, str(EXAMPLES / "shares.toml"))
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_shares_overlay_and_9p(env, tmp_path: Path, kernel: str) -> None:
+    r = run(env, str(on_kernel(EXAMPLES / "shares.toml", kernel, tmp_path)))
     assert (r.returncode, r.stdout, r.stderr) == (0, b"shared from the host\nscratch\n", b"")
-    r = run(env, str(EXAMPLES / "ninep.toml"))
+    r = run(env, str(on_kernel(EXAMPLES / "ninep.toml", kernel, tmp_path)))
     assert (r.returncode, r.stdout) == (0, b"9p\n")
 
 
