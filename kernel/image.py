@@ -95,8 +95,16 @@ _DECOMPRESSIBLE = (
     Compression.ZSTD,
     Compression.LZMA,
     Compression.BZIP2,
+    Compression.LZ4,
     Compression.NONE,
 )
+# The kernel's lz4 is the legacy format (`lz4 -l`, lib/decompress_unlz4.c): the magic, then blocks
+# of at most 8 MiB of output, each after its compressed size (le32); a block cannot be decoded in
+# part, so an lz4 probe takes a whole first block.
+_LZ4_MAGIC = 0x184C2102
+_LZ4_BLOCK = 8 << 20
+_LZ4_BOUND = _LZ4_BLOCK + _LZ4_BLOCK // 255 + 16  # LZ4_compressBound of a block
+_PROBE_WINDOWS = {Compression.LZ4: 4 + 4 + _LZ4_BOUND}
 
 
 def inspect_kernel(data: bytes, *, path: str) -> KernelInfo:
@@ -132,7 +140,7 @@ def extract_vmlinux(data: bytes, *, path: str) -> bytes:
             raise KernelError(
                 f"{path}: the kernel payload is {payload.compression}-compressed, "
                 "which microvmc cannot decompress",
-                hint="use a kernel built with gzip, xz, zstd, lzma or bzip2 compression, or an ELF vmlinux",
+                hint="use a kernel built with gzip, xz, zstd, lzma, bzip2 or lz4 compression, or an ELF vmlinux",
             )
         elf, complete = _DECOMPRESS[payload.compression](view[payload.offset :], payload.length)
         if complete and _looks_like_elf(elf):
@@ -145,7 +153,7 @@ def extract_vmlinux(data: bytes, *, path: str) -> bytes:
             hint="the file is incomplete; copy or download it again",
         )
     raise KernelError(
-        f"{path}: found no gzip, xz, zstd, lzma or bzip2 compressed kernel in the bzImage",
+        f"{path}: found no gzip, xz, zstd, lzma, bzip2 or lz4 compressed kernel in the bzImage",
         hint="the file is truncated, or not a bzImage",
     )
 
@@ -240,10 +248,11 @@ def _payloads(data: bytes) -> Iterator[_Payload]:
     kernel_start = ((setup_sects or 4) + 1) * 512
     header = _header_payload(data, kernel_start)
     if header is not None:
-        if header.compression in (Compression.LZ4, Compression.LZO):
+        if header.compression is Compression.LZO:
             yield header  # recognised, but nothing here can probe it
             return
-        if _probe(view, header.offset, header.compression):
+        # (an lz4 block decodes only whole: a truncated first one would hide that the file is cut)
+        if header.compression is Compression.LZ4 or _probe(view, header.offset, header.compression):
             yield header
     hits = sorted(
         (offset, compression)
@@ -251,9 +260,10 @@ def _payloads(data: bytes) -> Iterator[_Payload]:
         if compression in _DECOMPRESSIBLE
         for offset in _find_all(data, magic, kernel_start)
     )
+    inside = range(header.offset, header.offset + (header.length or 1)) if header is not None else range(0)
     for offset, compression in hits:
-        if header is not None and offset == header.offset:
-            continue
+        if offset in inside:
+            continue  # within the payload the header names (an lz4 stream begins with the ELF header as is)
         if _probe(view, offset, compression):
             yield _Payload(compression=compression, offset=offset, length=None)
 
@@ -283,7 +293,7 @@ def _find_all(data: bytes, magic: bytes, start: int) -> Iterator[int]:
 
 def _probe(view: memoryview, offset: int, compression: Compression) -> bool:
     try:
-        head = _PROBES[compression](view[offset : offset + _PROBE_WINDOW])
+        head = _PROBES[compression](view[offset : offset + _PROBE_WINDOWS.get(compression, _PROBE_WINDOW)])
     except Exception:  # any decoder error means "not this candidate"
         return False
     return _looks_like_elf(head)
@@ -332,6 +342,35 @@ def _probe_zstd(view: memoryview) -> bytes:
     import zstandard
 
     return zstandard.ZstdDecompressor(max_window_size=1 << 31).stream_reader(view).read(_HEAD)
+
+
+def _probe_lz4(view: memoryview) -> bytes:
+    blocks, _ = _lz4_blocks(view, first_only=True)
+    return blocks[0][:_HEAD] if blocks else b""
+
+
+def _lz4_blocks(view: memoryview, *, first_only: bool = False) -> tuple[list[bytes], bool]:
+    """The decoded blocks of a legacy lz4 stream, and whether it ended cleanly: at the end of
+    `view`, or at the uncompressed size (le32) the kernel appends, or at what cannot be a block
+    header. A block that runs past `view` is truncation; one that does not decode raises."""
+    import lz4.block
+
+    if len(view) < 4 or struct.unpack_from("<I", view)[0] != _LZ4_MAGIC:
+        return [], False
+    blocks: list[bytes] = []
+    at, decoded = 4, 0
+    while len(view) - at >= 4 and not (first_only and blocks):
+        (size,) = struct.unpack_from("<I", view, at)
+        if size == _LZ4_MAGIC:  # a further stream, concatenated
+            at += 4
+            continue
+        if size == 0 or size > _LZ4_BOUND or size == decoded:
+            return blocks, True  # not a block: what follows the stream (the size, le32)
+        if at + 4 + size > len(view):
+            return blocks, False
+        blocks.append(lz4.block.decompress(view[at + 4 : at + 4 + size], uncompressed_size=_LZ4_BLOCK))
+        at, decoded = at + 4 + size, decoded + len(blocks[-1])
+    return blocks, True
 
 
 def _probe_none(view: memoryview) -> bytes:
@@ -391,6 +430,16 @@ def _decompress_zstd(view: memoryview, length: int | None) -> tuple[bytes, bool]
         return b"", False
 
 
+def _decompress_lz4(view: memoryview, length: int | None) -> tuple[bytes, bool]:
+    import lz4.block
+
+    try:
+        blocks, complete = _lz4_blocks(view[:length] if length else view)
+    except lz4.block.LZ4BlockError:
+        return b"", False
+    return b"".join(blocks), complete and bool(blocks)
+
+
 def _decompress_none(view: memoryview, length: int | None) -> tuple[bytes, bool]:
     return bytes(view[:length] if length else view), True
 
@@ -401,6 +450,7 @@ _PROBES: dict[Compression, Callable[[memoryview], bytes]] = {
     Compression.LZMA: _probe_lzma,
     Compression.BZIP2: _probe_bzip2,
     Compression.ZSTD: _probe_zstd,
+    Compression.LZ4: _probe_lz4,
     Compression.NONE: _probe_none,
 }
 _DECOMPRESS: dict[Compression, Callable[[memoryview, int | None], tuple[bytes, bool]]] = {
@@ -409,6 +459,7 @@ _DECOMPRESS: dict[Compression, Callable[[memoryview, int | None], tuple[bytes, b
     Compression.LZMA: _decompress_lzma,
     Compression.BZIP2: _decompress_bzip2,
     Compression.ZSTD: _decompress_zstd,
+    Compression.LZ4: _decompress_lz4,
     Compression.NONE: _decompress_none,
 }
 

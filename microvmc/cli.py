@@ -139,6 +139,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--update", action="store_true", help="ask the registry again what each tag names")
     p = sub.add_parser("gc", help="remove what no result link, lockfile or live run uses", parents=[common])
     p.add_argument("--dry-run", action="store_true", help="only say what would be removed")
+    p = sub.add_parser("doctor", help="what this host can run (QEMU, virtiofsd, KVM, limits, cgroup) and what each "
+                       "kernel here can and cannot do", parents=[common])
+    p.add_argument("--json", action="store_true", help="print it as JSON")
     p = sub.add_parser("kernel", help="microvmc's own guest kernel: build it, show its config fragment",
                        parents=[common])
     ksub = p.add_subparsers(dest="kernel_command", required=True, metavar="ACTION")
@@ -431,7 +434,19 @@ def _cmd_kernel(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    import json
+
+    from microvmc.backends.doctor import diagnose, render
+    from microvmc.backends.host import probe_host
+
+    report = diagnose(probe_host())
+    sys.stdout.write(json.dumps(report, indent=2, sort_keys=True) + "\n" if args.json else render(report))
+    return 0
+
+
 COMMANDS = {
+    "doctor": _cmd_doctor,
     "kernel": _cmd_kernel,
     "validate": _cmd_validate,
     "build": _cmd_build,
