@@ -149,7 +149,7 @@ def test_delete_force_of_running_and_of_killed_create(boot_env, tmp_path: Path) 
     (bundle / "config.json").write_text(json.dumps(config))
     root = tmp_path / "state"
     steps = [["create", "c1", ""], ["start", "c1"], ["exec", "c1", "cat", "/etc/hosts"], ["delete", "--force", "c1"],
-             ["state", "c1"], ["kill-create", "c2", 1.5], ["delete", "c2"], ["state", "c2"],
+             ["state", "c1"], ["kill-create", "c2", 0.3], ["delete", "c2"], ["state", "c2"],
              ["delete", "--force", "c2"]]
     created, start, cat, delete, state, killed, delete2, state2, delete3 = drive(boot_env, root, bundle, steps)
     assert created["rc"] == 0 and start["rc"] == 0, (created, start)
