@@ -5,6 +5,7 @@ delete and waits on the pid the pid file names. Boots real VMs."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -170,4 +171,54 @@ def test_run_is_create_start_wait_delete(boot_env, tmp_path: Path) -> None:
     run, state = drive(boot_env, root, bundle, [["run", "--bundle", str(bundle), "c3"], ["state", "c3"]])
     assert (run["rc"], run["out"]) == (4, "run rt\n"), run
     assert state["err"] == "container does not exist\n"
+    assert list(root.iterdir()) == [] and no_processes(root) == []
+
+
+def test_terminal_over_the_console_socket(boot_env, tmp_path: Path) -> None:
+    """process.terminal: the pty's master comes over --console-socket; the guest's pty has
+    consoleSize, follows a resize of the master, and closing the master hangs the run up (129)."""
+    import socket
+
+    from microvmc.backends.terminal import set_size
+
+    bundle = bundle_with(tmp_path, ["/bin/sh", "-c", "stty size; read x; stty size; while :; do sleep 0.2; done"],
+                         terminal=True, consoleSize={"height": 30, "width": 100})
+    root, path = tmp_path / "state", tmp_path / "console.sock"
+    runtime = [*microvmc_runtime(), "--root", str(root)]
+    with socket.socket(socket.AF_UNIX) as server:
+        server.bind(str(path))
+        server.listen(1)
+        create = subprocess.Popen([*runtime, "create", "--bundle", str(bundle), "--console-socket", str(path), "t1"],
+                                  env=boot_env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        conn, _ = server.accept()
+        with conn:
+            name, fds, _, _ = socket.recv_fds(conn, 1024, 1)
+        assert create.wait(timeout=300) == 0
+    master = fds[0]
+    assert name.startswith(b"/dev/pts/")
+
+    def read_until(text: bytes) -> bytes:
+        out, deadline = b"", time.monotonic() + 60
+        while text not in out and time.monotonic() < deadline:
+            out += os.read(master, 4096)
+        return out
+
+    try:
+        assert subprocess.run([*runtime, "start", "t1"], env=boot_env).returncode == 0
+        assert b"30 100" in read_until(b"30 100")
+        set_size(master, 40, 120)
+        time.sleep(1)
+        os.write(master, b"\r")
+        assert b"40 120" in read_until(b"40 120")
+    finally:
+        os.close(master)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        state = json.loads(subprocess.run([*runtime, "state", "t1"], env=boot_env, capture_output=True).stdout)
+        if state["status"] == "stopped":
+            break
+        time.sleep(0.2)
+    assert state["status"] == "stopped"
+    assert json.loads((root / "t1" / "record.json").read_text())["status"] == 129  # SIGHUP
+    assert subprocess.run([*runtime, "delete", "t1"], env=boot_env).returncode == 0
     assert list(root.iterdir()) == [] and no_processes(root) == []
