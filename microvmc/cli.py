@@ -541,10 +541,6 @@ def entry() -> NoReturn:
         if not isinstance(exit.code, (int, type(None))):
             raise
         status = exit.code or 0
-    for stream in (sys.stdout, sys.stderr):  # None when the descriptor was closed at start
-        try:
-            if stream is not None:
-                stream.flush()
-        except (OSError, ValueError):
-            pass
-    os._exit(status)
+    from microvmc._exit import exit_now
+
+    exit_now(status)

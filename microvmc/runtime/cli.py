@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import sys
 import time
@@ -245,10 +244,6 @@ def entry() -> NoReturn:
         status = main()
     except SystemExit as exit:  # --help, --version
         status = exit.code if isinstance(exit.code, int) else 0
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            if stream is not None:
-                stream.flush()
-        except (OSError, ValueError):
-            pass
-    os._exit(status)
+    from microvmc._exit import exit_now
+
+    exit_now(status)
