@@ -7,7 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.boot  # each boots VMs or builds on the real kernels: not in the fast suite (-m "not boot")
 
 
 def test_cached_build_benchmark_runs_every_stage(boot_env, tmp_path: Path) -> None:
@@ -113,3 +116,20 @@ def test_network_benchmark_runs_every_column(boot_env) -> None:
     assert set(result["throughput"]["columns"]) == {"vm", "host"} and set(result["boot"]["commands"]) == {"user", "none"}
     assert result["throughput"]["vm_vs_host"]["of_medians"] > 0 and result["boot"]["user_vs_none"]["of_medians"] > 0
     assert result["left_running"] == []
+
+
+def test_virtme_benchmark_compares_with_virtme_ng(boot_env) -> None:
+    """One round against virtme-ng (scripts/setup --test installs it): microvmc ran the probe on both
+    kernels with its output on stdout and its status kept; virtme-ng ran it on the Debian kernel (its
+    status is reported as it came back, not judged); every column timed, nothing left running."""
+    r = subprocess.run([sys.executable, "bench/virtme.py", "-n", "1", "--warmup", "0", "--json", "-q"],
+                       cwd=REPO, env=boot_env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout)
+    for side in ("own", "debian"):
+        assert result["checks"][side] == {"ran": True, "output_on": "stdout", "status": 3, "status_kept": True,
+                                          "why": ""}
+    assert result["checks"]["vng"]["ran"] and result["vng"]["version"].startswith("virtme-ng")
+    assert set(result["commands"]) == {"own", "debian", "vng"}
+    assert all(c["leftovers"] == [] for c in result["commands"].values())
+    assert result["own_vs_vng"]["of_medians"] > 0 and result["debian_vs_vng"]["of_medians"] > 0
