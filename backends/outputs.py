@@ -57,9 +57,12 @@ def compile_with_image(manifest: str, *, argv: Sequence[str] | None, env: Mappin
     unpacked as needed (pinned by the lockfile unless `update`), then compiled."""
     from microvmc.backends.images import resolve_image
     from microvmc.compiler import lockfile
+    from microvmc.compiler.hostfiles import HostFiles
     from microvmc.compiler.pipeline import compile_manifest, read_manifest
 
-    value = read_manifest(manifest, argv=argv, env=env, tty=tty, publish=publish, volumes=volumes, store=store)
+    files = HostFiles()  # one for the whole compile: the evaluation cache checks every look it made
+    value = read_manifest(manifest, argv=argv, env=env, tty=tty, publish=publish, volumes=volumes, store=store,
+                          files=files)
     lock_file = lockfile.lock_path(os.path.abspath(manifest))
     lock = read_lock(lock_file)
     if locked and lock is None:
@@ -68,7 +71,7 @@ def compile_with_image(manifest: str, *, argv: Sequence[str] | None, env: Mappin
     pins = lock.pins() if lock is not None and not update else None
     image = resolve_image(value, store=store, pins=pins, environ=environ, progress=progress, notes=notes,
                           refresh=update)
-    compiled = compile_manifest(value, facts=facts, store=store, image=image)
+    compiled = compile_manifest(value, facts=facts, store=store, image=image, files=files)
     if locked:
         assert lock is not None
         now = lockfile.from_graph(compiled.graph, facts, image)

@@ -318,11 +318,12 @@ def _mount_op(mount: Mount) -> GuestMountOp:
 
 
 def resolve(manifest: Manifest, facts: HostFacts, store: str, sources: Sources = Sources(), *,
-            hold: bool = False, image: ResolvedImage | None = None) -> Graph:
+            hold: bool = False, image: ResolvedImage | None = None, files: HostFiles | None = None) -> Graph:
     """The dependency graph of a manifest. Reads source files (to hash them and to read kernel
     module metadata) but builds nothing; every look at the host goes through one HostFiles, and the
     graph keeps what it saw (`observed`). `image`: the container image backends/images.py found
-    and unpacked for it (registry, OCI layout, docker archive, OCI bundle)."""
+    and unpacked for it (registry, OCI layout, docker archive, OCI bundle). `files`: the HostFiles
+    that read the manifest (its looks are kept with resolve's)."""
     assert Transport.AUTO not in {manifest.image.transport, *(s.transport for s in manifest.shares)}, \
         "choose_transports first"
     from microvmc.compiler.kernels import check_features, choose_kernel, required_features
@@ -330,7 +331,7 @@ def resolve(manifest: Manifest, facts: HostFacts, store: str, sources: Sources =
     from microvmc.kernel.modules import resolve_modules, scan_modules, signatures_optional
     from microvmc.kernel.requirements import parse_config
 
-    files = HostFiles()
+    files = files if files is not None else HostFiles()
     nodes: dict[str, Node] = {}
     edges: list[tuple[str, str]] = []
 

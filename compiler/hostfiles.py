@@ -37,6 +37,7 @@ class Look(StrEnum):
     EXISTS = "exists"  # os.path.lexists
     ENTRIES = "entries"  # a directory's entries: name and kind (directory, link to one, other)
     CONTENT = "content"  # a file read or hashed
+    REALPATH = "realpath"  # os.path.realpath: where a path leads, through its links
 
 
 # A timestamp older than this (ns) is trusted to change with the next change: file systems' clocks
@@ -136,6 +137,7 @@ _HOLDS = {
     Look.EXISTS: lambda path, seen: os.path.lexists(path) == seen,
     Look.ENTRIES: _entries_hold,
     Look.CONTENT: _content_holds,
+    Look.REALPATH: lambda path, seen: os.path.realpath(path) == seen,
 }
 
 
@@ -157,6 +159,9 @@ class HostFiles:
 
     def exists(self, path: str) -> bool:
         return self._note(Look.EXISTS, path, os.path.lexists(path))
+
+    def realpath(self, path: str) -> str:
+        return self._note(Look.REALPATH, path, os.path.realpath(path))
 
     def _content(self, path: str, take: Any) -> Any:
         st = _stat(path)  # before it is read: a change in between is a later miss

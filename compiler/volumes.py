@@ -15,6 +15,7 @@ import os
 from dataclasses import dataclass, replace
 from typing import Sequence
 
+from microvmc.compiler.hostfiles import HostFiles
 from microvmc.compiler.load import Loaded
 from microvmc.compiler.manifest import (
     HIDDEN_BY_A_SHARE,
@@ -68,16 +69,19 @@ def parse_volume(text: str, *, cwd: str) -> tuple[str, str, bool]:
     return os.path.normpath(os.path.join(cwd, os.path.expanduser(host))), guest, mode == ["ro"]
 
 
-def with_volumes(loaded: Loaded, volumes: Sequence[str], *, cwd: str,
-                 store: str | None) -> tuple[Loaded, tuple[FileVolume, ...]]:
+def with_volumes(loaded: Loaded, volumes: Sequence[str], *, cwd: str, store: str | None,
+                 files: HostFiles | None = None) -> tuple[Loaded, tuple[FileVolume, ...]]:
     """The document with each directory volume as a share, and the file volumes to stage. Refuses
-    what must not be shared: `/` or the store read-write, and what is neither file nor directory."""
+    what must not be shared: `/` or the store read-write, and what is neither file nor directory.
+    `files`: what records the looks at the host (a path that turns from a directory into a file
+    must compile again)."""
     if not volumes:
         return loaded, ()
+    look = files or HostFiles()
     data = dict(loaded.data)
     shares = dict(data["shares"]) if isinstance(data.get("shares"), dict) else {}
     origins = dict(loaded.origins)
-    files: list[FileVolume] = []
+    staged: list[FileVolume] = []
     problems: list[Problem] = []
     taken = set(shares)
     for text in volumes:
@@ -87,7 +91,7 @@ def with_volumes(loaded: Loaded, volumes: Sequence[str], *, cwd: str,
             problems += err.problems
             continue
         where = origin(text)
-        real = os.path.realpath(host)
+        real = look.realpath(host)
         if not read_only and real == "/":
             problems.append(Problem(where, "", "sharing the host's / read-write is refused", "add :ro"))
             continue
@@ -97,12 +101,12 @@ def with_volumes(loaded: Loaded, volumes: Sequence[str], *, cwd: str,
             continue
         tag = next(t for n in range(len(taken) + 1) if (t := f"v{n}") not in taken)
         taken.add(tag)
-        if os.path.isdir(host):
+        if look.is_dir(host):
             shares[tag] = {"host": host, "guest": guest, "read_only": read_only}
             origins.update({("shares", tag): where, **{("shares", tag, k): where for k in ("host", "guest", "read_only")}})
-        elif os.path.isfile(host):
-            files.append(FileVolume(text=text, host=host, guest=guest, read_only=read_only, tag=tag))
-        elif os.path.lexists(host):
+        elif look.is_file(host):
+            staged.append(FileVolume(text=text, host=host, guest=guest, read_only=read_only, tag=tag))
+        elif look.exists(host):
             problems.append(Problem(where, "", f"{host} is neither a directory nor a regular file, which cannot "
                                     "cross into a VM"))
         else:
@@ -111,7 +115,7 @@ def with_volumes(loaded: Loaded, volumes: Sequence[str], *, cwd: str,
         raise ManifestError(problems)
     if shares:
         data["shares"] = shares
-    return replace(loaded, data=data, origins=origins), tuple(files)
+    return replace(loaded, data=data, origins=origins), tuple(staged)
 
 
 def _inside(path: str, directory: str) -> bool:

@@ -119,3 +119,53 @@ def test_a_single_file_read_only_and_read_write(boot_env, tmp_path: Path) -> Non
     assert (tmp_path / "ro.txt").read_text() == "read me\n"
     mounts = Path("/proc/self/mountinfo").read_text()
     assert str(tmp_path) not in mounts
+
+
+def test_the_evaluation_cache_sees_a_volume_turn_from_a_directory_into_a_file(boot_env, tmp_path: Path) -> None:
+    """Whether HOST is a directory (a share) or a file (staged) is read through the recording
+    HostFiles: the same `-v` text in the same directory compiles again once the answer changes."""
+    import json
+    import shutil
+
+    env = dict(boot_env, MICROVMC_STORE=str(tmp_path / "store"), XDG_CACHE_HOME=str(tmp_path / "cache"))
+    (tmp_path / "m.toml").write_text(TRUE)
+    (tmp_path / "x").mkdir()
+    code = ("import sys; from microvmc.cli import main; status = main(['build', '--no-link', '-v', 'x:/x', 'm.toml']); "
+            "print('COMPILED' if 'jsonschema' in sys.modules else 'CACHED', file=sys.stderr); sys.exit(status)")
+
+    def build() -> tuple[dict, str]:
+        r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        plan = json.loads(Path(r.stdout.strip(), "plan.json").read_text())["plan"]
+        return plan, r.stderr.splitlines()[-1]
+
+    first, how = build()
+    assert how == "COMPILED" and [p for p in first["cmdline"].split() if p.startswith("MVMC_S0=")] == \
+        [f"MVMC_S0={first['cmdline'].split('MVMC_S0=')[1].split(':')[0]}:v0:rw:/x"]
+    assert build() == (first, "CACHED")
+    shutil.rmtree(tmp_path / "x")
+    (tmp_path / "x").write_text("now a file\n")
+    second, how = build()
+    assert how == "COMPILED" and second != first
+    assert [p for p in second["cmdline"].split() if p.startswith("MVMC_M")][-2:] == \
+        ["MVMC_M0=bind-rw:/dev/.microvmc-v0/x:/x", "MVMC_M1=detach:/dev/.microvmc-v0:"]
+    assert build() == (second, "CACHED")
+
+
+def test_the_evaluation_cache_sees_a_volume_s_link_lead_into_the_store(boot_env, tmp_path: Path) -> None:
+    """Where HOST leads (its realpath) decides the refusal of the store read-write: a link repointed
+    into the store between two identical runs is refused, not answered from the cache."""
+    env = dict(boot_env, MICROVMC_STORE=str(tmp_path / "store"), XDG_CACHE_HOME=str(tmp_path / "cache"))
+    (tmp_path / "m.toml").write_text(TRUE)
+    (tmp_path / "d").mkdir()
+    (tmp_path / "link").symlink_to("d")
+    argv = [*MICROVMC, "build", "--no-link", "-v", "link:/x", "m.toml"]
+    first = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr
+    inside = tmp_path / "store" / "inside"
+    inside.mkdir()
+    (tmp_path / "link").unlink()
+    (tmp_path / "link").symlink_to(inside)
+    r = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert (r.returncode, r.stderr) == (125, f"-v link:/x: {tmp_path}/link is in microvmc's store, "
+                                             "which is never shared read-write (add :ro)\n")
