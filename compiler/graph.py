@@ -24,6 +24,7 @@ from microvmc.compiler.builtin_image import has_directory
 from microvmc.compiler.cmdline import CmdlineError, GuestConfig, GuestMount, GuestMountOp, KernelCmdline, compose
 from microvmc.compiler.host import HostFacts
 from microvmc.compiler.hostfiles import HostFiles, Observation
+from microvmc.compiler.layers import resolve_in_root
 from microvmc.compiler.ociimage import ResolvedImage
 from microvmc.compiler.manifest import (
     ROOT_TAG,
@@ -242,15 +243,26 @@ def missing_mount_points(manifest: Manifest, rootfs: str | None = None, files: H
         parts = path.strip("/").split("/")
         for parent in ("/" + "/".join(parts[:n]) for n in range(len(parts) - 1, 0, -1)):  # nearest first
             share = mounted.get(parent)
-            if parent in WRITABLE_BEFORE_SHARES or (share is not None and not share.read_only):
+            # /tmp and /run are mounted only where the image has them (a read-only root cannot make them)
+            if (parent in WRITABLE_BEFORE_SHARES and in_image(parent, files.is_dir)) or (share is not None and not share.read_only):
                 return True
             if share is not None:
                 return exists(os.path.join(share.host, os.path.relpath(path, parent)))
         return in_image(path, exists)
 
-    points = [(s.guest, files.is_dir) for s in manifest.shares]
-    points += [(m.target, files.exists if m.kind is MountKind.BIND else files.is_dir) for m in manifest.mounts]
-    return required + tuple(path for path, exists in points if not possible(guest_path(path), exists))
+    def landing(path: str) -> str:
+        """Where a bind onto `path` lands: init follows the image's links on the way (init/boot.c:
+        resolve_in_root), as runc does; a dangling /etc/resolv.conf -> ../run/... lands in /run."""
+        if image.source is ImageSource.BUILTIN or rootfs is None:
+            return path
+        def readlink(parts: tuple[str, ...]) -> str | None:
+            return files.readlink(os.path.join(rootfs, *parts))
+        return "/" + "/".join(resolve_in_root(tuple(path.strip("/").split("/")), readlink, follow_last=True))
+
+    points = [(s.guest, guest_path(s.guest), files.is_dir) for s in manifest.shares]
+    points += [(m.target, landing(guest_path(m.target)), files.exists) if m.kind is MountKind.BIND
+               else (m.target, guest_path(m.target), files.is_dir) for m in manifest.mounts]
+    return required + tuple(target for target, path, exists in points if not possible(path, exists))
 
 
 def root_mode_flag(manifest: Manifest, rootfs: str | None = None, files: HostFiles | None = None) -> str:

@@ -1,7 +1,7 @@
 """The host's files as resolve reads them: every look is recorded.
 
 resolve reads the host only through a `HostFiles`: whether a path is a file or a directory (or
-exists at all), a directory's entries, a file's bytes or digest. Each look is kept as an
+exists at all), a link's target, a directory's entries, a file's bytes or digest. Each look is kept as an
 `Observation` (what was asked of which path, and what was seen), so that the evaluation cache
 (backends/evalcache.py) can ask the same questions again (`Observation.holds`) and reuse a plan only while
 every answer is still the same: a directory image that gains or loses a mount point, a module
@@ -38,6 +38,7 @@ class Look(StrEnum):
     ENTRIES = "entries"  # a directory's entries: name and kind (directory, link to one, other)
     CONTENT = "content"  # a file read or hashed
     REALPATH = "realpath"  # os.path.realpath: where a path leads, through its links
+    READLINK = "readlink"  # a symbolic link's target (None: not a link, or not there)
 
 
 # A timestamp older than this (ns) is trusted to change with the next change: file systems' clocks
@@ -131,6 +132,13 @@ def _content_holds(path: str, seen: Any) -> bool:
     return sha is None or _content_digest(path) == sha
 
 
+def _readlink(path: str) -> str | None:
+    try:
+        return os.readlink(path)
+    except OSError:
+        return None
+
+
 _HOLDS = {
     Look.IS_FILE: lambda path, seen: os.path.isfile(path) == seen,
     Look.IS_DIR: lambda path, seen: os.path.isdir(path) == seen,
@@ -138,6 +146,7 @@ _HOLDS = {
     Look.ENTRIES: _entries_hold,
     Look.CONTENT: _content_holds,
     Look.REALPATH: lambda path, seen: os.path.realpath(path) == seen,
+    Look.READLINK: lambda path, seen: _readlink(path) == seen,
 }
 
 
@@ -162,6 +171,9 @@ class HostFiles:
 
     def realpath(self, path: str) -> str:
         return self._note(Look.REALPATH, path, os.path.realpath(path))
+
+    def readlink(self, path: str) -> str | None:
+        return self._note(Look.READLINK, path, _readlink(path))
 
     def _content(self, path: str, take: Any) -> Any:
         st = _stat(path)  # before it is read: a change in between is a later miss

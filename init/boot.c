@@ -4,6 +4,7 @@
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -257,6 +258,49 @@ void mount_api_filesystems(void)
 	}
 }
 
+/* Where `path` leads inside the root: each symbolic link on the way followed (an absolute target from
+ * the root we are chrooted in), and the part that does not exist yet kept as written. A bind onto
+ * an image's /etc/resolv.conf -> ../run/systemd/resolve/stub-resolv.conf (dangling) lands there,
+ * as runc does it, and the image's link stays. malloc'd. */
+static char *resolve_in_root(const char *path)
+{
+	char resolved[PATH_MAX] = "", pending[PATH_MAX], target[PATH_MAX];
+	if (snprintf(pending, sizeof pending, "%s", path) >= (int)sizeof pending)
+		fail("mount", ENAMETOOLONG, "bind target %s", path);
+	for (int hops = 0; pending[0];) {
+		char *part = pending + strspn(pending, "/"), *rest = part + strcspn(part, "/");
+		size_t len = (size_t)(rest - part), used = strlen(resolved);
+		if (len == 0 || (len == 1 && part[0] == '.')) {
+			memmove(pending, rest, strlen(rest) + 1);
+			continue;
+		}
+		if (len == 2 && part[0] == '.' && part[1] == '.') {
+			*(strrchr(resolved, '/') ? strrchr(resolved, '/') : resolved) = '\0';
+			memmove(pending, rest, strlen(rest) + 1);
+			continue;
+		}
+		if (used + 1 + len >= sizeof resolved)
+			fail("mount", ENAMETOOLONG, "bind target %s", path);
+		resolved[used] = '/';
+		memcpy(resolved + used + 1, part, len);
+		resolved[used + 1 + len] = '\0';
+		ssize_t n = readlink(resolved, target, sizeof target - 1);
+		if (n < 0) { /* not a link (or not there yet): a directory or the missing rest */
+			memmove(pending, rest, strlen(rest) + 1);
+			continue;
+		}
+		if (++hops > 40)
+			fail("mount", ELOOP, "bind target %s", path);
+		target[n] = '\0';
+		resolved[target[0] == '/' ? 0 : used] = '\0'; /* an absolute target starts again at the root */
+		if ((size_t)n + strlen(rest) >= sizeof pending)
+			fail("mount", ENAMETOOLONG, "bind target %s", path);
+		memmove(pending + n, rest, strlen(rest) + 1);
+		memcpy(pending, target, (size_t)n);
+	}
+	return need(strdup(resolved[0] ? resolved : "/"));
+}
+
 /* A bind mount's target: a directory for a directory, an (empty) file for anything else. */
 static void make_target(const char *source, const char *target)
 {
@@ -285,12 +329,17 @@ static void mount_ops(void)
 	for (size_t i = 0; i < cfg.nops; i++) {
 		const struct mountop *op = &cfg.ops[i];
 		switch (op->kind) {
-		case OP_BIND:
-			make_target(op->a, op->b);
-			mount_at(op->a, op->b, "bind", MS_BIND, NULL);
-			if (op->readonly && mount(NULL, op->b, NULL, MS_REMOUNT | MS_BIND | MS_RDONLY, NULL) < 0)
-				fail("mount", errno, "remount %s read-only", op->b);
+		case OP_BIND: {
+			char *target = resolve_in_root(op->b);
+			if (strcmp(target, op->b) != 0)
+				step("bind %s: %s leads to %s", op->a, op->b, target);
+			make_target(op->a, target);
+			mount_at(op->a, target, "bind", MS_BIND, NULL);
+			if (op->readonly && mount(NULL, target, NULL, MS_REMOUNT | MS_BIND | MS_RDONLY, NULL) < 0)
+				fail("mount", errno, "remount %s read-only", target);
+			free(target);
 			break;
+		}
 		case OP_TMPFS:
 			make_dirs("mount", op->a);
 			mount_at("tmpfs", op->a, "tmpfs", MS_NOSUID | MS_NODEV | (op->readonly ? MS_RDONLY : 0),

@@ -96,3 +96,15 @@ def test_an_old_fingerprint_stands_for_the_content(tmp_path: Path, monkeypatch) 
     assert all(o.holds() for o in files.observed)
     (tmp_path / "f").write_bytes(b"three")
     assert [o.holds() for o in files.observed] == [False, True]
+
+
+def test_a_links_target_holds_while_it_is_the_same(tmp_path: Path) -> None:
+    files = HostFiles()
+    os.symlink("../run/x", tmp_path / "l")
+    (tmp_path / "f").write_bytes(b"")
+    assert (files.readlink(str(tmp_path / "l")), files.readlink(str(tmp_path / "f"))) == ("../run/x", None)
+    seen = files.observations()
+    assert all(o.holds() for o in seen)
+    (tmp_path / "l").unlink()
+    os.symlink("/run/x", tmp_path / "l")
+    assert [os.path.basename(o.path) for o in seen if not o.holds()] == ["l"]

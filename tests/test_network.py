@@ -126,6 +126,36 @@ def test_name_resolution_files_are_bound_by_init_on_a_network(tmp_path: Path) ->
     assert "MVMC_ROOT=virtiofs:root:ro" in none.plan.cmdline.split()
 
 
+@pytest.mark.parametrize("links, root", [
+    # dangling into /run (a tmpfs init mounts): the read-only root stays read-only
+    ({"etc/resolv.conf": "../run/systemd/resolve/stub-resolv.conf", "etc/hosts": "/run/hosts"}, "ro"),
+    # to files the image has, absolute or not
+    ({"etc/resolv.conf": "/usr/share/resolv.conf", "etc/hosts": "../usr/share/hosts"}, "ro"),
+    # dangling into the read-only image: its mount point needs the overlay
+    ({"etc/resolv.conf": "../run/resolv.conf", "etc/hosts": "/var/lib/hosts"}, "overlay-ro"),
+])
+def test_name_resolution_files_that_are_links_land_where_the_links_lead(tmp_path: Path, links, root) -> None:
+    """init binds through the image's links (as runc does); whether the read-only root needs an
+    overlay for the mount point depends on where the link leads inside the image, not on the host."""
+    for d in ("proc", "sys", "dev", "etc", "run", "usr/share", "var"):
+        (tmp_path / "rootfs" / d).mkdir(parents=True)
+    for name in ("hosts", "resolv.conf"):
+        (tmp_path / "rootfs/usr/share" / name).write_text("")
+    for path, target in links.items():
+        os.symlink(target, tmp_path / "rootfs" / path)
+    c = compiled(tmp_path, '[image]\nsource = "directory"\npath = "rootfs"\n' + USER)
+    assert f"MVMC_ROOT=virtiofs:root:{root}" in c.plan.cmdline.split()
+
+
+def test_run_counts_as_writable_only_where_the_image_has_it(tmp_path: Path) -> None:
+    for d in ("proc", "sys", "dev", "etc"):
+        (tmp_path / "rootfs" / d).mkdir(parents=True)
+    os.symlink("../run/resolv.conf", tmp_path / "rootfs/etc/resolv.conf")
+    (tmp_path / "rootfs/etc/hosts").write_text("")
+    c = compiled(tmp_path, '[image]\nsource = "directory"\npath = "rootfs"\n' + USER)
+    assert "MVMC_ROOT=virtiofs:root:overlay-ro" in c.plan.cmdline.split()  # no /run: init cannot mount it
+
+
 def nic(*forwards: tuple[str, str, int, int], sources: tuple[str, ...] = ()) -> Nic:
     return Nic(outbound=True, network="10.0.2.0/24", address="10.0.2.15/24", gateway="10.0.2.2", dns="10.0.2.3",
                forwards=forwards, sources=sources)

@@ -182,3 +182,49 @@ def test_hosts_and_resolv_conf_on_a_read_only_root_leave_the_image_alone(env, tm
     assert (root / "etc" / "hosts").read_text() == "192.0.2.9 image\n"
     assert (root / "etc" / "resolv.conf").read_text() == "nameserver 192.0.2.53\n"
     assert sorted(p.name for p in (root / "etc").iterdir()) == ["hosts", "resolv.conf"]
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """Every path under root with what it is: a link's target, a file's content, "dir"."""
+    seen = {}
+    for path in sorted(root.rglob("*")):
+        rel = str(path.relative_to(root))
+        seen[rel] = (f"-> {os.readlink(path)}" if path.is_symlink() else "dir" if path.is_dir()
+                     else path.read_bytes().decode(errors="replace"))
+    return seen
+
+
+# Debian and systemd images link /etc/resolv.conf into /run (dangling until resolved runs), and some
+# link /etc/hosts elsewhere: relative or absolute, dangling or not. The program reads microvmc's files
+# through the image's links (as under docker: runc binds onto the link's target inside the root).
+NAME_FILE_LINKS = {
+    "dangling": {"etc/resolv.conf": "../run/systemd/resolve/stub-resolv.conf", "etc/hosts": "/var/lib/net/hosts"},
+    "present": {"etc/resolv.conf": "../usr/share/net/resolv.conf", "etc/hosts": "/usr/share/net/hosts"},
+}
+
+
+@pytest.mark.parametrize("mode, links", [("read-only", "dangling"), ("read-only", "present"),
+                                         ("overlay", "dangling"), ("overlay", "present"),
+                                         ("read-write", "present")])
+def test_hosts_and_resolv_conf_that_are_links_in_the_image(env, tmp_path, mode, links) -> None:
+    root = tmp_path / "rootfs"
+    for d in ("bin", "proc", "sys", "dev", "etc", "tmp", "run", "var/lib", "usr/share/net"):
+        (root / d).mkdir(parents=True)
+    shutil.copy("/bin/busybox", root / "bin" / "busybox")
+    for applet in ("sh", "cat", "readlink"):
+        os.symlink("busybox", root / "bin" / applet)
+    (root / "usr/share/net/hosts").write_text("192.0.2.9 image\n")
+    (root / "usr/share/net/resolv.conf").write_text("nameserver 192.0.2.53\n")
+    for path, target in NAME_FILE_LINKS[links].items():
+        os.symlink(target, root / path)
+    before = snapshot(root)
+    script = "cat /etc/hosts /etc/resolv.conf; readlink /etc/hosts; readlink /etc/resolv.conf"
+    m = tmp_path / "links.toml"
+    m.write_text(f'version = 1\nhostname = "webby"\n[image]\nsource = "directory"\npath = "rootfs"\nmode = "{mode}"\n'
+                 f"[process]\nargv = [\"/bin/sh\", \"-c\", {json.dumps(script)}]\n[network]\nmode = \"user\"\n")
+    r = subprocess.run([*MICROVMC, "run", str(m)], env=env, capture_output=True, timeout=TIMEOUT)
+    assert r.returncode == 0, r.stderr.decode()
+    assert r.stdout.decode() == ("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n10.0.2.15\twebby\n"
+                                 "nameserver 10.0.2.3\n"
+                                 f"{NAME_FILE_LINKS[links]['etc/hosts']}\n{NAME_FILE_LINKS[links]['etc/resolv.conf']}\n")
+    assert snapshot(root) == before

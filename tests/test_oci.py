@@ -266,6 +266,8 @@ def test_guest_mounts_on_the_command_line(tmp_path) -> None:
     params = dict(guest_params(guest_config(m, root_mode_flag(m))))
     assert params["MVMC_M1"] == "bind-ro:/run/.microvmc-files/0:/etc/f.txt"
     assert params["MVMC_M5"] == "detach:/run/.microvmc-files:"
-    # /etc/hosts is in the image; /scratch, /data, f.txt, resolv.conf, hostname are not.
-    assert missing_mount_points(m) == ("/data", "/scratch", "/etc/f.txt", "/etc/resolv.conf", "/etc/hostname")
+    # /etc/hosts is in the image; /scratch, /data, f.txt, resolv.conf, hostname are not, nor /run
+    # (so no tmpfs there for the staging share's mount point).
+    assert missing_mount_points(m) == ("/data", "/run/.microvmc-files", "/scratch", "/etc/f.txt", "/etc/resolv.conf",
+                                       "/etc/hostname")
     assert root_mode_flag(m) == "overlay-ro"
