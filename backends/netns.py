@@ -142,16 +142,21 @@ def _has_ingress(ipr: Any, index: int) -> bool:
 
 
 @contextmanager
-def tap_joined(namespace: str, interface: str = "") -> Iterator[int]:
+def tap_joined(namespace: str, interface: str = "", mtu: int = 0) -> Iterator[int]:
     """A tap device made in the namespace and joined to its interface both ways; yields the tap's
-    descriptor (QEMU's Fd.TAP). On exit the interface's ingress qdisc (its filter with it) goes and
-    the tap with the last descriptor of it (QEMU's has gone by then): the namespace is as it was."""
+    descriptor (QEMU's Fd.TAP). The tap has the guest's `mtu` (0: the interface's), which must not
+    exceed the interface's: the veth would drop the guest's larger frames. On exit the interface's
+    ingress qdisc (its filter with it) goes and the tap with the last descriptor of it (QEMU's has
+    gone by then): the namespace is as it was."""
     from pyroute2.netlink.exceptions import NetlinkError
 
     with ExitStack() as stack:
         ipr = stack.enter_context(_ipr(namespace))
         link = _interface(ipr, namespace, interface or None)
         name, index = link.get_attr("IFLA_IFNAME"), link["index"]
+        if mtu > link.get_attr("IFLA_MTU"):
+            raise NetnsError(f"network.mtu: {mtu} is larger than the MTU {link.get_attr('IFLA_MTU')} of the interface "
+                             f"{name} of network namespace {namespace}")
         if _has_ingress(ipr, index):
             raise NetnsError(f"the interface {name} of network namespace {namespace} already has an ingress qdisc "
                              "(another VM joined to it?)")
@@ -163,7 +168,7 @@ def tap_joined(namespace: str, interface: str = "") -> Iterator[int]:
         stack.callback(os.close, fd)
         try:
             tap_index = ipr.link_lookup(ifname=tap)[0]
-            ipr.link("set", index=tap_index, mtu=link.get_attr("IFLA_MTU"), state="up")
+            ipr.link("set", index=tap_index, mtu=mtu or link.get_attr("IFLA_MTU"), state="up")
             stack.callback(_remove_ingress, ipr, index)
             _redirect(ipr, index, tap_index)
             _redirect(ipr, tap_index, index)
@@ -193,7 +198,7 @@ def _remove_tap(ipr: Any, tap: str) -> None:
 
 def namespace_network(namespace: str, interface: str = "") -> tuple[Network | None, str]:
     """The manifest's `[network]` for a VM that takes over the namespace's interface (mode netns,
-    its observed MAC, address and gateway), or None and why not: an interface without an IPv4
+    its observed MAC, address, gateway and MTU), or None and why not: an interface without an IPv4
     address or without a default route (the guest init needs both) keeps the VM without a network,
     as does a namespace with only lo (an engine's `--network none`)."""
     if not interface:
@@ -205,4 +210,4 @@ def namespace_network(namespace: str, interface: str = "") -> tuple[Network | No
         missing = "IPv4 address" if not seen.address else "default route"
         return None, f"the interface {seen.interface} of network namespace {namespace} has no {missing}"
     return Network(mode=NetworkMode.NETNS, namespace=namespace, interface=seen.interface, address=seen.address,
-                   gateway=seen.gateway, mac=seen.mac.lower()), ""
+                   gateway=seen.gateway, mac=seen.mac.lower(), mtu=seen.mtu), ""

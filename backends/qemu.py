@@ -95,7 +95,7 @@ def launch(plan: LaunchPlan, *, logs: RunLogs, stdin: int, rundir: Path) -> Iter
                     raise HostError(err.message, hint="share it read-only (:ro), or run microvmc as root") from None
         nic = plan.machine.nic
         # network.mode = "netns": the tap made in the namespace and joined to its interface, until QEMU is gone
-        tap = stack.enter_context(tap_joined(nic.namespace, nic.interface)) if nic and nic.kind is NicKind.TAP else None
+        tap = stack.enter_context(tap_joined(nic.namespace, nic.interface, nic.mtu)) if nic and nic.kind is NicKind.TAP else None
         daemons = tuple(
             (vp, stack.enter_context(_virtiofsd(vp, rundir=rundir, log=logs.virtiofsd(vp.tag))))
             for vp in plan.virtiofsd

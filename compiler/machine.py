@@ -123,13 +123,14 @@ class Nic:
     mac: str = ""  # TAP: the guest NIC's (the namespace interface's)
     namespace: str = ""  # TAP: where the backend makes the tap, and the interface it joins it to
     interface: str = ""  # "": the namespace's one interface other than lo
+    mtu: int  # the guest NIC's (virtio-net host_mtu, network.mtu) and, for TAP, the tap's
 
     def source(self, index: int) -> str:
         return self.sources[index] if index < len(self.sources) else f"network.forwards[{index}]"
 
     def to_dict(self) -> dict[str, Any]:
         return {"outbound": self.outbound, "network": self.network, "address": self.address, "gateway": self.gateway,
-                "dns": self.dns, "forwards": [list(f) for f in self.forwards], "keys": list(self.keys),
+                "dns": self.dns, "forwards": [list(f) for f in self.forwards], "keys": list(self.keys), "mtu": self.mtu,
                 **({"sources": list(self.sources)} if self.sources else {}),
                 **({"kind": str(self.kind), "mac": self.mac, "namespace": self.namespace, "interface": self.interface}
                    if self.kind is not NicKind.USER else {})}
@@ -139,7 +140,8 @@ class Nic:
         return cls(outbound=d["outbound"], network=d["network"], address=d["address"], gateway=d["gateway"],
                    dns=d["dns"], forwards=tuple(tuple(f) for f in d["forwards"]), keys=tuple(d["keys"]),
                    sources=tuple(d.get("sources", ())), kind=NicKind(d.get("kind", "user")), mac=d.get("mac", ""),
-                   namespace=d.get("namespace", ""), interface=d.get("interface", ""))
+                   namespace=d.get("namespace", ""), interface=d.get("interface", ""),
+                   mtu=d.get("mtu", 1500))  # a record from before network.mtu: virtio-net's own 1500
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -239,11 +239,13 @@ class Network:
     gateway: str = ""
     mac: str = ""
     dns: tuple[str, ...] = ()
+    mtu: int = 0  # the guest NIC's (network.mtu); 0 only without a network device
 
     def to_dict(self) -> dict[str, Any]:
         # keys absent when unset, so that manifests without them keep their digests
         netns = {k: v for k in ("namespace", "interface", "address", "gateway", "mac") if (v := getattr(self, k))}
         return {"mode": str(self.mode), **netns, **({"dns": list(self.dns)} if self.dns else {}),
+                **({"mtu": self.mtu} if self.mode is not NetworkMode.NONE else {}),
                 **({"forwards": [f.to_dict() for f in self.forwards]} if self.forwards else {})}
 
 
@@ -782,7 +784,8 @@ def from_document(data: dict[str, Any], *, files: tuple[str, ...], name: str,
                     key=f"network.forwards[{i}]", origin=(origins or {}).get(i, name))
             for i, f in enumerate(data["network"].get("forwards", ()))),
             **{k: data["network"][k] for k in ("namespace", "interface", "address", "gateway") if k in data["network"]},
-            mac=data["network"].get("mac", "").lower(), dns=tuple(data["network"].get("dns", ()))),
+            mac=data["network"].get("mac", "").lower(), dns=tuple(data["network"].get("dns", ())),
+            mtu=data["network"]["mtu"] if data["network"]["mode"] != "none" else 0),
         files=files,
         name=name,
     )

@@ -78,14 +78,17 @@ def _nic(manifest: Manifest) -> Nic | None:
     if network.mode is NetworkMode.NONE:
         return None
     if network.mode is NetworkMode.NETNS:
-        keys = ("network.mode", "network.namespace", "network.interface", "network.address", "network.mac")
+        keys = ("network.mode", "network.namespace", "network.interface", "network.address", "network.mac",
+                "network.mtu")
         return Nic(kind=NicKind.TAP, outbound=True, network=str(ipaddress.IPv4Interface(network.address).network),
                    address=network.address, gateway=network.gateway, dns=",".join(network.dns), forwards=(),
-                   keys=keys, mac=network.mac, namespace=network.namespace, interface=network.interface)
+                   keys=keys, mac=network.mac, namespace=network.namespace, interface=network.interface,
+                   mtu=network.mtu)
     return Nic(outbound=network.mode is NetworkMode.USER, network=USER_NETWORK, address=USER_ADDRESS,
                gateway=USER_GATEWAY, dns=USER_DNS,
                forwards=tuple((str(f.protocol), f.host_address, f.host, f.guest) for f in network.forwards),
-               sources=tuple(f.shown for f in network.forwards))
+               keys=("network.mode", "network.forwards", "network.mtu"),
+               sources=tuple(f.shown for f in network.forwards), mtu=network.mtu)
 
 
 def plan(manifest: Manifest, graph: Graph, facts: HostFacts) -> LaunchPlan:

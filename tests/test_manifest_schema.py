@@ -37,10 +37,15 @@ def test_every_schema_default_is_the_built_manifest_value() -> None:
     for path, default in found:
         if path[0] == "network" and path[1] == "forwards":
             continue  # a list of tables, absent by default
+        if path == ("network", "mtu"):
+            continue  # a NIC's: absent with mode "none" (below, with a network)
         value: Any = built
         for part in path:
             value = value[part]
         assert value == default, path
+    networked = validate(Loaded(data={**MINIMAL, "network": {"mode": "user"}}, origins={}, files=("/m.toml",),
+                                root="m.toml")).to_dict()
+    assert networked["network"]["mtu"] == schema()["properties"]["network"]["properties"]["mtu"]["default"]
     share = schema()["properties"]["shares"]["additionalProperties"]["properties"]
     assert built["shares"]["s"] == {"host": "/tmp", "guest": "/s", "read_only": share["read_only"]["default"],
                                     "transport": share["transport"]["default"]}
@@ -68,7 +73,7 @@ BOUNDED = list(_bounded(schema()))
 def test_the_bounds_are_in_the_schema() -> None:
     assert {".".join(p) for p, _ in BOUNDED} == {"resources.cpus", "resources.memory", "resources.boot_timeout",
                                                  "resources.stop_timeout", "resources.timeout", "logs.max_size",
-                                                 "logs.max_files"}
+                                                 "logs.max_files", "network.mtu"}
     assert schema_node(("resources", "memory"))["minimum"] == 128
     assert schema_node(("shares", "any", "guest"))["type"] == "string"
     assert schema_node(("kernel", "cmdline", 3)) == {"type": "string", "minLength": 1}

@@ -58,7 +58,10 @@ def test_observe_and_the_network_made_of_it(namespace) -> None:
     assert observe(path, "eth0") == seen
     network, why = namespace_network(path)
     assert (network.mode, network.namespace, network.interface, network.address, network.gateway, network.mac,
-            network.dns, why) == (NetworkMode.NETNS, path, "eth0", f"{subnet}.2/24", f"{subnet}.1", mac, (), "")
+            network.dns, network.mtu, why) == (NetworkMode.NETNS, path, "eth0", f"{subnet}.2/24", f"{subnet}.1", mac,
+                                               (), 1500, "")
+    ip("-n", os.path.basename(path), "link", "set", "eth0", "mtu", "1400")
+    assert namespace_network(path)[0].mtu == observe(path).mtu == 1400
     ip("-n", os.path.basename(path), "route", "del", "default")
     assert namespace_network(path) == (None, f"the interface eth0 of network namespace {path} has no default route")
     ip("-n", os.path.basename(path), "link", "del", "eth0")
@@ -100,3 +103,17 @@ def test_a_tap_is_joined_both_ways_and_the_namespace_left_as_it_was(namespace) -
     assert (ip("-n", os.path.basename(path), "-br", "link"), tc(path, "qdisc", "show")) == before
     with pytest.raises(OSError):
         os.fstat(fd)
+
+
+def test_the_tap_has_the_guests_mtu_at_most_the_interfaces(namespace) -> None:
+    path, _ = namespace
+    ip("-n", os.path.basename(path), "link", "set", "eth0", "mtu", "1400")
+    with tap_joined(path, "", 1280):
+        links = json.loads(ip("-n", os.path.basename(path), "-j", "link", "show"))
+        assert {link["ifname"][:4]: link["mtu"] for link in links if link["ifname"] != "lo"} == {"eth0": 1400, "mvmc": 1280}
+    with pytest.raises(NetnsError) as err:
+        with tap_joined(path, "", 1500):
+            pass
+    assert str(err.value) == (f"network.mtu: 1500 is larger than the MTU 1400 of the interface eth0 of network "
+                              f"namespace {path}")
+    assert "mvmc" not in ip("-n", os.path.basename(path), "-br", "link")

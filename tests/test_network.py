@@ -93,14 +93,14 @@ def test_forwards_are_lowered_with_where_they_came_from(tmp_path: Path) -> None:
     assert argv[argv.index("-netdev") + 1] == ("user,id=net0,net=10.0.2.0/24,restrict=on,"
                                                 "hostfwd=tcp:127.0.0.1:8080-:80,hostfwd=udp:127.0.0.1:5353-:53")
     group = next(g for g in c.plan.qemu if "network.mode" in g.keys)
-    assert group.comment == ("isolated user-mode network (restrict=on: no way out), guest 10.0.2.15/24; "
-                             "127.0.0.1:8080->80/tcp, 127.0.0.1:5353->53/udp (-p 5353:53/udp)")
+    assert group.comment == ("isolated user-mode network (restrict=on: no way out), guest 10.0.2.15/24, "
+                             "MTU 1500; 127.0.0.1:8080->80/tcp, 127.0.0.1:5353->53/udp (-p 5353:53/udp)")
     assert c.plan.machine.nic.sources == ("network.forwards[0]", "-p 5353:53/udp")
     assert "MVMC_NET=10.0.2.15/24:10.0.2.2:" in c.plan.cmdline.split()  # isolated: no name server answers
     assert Nic.from_dict(json.loads(json.dumps(c.plan.machine.nic.to_dict()))) == c.plan.machine.nic
     launch = dict((name, content) for name, content, _ in c.output.files)["launch.sh"].decode()
-    assert "\n# network.mode, network.forwards: isolated user-mode network (restrict=on: no way out), guest " \
-           "10.0.2.15/24; 127.0.0.1:8080->80/tcp, 127.0.0.1:5353->53/udp (-p 5353:53/udp)\n" in launch
+    assert "\n# network.mode, network.forwards, network.mtu: isolated user-mode network (restrict=on: no way out), guest " \
+           "10.0.2.15/24, MTU 1500; 127.0.0.1:8080->80/tcp, 127.0.0.1:5353->53/udp (-p 5353:53/udp)\n" in launch
 
 
 def test_the_evaluation_cache_keys_on_publish() -> None:
@@ -158,7 +158,7 @@ def test_run_counts_as_writable_only_where_the_image_has_it(tmp_path: Path) -> N
 
 def nic(*forwards: tuple[str, str, int, int], sources: tuple[str, ...] = ()) -> Nic:
     return Nic(outbound=True, network="10.0.2.0/24", address="10.0.2.15/24", gateway="10.0.2.2", dns="10.0.2.3",
-               forwards=forwards, sources=sources)
+               forwards=forwards, sources=sources, mtu=1500)
 
 
 def test_a_host_port_in_use_is_found_before_boot() -> None:
@@ -194,7 +194,7 @@ def test_a_privileged_port_as_an_ordinary_user_is_refused_before_boot() -> None:
             "from microvmc.backends.ports import check_forwards, PortError\n"
             "from microvmc.compiler.machine import Nic\n"
             "try:\n"
-            "    check_forwards(Nic(outbound=True, network='', address='', gateway='', dns='',"
+            "    check_forwards(Nic(outbound=True, network='', address='', gateway='', dns='', mtu=1500,"
             f" forwards=(('tcp', '127.0.0.1', {start - 1}, 80),), sources=('-p {start - 1}:80',)))\n"
             "except PortError as err:\n"
             "    print(err.lines())\n")
@@ -216,15 +216,15 @@ def test_netns_is_lowered_to_a_tap_with_the_interfaces_mac(tmp_path: Path) -> No
     argv = c.plan.qemu_argv
     at = argv.index("-netdev")
     assert list(argv[at:at + 4]) == ["-netdev", "tap,id=net0,fd=7,vhost=off",
-                               "-device", "virtio-net-device,netdev=net0,mac=0a:58:0a:58:00:05"]
+                               "-device", "virtio-net-device,netdev=net0,mac=0a:58:0a:58:00:05,host_mtu=1500"]
     assert "MVMC_NET=10.88.0.5/16:10.88.0.1:10.88.0.1,192.0.2.53" in c.plan.cmdline.split()
     nic = c.plan.machine.nic
     assert (str(nic.kind), nic.namespace, nic.interface, nic.network) == ("tap", "/proc/self/ns/net", "eth0", "10.88.0.0/16")
     assert Nic.from_dict(json.loads(json.dumps(nic.to_dict()))) == nic
     launch = dict((name, content) for name, content, _ in c.output.files)["launch.sh"].decode()
-    assert ("\n# network.mode, network.namespace, network.interface, network.address, network.mac: the network "
-            "namespace /proc/self/ns/net's eth0, through a tap (fd 7) joined to it by tc mirred redirects; guest "
-            "10.88.0.5/16 via 10.88.0.1, MAC 0a:58:0a:58:00:05\n") in launch
+    assert ("\n# network.mode, network.namespace, network.interface, network.address, network.mac, network.mtu: "
+            "the network namespace /proc/self/ns/net's eth0, through a tap (fd 7) joined to it by tc mirred redirects; "
+            "guest 10.88.0.5/16 via 10.88.0.1, MAC 0a:58:0a:58:00:05, MTU 1500\n") in launch
     # launch.sh refuses it before it makes anything: the tap is microvmc run's to make
     assert launch.split("\n")[launch.split("\n").index("set -u") + 2:][:2] == [
         "echo 'microvmc: this script cannot join the VM to the network namespace /proc/self/ns/net (network.mode = "

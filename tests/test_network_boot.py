@@ -53,6 +53,12 @@ def test_mode_none_has_only_lo(env, tmp_path) -> None:
     assert r.stdout.decode().split() == ["lo", "unknown"]  # lo is up (its operstate is always "unknown")
 
 
+def test_the_guest_nic_has_the_manifests_mtu(env, tmp_path) -> None:
+    m = write(tmp_path, 'mode = "user"\nmtu = 1280', "cat /sys/class/net/eth0/mtu")
+    r = subprocess.run([*MICROVMC, "run", str(m)], env=env, capture_output=True, timeout=TIMEOUT)
+    assert (r.returncode, r.stdout) == (0, b"1280\n"), r.stderr.decode()
+
+
 def test_user_network_reaches_a_server_on_the_host(env, tmp_path) -> None:
     (tmp_path / "www").mkdir()
     (tmp_path / "www" / "hello.txt").write_text("from the host\n")
