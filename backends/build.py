@@ -25,7 +25,7 @@ from microvmc.compiler.graph import INIT_CFLAGS, Builder, Graph, Node, init_sour
 from microvmc.compiler.pipeline import Compiled
 from microvmc.errors import BuildError, KernelError
 
-__all__ = ["realize", "BUILDERS", "staging"]
+__all__ = ["realize", "realised", "BUILDERS", "staging"]
 
 
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
@@ -197,8 +197,34 @@ def realize(compiled: Compiled) -> str:
         return _realize(compiled)
 
 
+def realised(graph: Graph) -> dict[str, bool]:
+    """Which of the nodes that something makes are made: the store paths, and the own kernel's entry."""
+    made = {n.id: os.path.isdir(n.path) for n in graph.nodes if n.builder in BUILDERS}
+    made.update({n.id: os.path.isfile(os.path.join(n.path, "build.json")) for n in graph.nodes
+                 if n.builder is Builder.KERNEL})
+    return made
+
+
+def _own_kernel(node: Node, progress: Callable[[str], None] | None) -> None:
+    """Build microvmc's own kernel for the plan (its progress on stderr, as `microvmc kernel build`
+    shows it); the entry it makes must be the one the plan was compiled for."""
+    from microvmc.backends.kernelbuild import build_kernel
+
+    if os.path.isfile(os.path.join(node.path, "build.json")):
+        return
+    built = build_kernel(Path(os.path.dirname(node.path)), Path(node.location("source")), cc=node.location("cc"),
+                         say=progress)
+    if str(built.path) != node.path:
+        raise BuildError(f"the kernel built from {node.location('source')} is {built.path}, not the {node.path} "
+                         "the plan was compiled for (its source or compiler changed meanwhile)",
+                         hint="run the command again")
+
+
 def _realize(compiled: Compiled) -> str:
     for node in compiled.graph.nodes:
+        if node.builder is Builder.KERNEL:
+            _own_kernel(node, None)
+            continue
         build = BUILDERS.get(node.builder)
         if build is None or os.path.isdir(node.path):
             continue

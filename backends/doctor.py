@@ -28,9 +28,12 @@ NOFILE_LOW = 4096
 
 
 def diagnose(facts: HostFacts, *, root: str = "/") -> dict[str, Any]:
-    from microvmc.compiler.kernels import DEFAULT_IS_OWN, own_kernel_dir
+    from microvmc.compiler.hostfiles import HostFiles
+    from microvmc.compiler.kernels import DEFAULT_IS_OWN, OwnKernel, own_kernel, own_kernel_dir
 
-    own = own_kernel_dir(facts)
+    # the own kernel of this fragment, compiler and source, as a build would choose it; else the last built
+    node = own_kernel(facts, HostFiles())
+    own = node.entry if isinstance(node, OwnKernel) and node.realised else own_kernel_dir(facts)
     kernels = [
         _kernel("microvmc", os.path.join(own, "vmlinux") if own else "", None, os.path.join(own, "config") if own else ""),
         _kernel("debian", os.path.join(facts.default_kernel_dir, "vmlinuz"), os.path.join(facts.default_kernel_dir, "modules"),
@@ -38,7 +41,7 @@ def diagnose(facts: HostFacts, *, root: str = "/") -> dict[str, Any]:
         _kernel("host", f"/boot/vmlinuz-{facts.host_kernel_release}", f"/lib/modules/{facts.host_kernel_release}",
                 f"/boot/config-{facts.host_kernel_release}"),
     ]
-    default = "microvmc" if DEFAULT_IS_OWN and kernels[0]["present"] else "debian"
+    default = "microvmc" if DEFAULT_IS_OWN and isinstance(node, OwnKernel) and node.realised else "debian"
     return {
         "host": {
             "arch": facts.arch,

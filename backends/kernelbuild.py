@@ -11,7 +11,10 @@ digest and the compiler's version:
     <kernels>/microvmc -> microvmc-<key>     the one `kernel.source = "default"` picks
 
 It is made in a temporary directory beside it and renamed into place when complete, so an
-interrupted build leaves nothing half-made (the next build sweeps what a killed one left).
+interrupted build leaves nothing half-made (the next build sweeps what a killed one left). The key
+is compiler/kernels.py's, which resolve computes from the same inputs without the kernel being
+there (the own kernel is a node the build makes); <kernels>/sources.json remembers the source's
+digest by its fingerprint and which source was used last (the own kernel's source from then on).
 """
 
 from __future__ import annotations
@@ -30,13 +33,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from microvmc.compiler.hostfiles import HostFiles, fingerprint
+from microvmc.compiler.kernels import ARCH, DEFAULT_SOURCE, OWN_KERNEL, SOURCE_MEMO, build_key, read_memo, source_digest
 from microvmc.errors import BuildError, KernelError
 
 __all__ = ["DEFAULT_SOURCE", "KernelBuild", "build_key", "build_kernel", "own_kernel_link", "BUILD_ENV"]
 
-DEFAULT_SOURCE = "/usr/src/linux-source-6.1.tar.xz"  # Debian's linux-source-6.1
-OWN_LINK = "microvmc"
-BUILDER_VERSION = 1
+OWN_LINK = OWN_KERNEL
 # Reproducible: nothing of the build machine or the time goes into the image.
 BUILD_ENV = {
     "KBUILD_BUILD_TIMESTAMP": "1970-01-01 00:00:00 UTC",
@@ -46,7 +49,6 @@ BUILD_ENV = {
     "LC_ALL": "C",
     "TZ": "UTC",
 }
-ARCH = "x86_64"
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -70,22 +72,31 @@ def _cc_version(cc: str) -> str:
     return out.splitlines()[0] if out else ""
 
 
-def _source_digest(source: Path) -> str:
-    if source.is_file():
-        h = hashlib.sha256()
-        with open(source, "rb") as f:
-            while chunk := f.read(1 << 20):
-                h.update(chunk)
-        return "sha256:" + h.hexdigest()
-    # A tree is named by where it is and the version its Makefile says: it is not hashed whole.
-    makefile = (source / "Makefile").read_bytes()
-    return "tree:" + hashlib.sha256(str(source.resolve()).encode() + b"\0" + makefile).hexdigest()
+def _source_digest(source: Path, kernels: Path) -> str:
+    """The source's digest as resolve computes it (compiler/kernels.py), remembered in the memo with
+    the fingerprint it was taken with (when that is settled)."""
+    memo = read_memo(str(kernels), HostFiles())
+    before = fingerprint(str(source))
+    digest = source_digest(str(source), HostFiles(), memo)
+    assert digest is not None, "build_kernel checks that the source exists"
+    if source.is_file() and before is not None and fingerprint(str(source)) == before:
+        digests = memo.get("digests") if isinstance(memo.get("digests"), dict) else {}
+        _write_memo(kernels, dict(memo, digests={**digests, str(source): [before, digest]}))
+    return digest
 
 
-def build_key(source_digest: str, fragment_digest: str, cc_version: str) -> str:
-    blob = json.dumps({"builder": BUILDER_VERSION, "source": source_digest, "fragment": fragment_digest,
-                       "cc": cc_version, "arch": ARCH}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+def _remember_source(kernels: Path, source: Path) -> None:
+    """The source of the own kernel from now on: the one built from last."""
+    _write_memo(kernels, dict(read_memo(str(kernels), HostFiles()), source=str(source)))
+
+
+def _write_memo(kernels: Path, memo: dict) -> None:
+    tmp = kernels / f".{SOURCE_MEMO}.{os.getpid()}"
+    try:
+        tmp.write_text(json.dumps(memo, indent=1, sort_keys=True) + "\n")
+        os.replace(tmp, kernels / SOURCE_MEMO)
+    except OSError:
+        tmp.unlink(missing_ok=True)  # a memo only saves time
 
 
 def build_kernel(kernels: Path, source: Path = Path(DEFAULT_SOURCE), *, jobs: int = 2, niceness: int = 15,
@@ -99,8 +110,9 @@ def build_kernel(kernels: Path, source: Path = Path(DEFAULT_SOURCE), *, jobs: in
                          hint="Debian: apt-get install linux-source-6.1, or pass --source")
     if shutil.which("make") is None:
         raise BuildError("cannot build the kernel: make is not installed", hint="run scripts/setup")
+    source = source.absolute()  # remembered as the own kernel's source: the same from any directory
     kernels.mkdir(parents=True, exist_ok=True)
-    key = build_key(_source_digest(source), fragment_digest(), _cc_version(cc))
+    key = build_key(_source_digest(source, kernels), fragment_digest(), _cc_version(cc))
     entry = kernels / f"microvmc-{key}"
     with open(kernels / ".build.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one build at a time; and what a killed one left is ours to sweep
@@ -108,6 +120,7 @@ def build_kernel(kernels: Path, source: Path = Path(DEFAULT_SOURCE), *, jobs: in
             shutil.rmtree(stale, ignore_errors=True)
         if entry.is_dir() and (entry / "build.json").is_file() and not force:
             _link(kernels, entry)
+            _remember_source(kernels, source)
             return KernelBuild(path=entry, release=(entry / "release").read_text().strip(), key=key, cached=True)
         work = Path(tempfile.mkdtemp(prefix=".build-", dir=kernels))
         try:
@@ -158,7 +171,7 @@ def _build(work: Path, entry: Path, kernels: Path, source: Path, key: str, fragm
     (out / "config").write_text(config)
     (out / "release").write_text(release + "\n")
     (out / "build.json").write_text(json.dumps({
-        "key": key, "release": release, "source": str(source), "source_digest": _source_digest(source),
+        "key": key, "release": release, "source": str(source), "source_digest": _source_digest(source, kernels),
         "fragment_digest": fragment_hash, "config_digest": hashlib.sha256(config.encode()).hexdigest(),
         "cc_version": _cc_version(cc), "arch": ARCH, "env": BUILD_ENV,
     }, indent=2, sort_keys=True) + "\n")
@@ -166,6 +179,7 @@ def _build(work: Path, entry: Path, kernels: Path, source: Path, key: str, fragm
         shutil.rmtree(entry)
     os.rename(out, entry)
     _link(kernels, entry)
+    _remember_source(kernels, source)
     say(f"kernel: built {release} in {time.monotonic() - started:.0f} s: {entry}")
     return KernelBuild(path=entry, release=release, key=key, cached=False)
 

@@ -43,7 +43,7 @@ def build(manifest: str, *, argv: Sequence[str] | None, env: Mapping[str, str] |
     output = realize(compiled)
     graph = compiled.graph
     sources = [*image.inputs, lock_file]  # a re-pulled tag, a changed layout or lockfile: compile again
-    requires = [n.path for n in graph.nodes if n.builder in BUILDERS or n.builder is Builder.IMAGE]
+    requires = [n.path for n in graph.nodes if n.builder in BUILDERS or n.builder in (Builder.IMAGE, Builder.KERNEL)]
     evalcache.record(key, files=compiled.manifest.files, sources=sources, observed=graph.observed,
                      requires=requires, output=output, environ=environ)
     return output, compiled.plan

@@ -9,6 +9,11 @@ the build order and is what `microvmc graph` prints.
     kernel ─▶ modules ─┐                               ├─▶ plan
     init-src ─▶ init ──┴─▶ initramfs ──────────────────┘
     share:<tag> ─▶ virtiofsd:<tag> ─────────────────────┘
+
+The kernel is a file that exists (the Debian kernel, the host's, one by path: a source, read by
+content: its config, release and module closure) or microvmc's own kernel, a node the build makes
+(builder "kernel", keyed by its source, fragment and compiler; compiler/kernels.py), which QEMU boots
+from its entry as it is: then there is no boot-kernel node, and nothing of the kernel is read here.
 """
 
 from __future__ import annotations
@@ -66,6 +71,7 @@ ROOT_MODE_FLAG = {RootMode.READ_ONLY: "ro", RootMode.OVERLAY: "overlay", RootMod
 class Builder(StrEnum):
     SOURCE = "source"  # an existing file or directory
     BUSYBOX_ROOTFS = "busybox-rootfs"  # the built-in image
+    KERNEL = "kernel"  # microvmc's own kernel, built from its source and fragment (backends/kernelbuild.py)
     BOOT_KERNEL = "boot-kernel"  # the ELF vmlinux when it has a PVH entry, else the image as is
     MODULES = "modules"  # the module closure the plan needs (a choice, not an output)
     INIT = "init"  # init/*.c compiled static
@@ -129,13 +135,18 @@ class Graph:
         raise KeyError(node_id)
 
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"nodes": [n.to_dict() for n in self.nodes], "edges": [list(e) for e in self.edges]}
+    def to_dict(self, realised: dict[str, bool] | None = None) -> dict[str, Any]:
+        """`realised`: which of the nodes something makes are made (backends/build.py's `realised`);
+        left out of plan.json, whose bytes depend only on the inputs."""
+        nodes = [n.to_dict() | ({"realised": realised[n.id]} if realised and n.id in realised else {}) for n in self.nodes]
+        return {"nodes": nodes, "edges": [list(e) for e in self.edges]}
 
-    def to_dot(self) -> str:
+    def to_dot(self, realised: dict[str, bool] | None = None) -> str:
         lines = ["digraph microvmc {", "  rankdir=LR;", "  node [shape=box, fontname=monospace];"]
         for n in self.nodes:
             label = f"{n.id}\\n{n.builder}" + (f"\\n{os.path.basename(n.path)}" if n.path else "")
+            if realised and n.id in realised:
+                label += "\\n(built)" if realised[n.id] else "\\n(to build)"
             shape = ", style=dashed" if n.builder in (Builder.SOURCE, Builder.VIRTIOFSD) else ""
             lines.append(f'  "{n.id}" [label="{label}"{shape}];')
         lines += [f'  "{a}" -> "{b}";' for a, b in self.edges]
@@ -150,6 +161,9 @@ class Sources:
 
     # the guest init's sources: a directory of .c and .h files, compiled together
     init_source: str = field(default_factory=lambda: str(Path(__file__).resolve().parent.parent / "init"))
+    # the Linux source microvmc's own kernel is built from; None: the one `microvmc kernel build` last
+    # used, else Debian's linux-source-6.1 (compiler/kernels.py)
+    kernel_source: str | None = None
 
 
 def init_sources(directory: str, files: HostFiles | None = None) -> tuple[str, ...]:
@@ -338,9 +352,7 @@ def resolve(manifest: Manifest, facts: HostFacts, store: str, sources: Sources =
     that read the manifest (its looks are kept with resolve's)."""
     assert Transport.AUTO not in {manifest.image.transport, *(s.transport for s in manifest.shares)}, \
         "choose_transports first"
-    from microvmc.compiler.kernels import check_features, choose_kernel, required_features
-    from microvmc.kernel.image import embedded_config, inspect_kernel
-    from microvmc.kernel.modules import resolve_modules, scan_modules, signatures_optional
+    from microvmc.compiler.kernels import OWN_KERNEL, check_features, choose_kernel, required_features
     from microvmc.kernel.requirements import parse_config
 
     files = files if files is not None else HostFiles()
@@ -361,7 +373,8 @@ def resolve(manifest: Manifest, facts: HostFacts, store: str, sources: Sources =
                         params=tuple(sorted(params.items())),
                         locations=tuple(sorted((locations or {}).items()))), *inputs)
 
-    def source(node_id: str, path: str, keys: tuple[str, ...], *, content: bool, data: bytes | None = None) -> Node:
+    def source(node_id: str, path: str, keys: tuple[str, ...], *, content: bool, data: bytes | None = None,
+               locations: dict[str, str] | None = None) -> Node:
         # Files are identified by their content; shared directories by their path, because the
         # guest sees them live, not a copy.
         if data is not None:
@@ -370,7 +383,8 @@ def resolve(manifest: Manifest, facts: HostFacts, store: str, sources: Sources =
             d = files.digest(path) if content else digest({"directory": path})
         if not content:
             files.is_dir(path)  # identified by path; while it is a directory
-        return add(Node(id=node_id, builder=Builder.SOURCE, digest=d, path=path, keys=keys))
+        return add(Node(id=node_id, builder=Builder.SOURCE, digest=d, path=path, keys=keys,
+                        locations=tuple(sorted((locations or {}).items()))))
 
     accel, accel_reason = choose_accel(manifest, facts)
 
@@ -398,53 +412,31 @@ def resolve(manifest: Manifest, facts: HostFacts, store: str, sources: Sources =
         source("rootfs", image.path, ("image.path",), content=False)
 
     # The kernel, what QEMU boots of it, and the modules the plan needs (compiler/kernels.py).
-    choice = choose_kernel(manifest, facts, isfile=files.is_file, isdir=files.is_dir)
-    kernel_image, modules_dir = choice.image, choice.modules
+    choice = choose_kernel(manifest, facts, files, own_source=sources.kernel_source)
     kernel_keys = ("kernel.source", "kernel.image") if manifest.kernel.source is KernelSource.PATH else ("kernel.source",)
-    kernel_data = files.read(kernel_image)
-    source("kernel", kernel_image, kernel_keys, content=True, data=kernel_data)
-    info = inspect_kernel(kernel_data, path=kernel_image)
-    release = info.release or (os.path.basename(os.path.normpath(modules_dir)) if modules_dir else "")
-    if not release[:1].isdigit():
-        raise KernelError(f"{kernel_image}: cannot tell which kernel release this is, so its modules cannot be checked",
-                          hint="name the modules directory after the release, as lib/modules/<release> is")
-    locations = {"chosen": choice.what, "watch": choice.own}
-    module_bytes: dict[str, bytes] = {}  # read once: for .modinfo, then for the digest
-
-    def read_module(path: Path) -> bytes:
-        if str(path) not in module_bytes:
-            module_bytes[str(path)] = files.read(str(path))
-        return module_bytes[str(path)]
-
+    locations = {"chosen": choice.what}
     root_mode = root_mode_flag(manifest, resolved.rootfs if resolved else None, files)  # looks at the image's directories: once
-    config_path = choice.config
-    config_text = files.read(config_path).decode("utf-8", "replace") if config_path else embedded_config(kernel_data)
-    tree = scan_modules(Path(modules_dir), files) if modules_dir else None
-    config = parse_config(config_text) if config_text is not None else None
-    if config is not None and not (config.get("ACPI") == "y" and config.get("PCI") == "y"):
-        # Measured: 6.1 with ACPI but without PCI fails to load microvm's ACPI tables (AE_BAD_PARAMETER)
-        # and finds no device; with the machine's ACPI off, QEMU names the virtio-mmio devices on the
-        # kernel command line instead (CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES) and the MP table the CPUs.
-        locations["acpi"] = "off"
-    derive("boot-kernel", Builder.BOOT_KERNEL, "kernel", ("kernel",), {"release": release}, kernel_keys, locations)
-    # Pre-flight: what the plan needs, built in or as modules, or one line saying what is missing.
-    wanted = check_features(required_features(manifest, root_mode), image=kernel_image, release=release,
-                            config=config,
-                            builtin=tree.builtin if tree else frozenset(),
-                            modules=frozenset(tree.modules) if tree else None)
-    resolved = resolve_modules(tree, wanted, release=release, read=read_module) if tree else ()
-    # Modules are identified by content, so the same modules elsewhere give the same initramfs.
-    module_files = [
-        {"name": m.name, "path": str(m.path),
-         "digest": hashlib.sha256(read_module(Path(modules_dir) / m.path)).hexdigest()}
-        for m in resolved
-    ]
-    if config_path:
-        source("kernel-config", config_path, kernel_keys, content=True)
-    strip = signatures_optional(config_text, manifest.kernel.cmdline) if tree else False
-    derive("modules", Builder.MODULES, "modules", ("kernel", *(("kernel-config",) if config_path else ())),
-           {"release": release, "modules": module_files, "strip_signatures": strip},
-           ("kernel.source", "image.transport", "image.mode", "shares"), {"modules_dir": modules_dir or ""})
+    wanted_features = required_features(manifest, root_mode)
+    if choice.own is not None:
+        # A node the build makes (backends/kernelbuild.py), keyed by its inputs, and booted from its
+        # entry (<kernels>/microvmc-<key>/vmlinux, a PVH ELF): nothing of it is read now. What it has
+        # is what its fragment says (the build refuses a config that lost any of it).
+        from microvmc.kernel.requirements import fragment
+
+        own = choice.own
+        config = parse_config(fragment())
+        _acpi(config, locations)
+        add(Node(id="kernel", builder=Builder.KERNEL, digest=digest({"kernel-build": own.key}), path=own.entry,
+                 keys=kernel_keys, params=(("arch", "x86_64"), ("cc_version", own.cc_version),
+                                           ("fragment", own.fragment_digest), ("key", own.key),
+                                           ("source", own.source_digest)),
+                 locations=tuple(sorted({**locations, "cc": own.cc, "source": own.source}.items()))))
+        check_features(wanted_features, image=own.image, release=f"{OWN_KERNEL}-{own.key}", config=config,
+                       modules=frozenset())
+        derive("modules", Builder.MODULES, "modules", ("kernel",), {"release": "", "modules": [], "strip_signatures": False},
+               ("kernel.source",), {"modules_dir": ""})
+    else:
+        _source_kernel(choice, manifest, files, source, derive, kernel_keys, locations, wanted_features)
 
     # The guest's configuration travels on the kernel command line, or spills into the initramfs.
     config = guest_config(manifest, root_mode, hold=hold)
@@ -472,7 +464,7 @@ def resolve(manifest: Manifest, facts: HostFacts, store: str, sources: Sources =
     ]
     # The plan runs the boot kernel with the initramfs, and each share through its virtiofsd, or
     # directly (QEMU serves 9p itself).
-    plan_inputs = ["boot-kernel", "initramfs"]
+    plan_inputs = ["kernel" if choice.own is not None else "boot-kernel", "initramfs"]
     for tag, transport, read_only in shares:
         if transport is Transport.VIRTIOFS:
             derive(f"virtiofsd:{tag}", Builder.VIRTIOFSD, f"virtiofsd-{tag}", (f"share:{tag}",),
@@ -484,6 +476,63 @@ def resolve(manifest: Manifest, facts: HostFacts, store: str, sources: Sources =
                                                          "cmdline": str(cmdline), "host": facts.to_dict()}, ())
     return Graph(nodes=tuple(_build_order(nodes, edges)), edges=tuple(sorted(set(edges))), cmdline=cmdline,
                  accel=accel, accel_reason=accel_reason, observed=files.observations())
+
+
+def _acpi(config: dict[str, str] | None, locations: dict[str, str]) -> None:
+    if config is not None and not (config.get("ACPI") == "y" and config.get("PCI") == "y"):
+        # Measured: 6.1 with ACPI but without PCI fails to load microvm's ACPI tables (AE_BAD_PARAMETER)
+        # and finds no device; with the machine's ACPI off, QEMU names the virtio-mmio devices on the
+        # kernel command line instead (CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES) and the MP table the CPUs.
+        locations["acpi"] = "off"
+
+
+def _source_kernel(choice, manifest: Manifest, files: HostFiles, source, derive, kernel_keys: tuple[str, ...],
+                   locations: dict[str, str], wanted_features: tuple[str, ...]) -> None:
+    """A kernel that is a file already (the Debian kernel, the host's, one by path): a source,
+    identified by content; its config, release and module closure are read now, through `files`."""
+    from microvmc.compiler.kernels import check_features
+    from microvmc.kernel.image import embedded_config, inspect_kernel
+    from microvmc.kernel.modules import resolve_modules, scan_modules, signatures_optional
+    from microvmc.kernel.requirements import parse_config
+
+    kernel_image, modules_dir = choice.image, choice.modules
+    kernel_data = files.read(kernel_image)
+    source("kernel", kernel_image, kernel_keys, content=True, data=kernel_data, locations={"chosen": locations.pop("chosen")})
+    info = inspect_kernel(kernel_data, path=kernel_image)
+    release = info.release or (os.path.basename(os.path.normpath(modules_dir)) if modules_dir else "")
+    if not release[:1].isdigit():
+        raise KernelError(f"{kernel_image}: cannot tell which kernel release this is, so its modules cannot be checked",
+                          hint="name the modules directory after the release, as lib/modules/<release> is")
+    module_bytes: dict[str, bytes] = {}  # read once: for .modinfo, then for the digest
+
+    def read_module(path: Path) -> bytes:
+        if str(path) not in module_bytes:
+            module_bytes[str(path)] = files.read(str(path))
+        return module_bytes[str(path)]
+
+    config_path = choice.config
+    config_text = files.read(config_path).decode("utf-8", "replace") if config_path else embedded_config(kernel_data)
+    tree = scan_modules(Path(modules_dir), files) if modules_dir else None
+    config = parse_config(config_text) if config_text is not None else None
+    _acpi(config, locations)
+    derive("boot-kernel", Builder.BOOT_KERNEL, "kernel", ("kernel",), {"release": release}, kernel_keys, locations)
+    # Pre-flight: what the plan needs, built in or as modules, or one line saying what is missing.
+    wanted = check_features(wanted_features, image=kernel_image, release=release, config=config,
+                            builtin=tree.builtin if tree else frozenset(),
+                            modules=frozenset(tree.modules) if tree else None)
+    resolved = resolve_modules(tree, wanted, release=release, read=read_module) if tree else ()
+    # Modules are identified by content, so the same modules elsewhere give the same initramfs.
+    module_files = [
+        {"name": m.name, "path": str(m.path),
+         "digest": hashlib.sha256(read_module(Path(modules_dir) / m.path)).hexdigest()}
+        for m in resolved
+    ]
+    if config_path:
+        source("kernel-config", config_path, kernel_keys, content=True)
+    strip = signatures_optional(config_text, manifest.kernel.cmdline) if tree else False
+    derive("modules", Builder.MODULES, "modules", ("kernel", *(("kernel-config",) if config_path else ())),
+           {"release": release, "modules": module_files, "strip_signatures": strip},
+           ("kernel.source", "image.transport", "image.mode", "shares"), {"modules_dir": modules_dir or ""})
 
 
 def _build_order(nodes: dict[str, Node], edges: list[tuple[str, str]]) -> Iterator[Node]:

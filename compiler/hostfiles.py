@@ -28,7 +28,7 @@ from typing import Any, Iterator
 
 from microvmc.compiler.store import file_digest
 
-__all__ = ["HostFiles", "Look", "Observation", "SETTLED"]
+__all__ = ["HostFiles", "Look", "Observation", "SETTLED", "fingerprint"]
 
 
 class Look(StrEnum):
@@ -39,6 +39,7 @@ class Look(StrEnum):
     CONTENT = "content"  # a file read or hashed
     REALPATH = "realpath"  # os.path.realpath: where a path leads, through its links
     READLINK = "readlink"  # a symbolic link's target (None: not a link, or not there)
+    STAT = "stat"  # a file's fingerprint alone (what a memo of its digest was taken with)
 
 
 # A timestamp older than this (ns) is trusted to change with the next change: file systems' clocks
@@ -147,7 +148,15 @@ _HOLDS = {
     Look.CONTENT: _content_holds,
     Look.REALPATH: lambda path, seen: os.path.realpath(path) == seen,
     Look.READLINK: lambda path, seen: _readlink(path) == seen,
+    Look.STAT: lambda path, seen: fingerprint(path) == seen,
 }
+
+
+def fingerprint(path: str) -> list[int] | None:
+    """A file's fingerprint (mode, size, mtime, ctime, inode), or None when it is not there; when it
+    is settled (older than SETTLED), a digest taken with it stands for the content while it holds."""
+    st = _stat(path)
+    return _fingerprint(st) if _settled(st) else None
 
 
 @dataclass(kw_only=True, slots=True)
@@ -168,6 +177,10 @@ class HostFiles:
 
     def exists(self, path: str) -> bool:
         return self._note(Look.EXISTS, path, os.path.lexists(path))
+
+    def fingerprint(self, path: str) -> list[int] | None:
+        """The file's fingerprint if it is settled, else None (see `fingerprint`)."""
+        return self._note(Look.STAT, path, fingerprint(path))
 
     def realpath(self, path: str) -> str:
         return self._note(Look.REALPATH, path, os.path.realpath(path))

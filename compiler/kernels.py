@@ -7,8 +7,13 @@
     kernel.source = "host"      /boot/vmlinuz-$(uname -r) and /lib/modules/$(uname -r)
     kernel.source = "path"      kernel.image, and kernel.modules when it has modules
 
-Own kernels live beside the Debian one: <kernels>/microvmc -> microvmc-<key>/ (vmlinux, config,
-...), where <kernels> is the parent of HostFacts.default_kernel_dir (<kernels>/default).
+Own kernels live beside the Debian one: <kernels>/microvmc-<key>/ (vmlinux, config, ...), where
+<kernels> is the parent of HostFacts.default_kernel_dir (<kernels>/default). microvmc's own kernel is
+a node the build makes (`OwnKernel`): its key is computed from its inputs (the Linux source's digest,
+kernel/requirements.py's fragment, the compiler), never from a kernel that is there, so resolve
+plans it whether it is built or not, from the recipe: the fragment says what it has (the build
+refuses a config that lost any of it). `realised` says whether <kernels>/microvmc-<key> is complete.
+The other kernels are files that exist: sources, read (their config, modules, release) by content.
 
 The pre-flight check reads the kernel's own description of itself (its .config beside it or
 embedded with CONFIG_IKCONFIG, modules.builtin, the modules present) against kernel/requirements.py,
@@ -17,19 +22,112 @@ so a plan that needs something the kernel lacks fails before anything starts, in
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from microvmc.compiler.host import HostFacts
+from microvmc.compiler.hostfiles import HostFiles
 from microvmc.compiler.manifest import KernelSource, Manifest, NetworkMode, Transport
 from microvmc.errors import KernelError, ManifestError, Problem
 
-__all__ = ["KernelChoice", "choose_kernel", "own_kernel_dir", "required_features", "check_features"]
+__all__ = ["KernelChoice", "OwnKernel", "choose_kernel", "own_kernel", "own_kernel_dir", "kernels_dir", "build_key",
+           "source_digest", "SOURCE_MEMO", "DEFAULT_SOURCE", "required_features", "check_features"]
 
-OWN_KERNEL = "microvmc"  # the link `microvmc kernel build` makes in <kernels>
+OWN_KERNEL = "microvmc"  # the link `microvmc kernel build` makes in <kernels>: the last one built
 # Whether "default" prefers the own kernel (when it is built; else the Debian kernel, which says so).
 DEFAULT_IS_OWN = True
+DEFAULT_SOURCE = "/usr/src/linux-source-6.1.tar.xz"  # Debian's linux-source-6.1
+# <kernels>/SOURCE_MEMO, written by `microvmc kernel build`: the source it last built from (the own
+# kernel's source from then on) and each source's digest by its fingerprint, so that resolve need not
+# hash 130 MB of tarball to know the key.
+SOURCE_MEMO = "sources.json"
+KERNEL_BUILDER_VERSION = 1  # bumped when the kernel build's output changes for the same inputs
+ARCH = "x86_64"
+
+
+def build_key(source_digest: str, fragment_digest: str, cc_version: str) -> str:
+    """The own kernel's key: what it is built from, and by what."""
+    blob = json.dumps({"builder": KERNEL_BUILDER_VERSION, "source": source_digest, "fragment": fragment_digest,
+                       "cc": cc_version, "arch": ARCH}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def kernels_dir(facts: HostFacts) -> str:
+    if not facts.default_kernel_dir:
+        return ""
+    return os.path.dirname(os.path.normpath(facts.default_kernel_dir))
+
+
+def read_memo(kernels: str, files: HostFiles) -> dict:
+    """<kernels>/sources.json, or {} when there is none or it is damaged (a memo only saves time)."""
+    path = os.path.join(kernels, SOURCE_MEMO)
+    if not kernels or not files.is_file(path):
+        return {}
+    try:
+        memo = json.loads(files.read(path))
+    except (OSError, ValueError):
+        return {}
+    return memo if isinstance(memo, dict) else {}
+
+
+def source_digest(source: str, files: HostFiles, memo: dict | None = None) -> str | None:
+    """A Linux source's digest (None when it is not there): a tarball by content (the memo's digest
+    while the file's fingerprint is the one it was taken with), a tree by where it is and its Makefile
+    (it is not hashed whole)."""
+    if files.is_file(source):
+        digests = (memo or {}).get("digests")
+        known = digests.get(source) if isinstance(digests, dict) else None
+        if isinstance(known, list) and len(known) == 2 and known[0] is not None and files.fingerprint(source) == known[0]:
+            return known[1]
+        return "sha256:" + files.digest(source)
+    if files.is_dir(source):
+        makefile = files.read(os.path.join(source, "Makefile"))
+        return "tree:" + hashlib.sha256(files.realpath(source).encode() + b"\0" + makefile).hexdigest()
+    return None
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class OwnKernel:
+    """microvmc's own kernel as a node the build makes: keyed by its inputs, built or not."""
+
+    source: str  # the Linux source tarball or tree
+    source_digest: str
+    fragment_digest: str
+    cc: str  # the compiler that builds it
+    cc_version: str
+    key: str
+    entry: str  # <kernels>/microvmc-<key>
+    realised: bool  # the entry is complete (its build.json is written last)
+
+    @property
+    def image(self) -> str:
+        return os.path.join(self.entry, "vmlinux")
+
+
+def own_kernel(facts: HostFacts, files: HostFiles, source: str | None = None) -> OwnKernel | str:
+    """The own kernel's node for this fragment, compiler and source, or why it cannot be built here.
+    `source`: the Linux source (default: the one `microvmc kernel build` last used, else Debian's)."""
+    from microvmc.kernel.requirements import fragment_digest
+
+    kernels = kernels_dir(facts)
+    if not kernels:
+        return "no kernel directory is known"
+    memo = read_memo(kernels, files)
+    if source is None:
+        source = memo.get("source") if isinstance(memo.get("source"), str) else DEFAULT_SOURCE
+    if not facts.cc or not facts.cc_version:
+        return "no C compiler is installed to build it"
+    digest = source_digest(source, files, memo)
+    if digest is None:
+        return f"its source {source} is missing"
+    fragment = fragment_digest()
+    key = build_key(digest, fragment, facts.cc_version)
+    entry = os.path.join(kernels, f"{OWN_KERNEL}-{key}")
+    return OwnKernel(source=source, source_digest=digest, fragment_digest=fragment, cc=facts.cc,
+                     cc_version=facts.cc_version, key=key, entry=entry,
+                     realised=files.is_file(os.path.join(entry, "build.json")))
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -38,66 +136,65 @@ class KernelChoice:
     modules: str | None  # lib/modules/<release>; None: everything it needs is built in
     config: str | None  # its .config file, when one is kept beside it
     what: str  # for messages and the graph: "microvmc's own kernel", "the Debian kernel", ...
-    own: str  # where the own kernel is looked for: the cache watches it appear or change
+    own: OwnKernel | None = None  # microvmc's own kernel: a node the build makes, not a file read now
 
 
 def own_kernel_dir(facts: HostFacts) -> str:
-    if not facts.default_kernel_dir:
-        return ""
-    return os.path.join(os.path.dirname(os.path.normpath(facts.default_kernel_dir)), OWN_KERNEL)
+    """<kernels>/microvmc: the link to the own kernel built last (doctor, the tests)."""
+    kernels = kernels_dir(facts)
+    return os.path.join(kernels, OWN_KERNEL) if kernels else ""
 
 
-def choose_kernel(manifest: Manifest, facts: HostFacts, *, isfile: Callable[[str], bool] = os.path.isfile,
-                  isdir: Callable[[str], bool] = os.path.isdir) -> KernelChoice:
+def choose_kernel(manifest: Manifest, facts: HostFacts, files: HostFiles | None = None, *,
+                  own_source: str | None = None) -> KernelChoice:
+    """Which kernel the manifest boots. The own kernel is chosen by its key, whether it is built
+    or not ("microvmc": the build makes it); "default" takes it only when it is built."""
+    files = files or HostFiles()
     kernel = manifest.kernel
-    own = own_kernel_dir(facts)
-    own_image = os.path.join(own, "vmlinux") if own else ""
+    isfile, isdir = files.is_file, files.is_dir
+    source = kernel.source
 
     def missing(what: str, path: str, hint: str) -> ManifestError:
         return ManifestError([Problem(manifest.name, "kernel.source", f"{what} is not installed: {path} is missing", hint)])
-
-    def own_kernel() -> KernelChoice:
-        config = os.path.join(own, "config")
-        return KernelChoice(image=own_image, modules=None, config=config if isfile(config) else None,
-                            what=f"microvmc's own kernel ({os.path.realpath(own)})", own=own_image)
 
     def modular(image: str, modules: str, what: str, hint: str, note: str = "") -> KernelChoice:
         if not isfile(image) or not isdir(modules):
             raise missing(what, image if not isfile(image) else modules, hint)
         return KernelChoice(image=image, modules=modules, config=_config_beside(image, modules, isfile),
-                            what=what + note, own=own_image)
+                            what=what + note)
 
-    source = kernel.source
     if source is KernelSource.PATH:
         assert kernel.image
         if kernel.modules is None:
             folder = os.path.dirname(kernel.image)
             config = next((c for c in (os.path.join(folder, "config"), os.path.join(folder, ".config")) if isfile(c)), None)
-            return KernelChoice(image=kernel.image, modules=None, config=config, what=f"kernel.image {kernel.image}",
-                                own=own_image)
+            return KernelChoice(image=kernel.image, modules=None, config=config, what=f"kernel.image {kernel.image}")
         return KernelChoice(image=kernel.image, modules=kernel.modules,
                             config=_config_beside(kernel.image, kernel.modules, isfile),
-                            what=f"kernel.image {kernel.image}", own=own_image)
+                            what=f"kernel.image {kernel.image}")
     if source is KernelSource.HOST:
         release = facts.host_kernel_release
         return modular(f"/boot/vmlinuz-{release}", f"/lib/modules/{release}", "the host's kernel",
                        "set kernel.source = \"path\"")
-    if source is KernelSource.MICROVMC or (DEFAULT_IS_OWN and source is KernelSource.DEFAULT and own_image
-                                           and isfile(own_image)):
-        if not own_image or not isfile(own_image):
-            raise missing("microvmc's own kernel", own_image or "<kernels>/microvmc/vmlinux",
-                          "run `microvmc kernel build` (or scripts/setup)")
-        return own_kernel()
+    own = own_kernel(facts, files, own_source) if source in (KernelSource.MICROVMC, KernelSource.DEFAULT) else None
+    if source is KernelSource.MICROVMC or (DEFAULT_IS_OWN and isinstance(own, OwnKernel) and own.realised):
+        if not isinstance(own, OwnKernel):
+            raise ManifestError([Problem(manifest.name, "kernel.source",
+                                         f"microvmc's own kernel cannot be built here: {own}",
+                                         "Debian: apt-get install linux-source-6.1 gcc; or set kernel.source = \"debian\"")])
+        return KernelChoice(image=own.image, modules=None, config=None, own=own,
+                            what=f"microvmc's own kernel ({own.entry})")
     base = facts.default_kernel_dir
     what = "the Debian kernel" if source is KernelSource.DEBIAN else "the default kernel"
     # the fallback says why it is not the own kernel (the graph shows it)
-    note = (" (the Debian kernel: microvmc's own kernel is not built; `microvmc kernel build`)"
-            if source is KernelSource.DEFAULT and DEFAULT_IS_OWN else "")
+    why = (f"microvmc's own kernel is not built ({own.entry}); `microvmc kernel build`" if isinstance(own, OwnKernel)
+           else f"microvmc's own kernel cannot be built: {own}")
+    note = f" (the Debian kernel: {why})" if source is KernelSource.DEFAULT and DEFAULT_IS_OWN else ""
     hint = "run scripts/setup, or set kernel.source = \"path\""
     return modular(os.path.join(base, "vmlinuz"), os.path.join(base, "modules"), what, hint, note)
 
 
-def _config_beside(image: str, modules_dir: str, isfile: Callable[[str], bool]) -> str | None:
+def _config_beside(image: str, modules_dir: str, isfile) -> str | None:
     """The kernel's .config, where a kernel package or build tree keeps it, if anywhere."""
     folder = os.path.dirname(image)
     release = os.path.basename(os.path.normpath(modules_dir))

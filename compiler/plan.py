@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import ipaddress
 
-from microvmc.compiler.graph import ROOT_TAG, USER_ADDRESS, USER_DNS, USER_GATEWAY, USER_NETWORK, Graph
+from microvmc.compiler.graph import ROOT_TAG, USER_ADDRESS, USER_DNS, USER_GATEWAY, USER_NETWORK, Builder, Graph
 from microvmc.compiler.host import HostFacts, VirtiofsdFlavour
 from microvmc.compiler import qemu
 from microvmc.compiler.launch import Fd, LaunchPlan, VirtiofsdPlan
@@ -48,12 +48,23 @@ def virtiofsd_argv(binary: str, flavour: VirtiofsdFlavour, shared_dir: str, read
     return (*read_only_jail(shared_dir), *argv) if read_only else argv
 
 
+def boot_kernel(graph: Graph) -> tuple[str, bool]:
+    """What QEMU boots, and whether the machine has ACPI: the own kernel's vmlinux from its entry
+    (compiler/kernels.py), else the boot-kernel the store holds."""
+    kernel = graph.node("kernel")
+    if kernel.builder is Builder.KERNEL:
+        return kernel.path + "/vmlinux", kernel.locations_dict().get("acpi") != "off"
+    boot = graph.node("boot-kernel")
+    return boot.path + "/kernel", boot.locations_dict().get("acpi") != "off"
+
+
 def describe(manifest: Manifest, graph: Graph) -> Machine:
     """The VM the graph builds, in no VMM's words."""
     filesystems = [Filesystem(tag=ROOT_TAG, transport=str(manifest.image.transport), host_dir=graph.node("share:root").path,
                               read_only=manifest.image.mode is not RootMode.READ_WRITE,
                               keys=("image.path", "image.transport", "image.mode"),
                               ownership=graph.node("rootfs").params_dict().get("ownership", "native"))]
+    kernel, acpi = boot_kernel(graph)
     filesystems += [Filesystem(tag=s.tag, transport=str(s.transport), host_dir=s.host, read_only=s.read_only,
                                keys=(f"shares.{s.tag}",), staged_from=s.staged_from) for s in manifest.shares]
     return Machine(
@@ -62,13 +73,13 @@ def describe(manifest: Manifest, graph: Graph) -> Machine:
         accel_reason=graph.accel_reason,
         cpus=manifest.resources.cpus,
         memory_mib=manifest.resources.memory,
-        kernel=graph.node("boot-kernel").path + "/kernel",
+        kernel=kernel,
         initrd=graph.node("initramfs").path + "/initramfs.cpio.gz",
         cmdline=str(graph.cmdline),
         console=Fd.CONSOLE,
         ports=PORTS,
         filesystems=tuple(filesystems),
-        acpi=graph.node("boot-kernel").locations_dict().get("acpi") != "off",
+        acpi=acpi,
         nic=_nic(manifest),
     )
 

@@ -312,7 +312,9 @@ def _cmd_build(args: argparse.Namespace) -> int:
 def _cmd_plan(args: argparse.Namespace) -> int:
     import shlex
 
+    from microvmc.backends.build import realised
     from microvmc.compiler.emit import to_json
+    from microvmc.compiler.graph import Builder
 
     compiled = _compile(args)
     plan = compiled.plan
@@ -326,14 +328,21 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     print(" \\\n    ".join(shlex.join(g.args) for g in plan.qemu))
     print("# kernel command line" + (" (guest configuration spilled to /microvmc/config)" if plan.spilled else ""))
     print(plan.cmdline)
+    kernel = compiled.graph.node("kernel")
+    if kernel.builder is Builder.KERNEL and not realised(compiled.graph)["kernel"]:
+        print(f"# the kernel {kernel.path} is not built yet: `microvmc build` builds it (minutes), "
+              "or `microvmc kernel build`")
     return 0
 
 
 def _cmd_graph(args: argparse.Namespace) -> int:
     from microvmc.compiler.emit import to_json
 
+    from microvmc.backends.build import realised
+
     graph = _compile(args, overrides=False).graph
-    sys.stdout.write(to_json(graph.to_dict()) if args.json else graph.to_dot())
+    made = realised(graph)  # what the build would still make: the own kernel too
+    sys.stdout.write(to_json(graph.to_dict(made)) if args.json else graph.to_dot(made))
     return 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import subprocess
 import sys
 from dataclasses import replace
@@ -15,7 +16,7 @@ from microvmc.compiler.kernels import check_features, choose_kernel, required_fe
 from microvmc.compiler.manifest import Kernel, KernelSource
 from microvmc.errors import KernelError, ManifestError
 from microvmc.kernel.image import embedded_config
-from microvmc.kernel.requirements import FEATURES, OPTIONS, fragment, missing_options, parse_config
+from microvmc.kernel.requirements import FEATURES, OPTIONS, fragment, fragment_digest, missing_options, parse_config
 
 MICROVMC = [sys.executable, "-m", "microvmc"]
 
@@ -85,31 +86,42 @@ def kernels(tmp_path: Path) -> Path:
 
 @pytest.mark.parametrize("own_default", [False, True])  # True: as shipped
 def test_default_is_the_own_kernel_when_built_else_debian(kernels: Path, own_default: bool, monkeypatch):
+    """The own kernel is chosen by the key of its inputs, built or not; "default" takes it only
+    when its entry is complete, and the fallback says why."""
     import microvmc.compiler.kernels as k
+    from microvmc.compiler.hostfiles import HostFiles
 
     monkeypatch.setattr(k, "DEFAULT_IS_OWN", own_default)
-    facts = fake_facts(default_kernel_dir=str(kernels / "default"))
-    chosen = choose_kernel(_manifest(KernelSource.DEFAULT), facts)
-    assert (chosen.image, chosen.modules) == (str(kernels / "default/vmlinuz"), str(kernels / "default/modules"))
-    assert chosen.own == str(kernels / "microvmc/vmlinux")  # watched: its appearing is a cache miss
+    source = kernels / "linux.tar.xz"
+    source.write_bytes(b"not really a kernel source")
+    facts = fake_facts(default_kernel_dir=str(kernels / "default"), cc_version="gcc (fixture) 12")
+    choose = lambda s: choose_kernel(_manifest(s), facts, HostFiles(), own_source=str(source))
+    chosen = choose(KernelSource.DEFAULT)
+    assert (chosen.image, chosen.modules, chosen.own) == (str(kernels / "default/vmlinuz"), str(kernels / "default/modules"), None)
+    key = k.build_key("sha256:" + hashlib.sha256(source.read_bytes()).hexdigest(), fragment_digest(), "gcc (fixture) 12")
+    entry = kernels / f"microvmc-{key}"
     if own_default:  # the fallback says why it is not the own kernel
-        assert chosen.what == ("the default kernel (the Debian kernel: microvmc's own kernel is not built; "
-                               "`microvmc kernel build`)")
-    with pytest.raises(ManifestError, match=r"microvmc's own kernel is not installed: .*microvmc/vmlinux is missing "
-                                            r"\(run `microvmc kernel build`"):
-        choose_kernel(_manifest(KernelSource.MICROVMC), facts)
-    own = kernels / "microvmc-abc"
-    own.mkdir()
-    (own / "vmlinux").write_bytes(b"")
-    (own / "config").write_text("CONFIG_VIRTIO_FS=y\n")
-    (kernels / "microvmc").symlink_to(own.name)
-    for source in (KernelSource.DEFAULT, KernelSource.MICROVMC) if own_default else (KernelSource.MICROVMC,):
-        chosen = choose_kernel(_manifest(source), facts)
-        assert (chosen.image, chosen.modules, chosen.config) == (str(kernels / "microvmc/vmlinux"), None,
-                                                                 str(kernels / "microvmc/config"))
-    assert choose_kernel(_manifest(KernelSource.DEBIAN), facts).modules == str(kernels / "default/modules")
+        assert chosen.what == f"the default kernel (the Debian kernel: microvmc's own kernel is not built ({entry}); " \
+                              "`microvmc kernel build`)"
+    own = choose(KernelSource.MICROVMC)  # asked for by name: a node the build makes
+    assert (own.image, own.modules, own.own.entry, own.own.realised) == (str(entry / "vmlinux"), None, str(entry), False)
+    entry.mkdir()
+    (entry / "vmlinux").write_bytes(b"")
+    assert not choose(KernelSource.MICROVMC).own.realised  # complete only once build.json is there
+    (entry / "build.json").write_text("{}")
+    for s in (KernelSource.DEFAULT, KernelSource.MICROVMC) if own_default else (KernelSource.MICROVMC,):
+        assert (choose(s).own.entry, choose(s).own.realised) == (str(entry), True)
+    assert choose(KernelSource.DEBIAN).modules == str(kernels / "default/modules")
     if not own_default:
-        assert choose_kernel(_manifest(KernelSource.DEFAULT), facts).modules == str(kernels / "default/modules")
+        assert choose(KernelSource.DEFAULT).modules == str(kernels / "default/modules")
+    source.write_bytes(b"another source")  # other inputs, another key: not built
+    assert choose(KernelSource.MICROVMC).own.entry != str(entry)
+    assert choose(KernelSource.DEFAULT).own is None
+    source.unlink()
+    with pytest.raises(ManifestError) as err:
+        choose(KernelSource.MICROVMC)
+    assert err.value.lines() == [f"m.toml: kernel.source: microvmc's own kernel cannot be built here: its source {source} "
+                                 "is missing (Debian: apt-get install linux-source-6.1 gcc; or set kernel.source = \"debian\")"]
 
 
 def test_required_features_follow_the_plan():

@@ -60,7 +60,7 @@ def test_hello(env, tmp_path: Path, kernel: str) -> None:
     assert (record["plan"]["name"], record["state"], record["status"], record["manifest"]) == (
         "hello", "exited", 0, str(manifest))
     graph = json.loads(Path(record["output"], "plan.json").read_text())["graph"]
-    chosen = next(n for n in graph["nodes"] if n["id"] == "boot-kernel")["locations"]["chosen"]
+    chosen = next(n for n in graph["nodes"] if n["id"] == "kernel")["locations"]["chosen"]
     assert chosen.startswith({"microvmc": "microvmc's own kernel", "debian": "the Debian kernel"}[kernel]), chosen
     assert not (runs[-1] / "vm").exists() and not (runs[-1] / "control.sock").exists()
     report = (runs[-1] / "status").read_text().splitlines()
