@@ -50,9 +50,12 @@ def parse_publish(text: str) -> dict[str, Any]:
     def bad(why: str) -> ManifestError:
         return ManifestError([Problem(publish_origin(text), "", f"{why}; expected {PUBLISH_SYNTAX}")])
 
+    from microvmc.compiler.manifest import schema_node  # (manifest imports this module)
+
+    protocols = schema_node(("network", "forwards", 0, "protocol"))["enum"]  # and its default is the schema's
     spec, slash, protocol = text.partition("/")
-    if slash and protocol not in ("tcp", "udp"):
-        raise bad(f"{json.dumps(protocol)} is not tcp or udp")
+    if slash and protocol not in protocols:
+        raise bad(f"{json.dumps(protocol)} is not {' or '.join(protocols)}")
     parts = spec.split(":")
     if len(parts) not in (2, 3):
         raise bad("a host port and a guest port are both needed" if len(parts) == 1 else "too many ':'")
@@ -64,7 +67,7 @@ def parse_publish(text: str) -> dict[str, Any]:
             raise bad(f"{json.dumps(port)}: port ranges are not supported")
         if not port.isascii() or not port.isdigit():
             raise bad(f"{json.dumps(port)} is not a port number")
-    forward: dict[str, Any] = {"host": int(host), "guest": int(guest), "protocol": protocol or "tcp"}
+    forward: dict[str, Any] = {"host": int(host), "guest": int(guest), **({"protocol": protocol} if slash else {})}
     if address:
         if not address[0]:
             raise bad("the host address is empty")

@@ -387,7 +387,7 @@ def _resources(reader: _Reader, linux: Mapping[str, Any]) -> dict[str, int]:
     quota, period = cpu.get("quota"), cpu.get("period")
     if isinstance(quota, int) and isinstance(period, int) and quota > 0 and period > 0:
         bounds = schema_node(("resources", "cpus"))
-        out["cpus"] = min(max(math.ceil(quota / period), bounds.get("minimum", 1)), bounds["maximum"])
+        out["cpus"] = min(max(math.ceil(quota / period), bounds["minimum"]), bounds["maximum"])
     return out
 
 

@@ -36,12 +36,19 @@ def compiled(tmp_path: Path, text: str, **overrides):
 
 
 @pytest.mark.parametrize("text, forward", [
-    ("8080:80", {"host": 8080, "guest": 80, "protocol": "tcp"}),
+    ("8080:80", {"host": 8080, "guest": 80}),  # the protocol is the schema's default, which validation fills in
     ("127.0.0.1:5353:53/udp", {"host": 5353, "guest": 53, "protocol": "udp", "host_address": "127.0.0.1"}),
     ("0.0.0.0:1:2/tcp", {"host": 1, "guest": 2, "protocol": "tcp", "host_address": "0.0.0.0"}),
 ])
 def test_publish_syntax_is_dockers(text: str, forward: dict) -> None:
     assert parse_publish(text) == forward
+
+
+def test_a_published_port_without_protocol_is_the_schema_s_default(tmp_path: Path) -> None:
+    from microvmc.compiler.manifest import schema_node
+
+    m = manifest(tmp_path, '[network]\nmode = "user"\n[process]\nargv = ["true"]\n', publish=["8080:80"])
+    assert [str(f.protocol) for f in m.network.forwards] == [schema_node(("network", "forwards", 0, "protocol"))["default"]]
 
 
 @pytest.mark.parametrize("text, why", [
