@@ -356,8 +356,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.tty and not args.detach and not os.isatty(0):
         raise MicrovmcError("-t: stdin is not a terminal", status=ExitStatus.USAGE)
     size = None if args.log_max_size is None else lifecycle.parse_size(args.log_max_size, "--log-max-size")
-    if args.log_max_files is not None and args.log_max_files < 1:
-        raise MicrovmcError(f"--log-max-files {args.log_max_files}: at least 1", status=ExitStatus.USAGE)
+    # the bounds of logs.max_size and logs.max_files, which these override: the schema's
+    lifecycle.check_bounds(size, ("logs", "max_size"), f"--log-max-size {args.log_max_size}")
+    lifecycle.check_bounds(args.log_max_files, ("logs", "max_files"), f"--log-max-files {args.log_max_files}")
     store = lifecycle.store_of(args)
     if args.name is not None:
         store.check_name(args.name)  # before a build that may take minutes

@@ -63,6 +63,20 @@ def parse_size(text: str, option: str) -> int:
     return size
 
 
+def check_bounds(value: int | None, key: tuple[str, ...], what: str) -> None:
+    """An option that overrides a manifest key keeps to that key's bounds in the schema."""
+    from microvmc.compiler.manifest import schema_node
+
+    if value is None:
+        return
+    node = schema_node(key)
+    unit = f" {node['x-unit']}" if "x-unit" in node else ""
+    for bound, wrong in (("minimum", value < node.get("minimum", value)), ("maximum", value > node.get("maximum", value))):
+        if wrong:
+            raise MicrovmcError(f"{what}: {value} is {'below' if bound == 'minimum' else 'above'} the {bound} of "
+                                f"{node[bound]}{unit} ({'.'.join(key)})", status=ExitStatus.USAGE)
+
+
 # --- ps ------------------------------------------------------------------------------------------
 
 
@@ -301,7 +315,11 @@ def cmd_stop(args: argparse.Namespace) -> int:
     runs = [store.find(ref) for ref in args.runs]
     for run in runs:
         if run.alive():
-            timeout = args.time if args.time is not None else run.record().get("plan", {}).get("stop_timeout", 10)
+            timeout = args.time if args.time is not None else run.record().get("plan", {}).get("stop_timeout")
+            if timeout is None:  # a record from before plans had it: the schema's default
+                from microvmc.compiler.manifest import schema_node
+
+                timeout = schema_node(("resources", "stop_timeout"))["default"]
             try:
                 Client(run).stop(float(timeout))
             except MicrovmcError:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from conftest import EXAMPLES
 
@@ -112,3 +115,18 @@ def test_a_reader_that_went_away_is_not_an_error(boot_env, tmp_path: Path) -> No
         finally:
             os.close(write_end)
         assert (r.returncode, r.stderr) == (0, ""), command
+
+
+@pytest.mark.parametrize("option, message", [
+    (["--log-max-files", "0"], "--log-max-files 0: 0 is below the minimum of 1 (logs.max_files)"),
+    (["--log-max-files", "101"], "--log-max-files 101: 101 is above the maximum of 100 (logs.max_files)"),
+    (["--log-max-size", "2000g"],
+     "--log-max-size 2000g: 2147483648000 is above the maximum of 1099511627776 bytes (logs.max_size)"),
+])
+def test_log_options_keep_to_the_schema_s_bounds_of_the_keys_they_override(tmp_path: Path, option, message) -> None:
+    (tmp_path / "m.toml").write_text('version = 1\n[process]\nargv = ["true"]\n')
+    env = dict(os.environ, XDG_STATE_HOME=str(tmp_path / "state"), XDG_CACHE_HOME=str(tmp_path / "cache"))
+    r = subprocess.run([sys.executable, "-m", "microvmc", "run", "-d", *option, "m.toml"], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert (r.returncode, r.stderr) == (2, f"microvmc: {message}\n")
+    assert not (tmp_path / "state").exists()
