@@ -44,9 +44,11 @@ class Observed:
 
     interface: str
     mac: str
-    address: str  # "10.88.0.5/16"; "" when it has no IPv4 address
-    gateway: str  # the default route's; "" without one
+    address: str  # "10.88.0.5/16", its first IPv4 address; "" when it has none
+    gateway: str  # the IPv4 default route's; "" without one
     mtu: int
+    addresses: tuple[str, ...] = ()  # its other addresses, IPv4 then IPv6 ("fd00::5/64"), link-local ones left out
+    gateway6: str = ""  # the IPv6 default route's; "" without one
 
 
 def _ipr(namespace: str) -> Any:
@@ -77,21 +79,30 @@ def _interface(ipr: Any, namespace: str, interface: str | None) -> Any:
     return ours[0]
 
 
+RT_SCOPE_LINK = 253
+
+
+def _default_gateway(ipr: Any, family: int, index: int) -> str:
+    for route in ipr.get_routes(family=family, table=254):
+        if route["dst_len"] == 0 and route.get_attr("RTA_GATEWAY") and route.get_attr("RTA_OIF") in (index, None):
+            return route.get_attr("RTA_GATEWAY")
+    return ""
+
+
 def observe(namespace: str, interface: str | None = None) -> Observed:
-    """The namespace's interface (its one other than lo unless named): name, MAC, first IPv4
-    address with its prefix, the default gateway, MTU."""
+    """The namespace's interface (its one other than lo unless named): name, MAC, its addresses
+    with their prefixes (IPv4 and IPv6, not link-local: the guest's kernel makes its own), the
+    default gateways (IPv4, IPv6), MTU."""
     with _ipr(namespace) as ipr:
         link = _interface(ipr, namespace, interface)
         index = link["index"]
-        addresses = [a for a in ipr.get_addr(family=2, index=index)]
-        address = f"{addresses[0].get_attr('IFA_ADDRESS')}/{addresses[0]['prefixlen']}" if addresses else ""
-        gateway = ""
-        for route in ipr.get_routes(family=2, table=254):
-            if route["dst_len"] == 0 and route.get_attr("RTA_GATEWAY") and route.get_attr("RTA_OIF") in (index, None):
-                gateway = route.get_attr("RTA_GATEWAY")
-                break
+        found = [f"{a.get_attr('IFA_ADDRESS')}/{a['prefixlen']}" for family in (2, 10)
+                 for a in ipr.get_addr(family=family, index=index) if a["scope"] != RT_SCOPE_LINK]
+        v4 = [a for a in found if ":" not in a]
+        address = v4[0] if v4 else ""
         return Observed(interface=link.get_attr("IFLA_IFNAME"), mac=link.get_attr("IFLA_ADDRESS"),
-                        address=address, gateway=gateway, mtu=link.get_attr("IFLA_MTU"))
+                        address=address, gateway=_default_gateway(ipr, 2, index), mtu=link.get_attr("IFLA_MTU"),
+                        addresses=tuple(a for a in found if a != address), gateway6=_default_gateway(ipr, 10, index))
 
 
 def _in_namespace(namespace: str, work: Callable[[], Any]) -> Any:
@@ -198,7 +209,7 @@ def _remove_tap(ipr: Any, tap: str) -> None:
 
 def namespace_network(namespace: str, interface: str = "") -> tuple[Network | None, str]:
     """The manifest's `[network]` for a VM that takes over the namespace's interface (mode netns,
-    its observed MAC, address, gateway and MTU), or None and why not: an interface without an IPv4
+    its observed MAC, addresses, gateways and MTU), or None and why not: an interface without an IPv4
     address or without a default route (the guest init needs both) keeps the VM without a network,
     as does a namespace with only lo (an engine's `--network none`)."""
     if not interface:
@@ -210,4 +221,5 @@ def namespace_network(namespace: str, interface: str = "") -> tuple[Network | No
         missing = "IPv4 address" if not seen.address else "default route"
         return None, f"the interface {seen.interface} of network namespace {namespace} has no {missing}"
     return Network(mode=NetworkMode.NETNS, namespace=namespace, interface=seen.interface, address=seen.address,
-                   gateway=seen.gateway, mac=seen.mac.lower(), mtu=seen.mtu), ""
+                   addresses=seen.addresses, gateway=seen.gateway, gateway6=seen.gateway6, mac=seen.mac.lower(),
+                   mtu=seen.mtu), ""

@@ -133,7 +133,8 @@ class GuestConfig:
     rlimits: tuple[Rlimit, ...] = ()
     tty: bool = False  # a pty as the program's terminal; its size comes over the control port
     hold: bool = False  # run the program only when the host says `start`
-    net: str = ""  # MVMC_NET: "address/prefix:gateway:dns", "" for no network device
+    # MVMC_NET: (addresses with prefixes, gateways, dns servers), each comma-separated; () without a network device
+    net: tuple[str, ...] = ()
     debug: bool = False
 
 
@@ -155,7 +156,7 @@ def guest_params(config: GuestConfig) -> tuple[tuple[str, str], ...]:
     if config.hold:
         params.append(("MVMC_HOLD", "1"))
     if config.net:
-        params.append(("MVMC_NET", ":".join(encode(part) for part in config.net.split(":"))))
+        params.append(("MVMC_NET", ":".join(encode(part) for part in config.net)))
     params += [(f"MVMC_A{i}", encode(arg)) for i, arg in enumerate(config.argv)]
     params += [(f"MVMC_E{i}", f"{encode(name)}={encode(value)}") for i, (name, value) in enumerate(config.env)]
     return tuple(params)

@@ -59,6 +59,10 @@ USER_NETWORK = "10.0.2.0/24"
 USER_ADDRESS = "10.0.2.15/24"
 USER_GATEWAY = "10.0.2.2"  # also the host's loopback
 USER_DNS = "10.0.2.3"
+# and its IPv6 (QEMU's defaults, stated): site-local, so that RFC 6724 still prefers IPv4 for a name with both
+USER_NETWORK6 = "fec0::/64"
+USER_ADDRESS6 = "fec0::15/64"
+USER_GATEWAY6 = "fec0::2"  # the host's ::1
 
 # Name resolution in the guest (init/net.c): init writes hosts and resolv.conf into a tmpfs here, the
 # MVMC_M<n> ops bind them onto /etc and then detach it. The image is never modified.
@@ -311,16 +315,19 @@ def guest_config(manifest: Manifest, root_mode: str, *, hold: bool = False) -> G
     )
 
 
-def _guest_net(manifest: Manifest) -> str:
-    """MVMC_NET: "address/prefix:gateway:dns[,dns...]" (no DNS server: empty), "" without a network."""
+def _guest_net(manifest: Manifest) -> tuple[str, ...]:
+    """MVMC_NET's fields: the addresses with their prefixes (the first is the hostname's in
+    /etc/hosts), the default gateways (one per family), the DNS servers (none: empty); () without a network."""
     network = manifest.network
     if network.mode is NetworkMode.NONE:
-        return ""
+        return ()
     if network.mode is NetworkMode.NETNS:
-        return f"{network.address}:{network.gateway}:{','.join(network.dns)}"
+        return (",".join((network.address, *network.addresses)),
+                ",".join(gw for gw in (network.gateway, network.gateway6) if gw), ",".join(network.dns))
     # isolated: slirp's DNS does not answer (restrict=on), so the guest is given none (a lookup then
     # fails at once instead of timing out)
-    return f"{USER_ADDRESS}:{USER_GATEWAY}:{USER_DNS if network.mode is NetworkMode.USER else ''}"
+    return (f"{USER_ADDRESS},{USER_ADDRESS6}", f"{USER_GATEWAY},{USER_GATEWAY6}",
+            USER_DNS if network.mode is NetworkMode.USER else "")
 
 
 def with_name_resolution(manifest: Manifest) -> Manifest:

@@ -124,6 +124,9 @@ class Nic:
     namespace: str = ""  # TAP: where the backend makes the tap, and the interface it joins it to
     interface: str = ""  # "": the namespace's one interface other than lo
     mtu: int  # the guest NIC's (virtio-net host_mtu, network.mtu) and, for TAP, the tap's
+    addresses: tuple[str, ...] = ()  # the guest's further addresses (IPv6 ones), "fd00::5/64"
+    gateway6: str = ""
+    network6: str = ""  # USER: the IPv6 network the VMM provides, "fec0::/64"
 
     def source(self, index: int) -> str:
         return self.sources[index] if index < len(self.sources) else f"network.forwards[{index}]"
@@ -131,6 +134,9 @@ class Nic:
     def to_dict(self) -> dict[str, Any]:
         return {"outbound": self.outbound, "network": self.network, "address": self.address, "gateway": self.gateway,
                 "dns": self.dns, "forwards": [list(f) for f in self.forwards], "keys": list(self.keys), "mtu": self.mtu,
+                **({"addresses": list(self.addresses)} if self.addresses else {}),
+                **({"gateway6": self.gateway6} if self.gateway6 else {}),
+                **({"network6": self.network6} if self.network6 else {}),
                 **({"sources": list(self.sources)} if self.sources else {}),
                 **({"kind": str(self.kind), "mac": self.mac, "namespace": self.namespace, "interface": self.interface}
                    if self.kind is not NicKind.USER else {})}
@@ -141,7 +147,8 @@ class Nic:
                    dns=d["dns"], forwards=tuple(tuple(f) for f in d["forwards"]), keys=tuple(d["keys"]),
                    sources=tuple(d.get("sources", ())), kind=NicKind(d.get("kind", "user")), mac=d.get("mac", ""),
                    namespace=d.get("namespace", ""), interface=d.get("interface", ""),
-                   mtu=d.get("mtu", 1500))  # a record from before network.mtu: virtio-net's own 1500
+                   mtu=d.get("mtu", 1500), addresses=tuple(d.get("addresses", ())), gateway6=d.get("gateway6", ""),
+                   network6=d.get("network6", ""))  # a record from before network.mtu: virtio-net's own 1500
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

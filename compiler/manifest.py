@@ -236,15 +236,18 @@ class Network:
     namespace: str = ""
     interface: str = ""
     address: str = ""  # "10.88.0.5/16"
+    addresses: tuple[str, ...] = ()  # further ones, IPv4 or IPv6: "fd00:88::5/64"
     gateway: str = ""
+    gateway6: str = ""
     mac: str = ""
     dns: tuple[str, ...] = ()
     mtu: int = 0  # the guest NIC's (network.mtu); 0 only without a network device
 
     def to_dict(self) -> dict[str, Any]:
         # keys absent when unset, so that manifests without them keep their digests
-        netns = {k: v for k in ("namespace", "interface", "address", "gateway", "mac") if (v := getattr(self, k))}
-        return {"mode": str(self.mode), **netns, **({"dns": list(self.dns)} if self.dns else {}),
+        netns = {k: v for k in ("namespace", "interface", "address", "gateway", "gateway6", "mac") if (v := getattr(self, k))}
+        return {"mode": str(self.mode), **netns, **({"addresses": list(self.addresses)} if self.addresses else {}),
+                **({"dns": list(self.dns)} if self.dns else {}),
                 **({"mtu": self.mtu} if self.mode is not NetworkMode.NONE else {}),
                 **({"forwards": [f.to_dict() for f in self.forwards]} if self.forwards else {})}
 
@@ -640,7 +643,7 @@ def _semantic_problems(loaded: Loaded) -> list[tuple[KeyPath, Problem]]:
     return problems
 
 
-NETNS_KEYS = ("namespace", "interface", "address", "gateway", "mac", "dns")
+NETNS_KEYS = ("namespace", "interface", "address", "addresses", "gateway", "gateway6", "mac", "dns")
 _MAC = re.compile(r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}")
 _IFNAME = re.compile(r"[^/\s:]{1,15}")  # the kernel's IFNAMSIZ less its NUL; no '/', ':' or space
 
@@ -694,6 +697,35 @@ def _netns_problems(network: dict[str, Any], add: Any) -> None:
             if net is not None and (gw not in net.network or gw == net.ip):
                 add(("network", "gateway"), f"{show(gateway)} is not another address in network.address's network "
                     f"{net.network}")
+    networks6 = []
+    addresses = network.get("addresses")
+    for i, item in enumerate(addresses if isinstance(addresses, list) else ()):
+        if not isinstance(item, str):
+            continue
+        try:
+            if "/" not in item:
+                raise ValueError
+            further = ipaddress.ip_interface(item)
+        except ValueError:
+            add(("network", "addresses", i), f"{show(item)} is not an IP address with a prefix length",
+                "such as \"fd00:88::5/64\"")
+            continue
+        if further.ip.is_link_local and further.version == 6:
+            add(("network", "addresses", i), f"{show(item)} is link-local: the guest's kernel makes its own")
+        elif further.ip in {x.ip for x in ([net] if net else [])} or item in addresses[:i]:
+            add(("network", "addresses", i), f"{show(item)} is already the guest's")
+        elif further.version == 6:
+            networks6.append(further.network)
+    gateway6 = network.get("gateway6")
+    if isinstance(gateway6, str):
+        try:
+            gw6 = ipaddress.IPv6Address(gateway6)
+        except ValueError:
+            add(("network", "gateway6"), f"{show(gateway6)} is not an IPv6 address")
+        else:
+            if not gw6.is_link_local and not any(gw6 in n for n in networks6):
+                add(("network", "gateway6"), f"{show(gateway6)} is neither link-local nor in the network of an IPv6 "
+                    "address of network.addresses")
     mac = network.get("mac")
     if isinstance(mac, str):
         if not _MAC.fullmatch(mac):
@@ -704,9 +736,9 @@ def _netns_problems(network: dict[str, Any], add: Any) -> None:
     for i, server in enumerate(dns if isinstance(dns, list) else ()):
         if isinstance(server, str):
             try:
-                ipaddress.IPv4Address(server)
+                ipaddress.ip_address(server)
             except ValueError:
-                add(("network", "dns", i), f"{show(server)} is not an IPv4 address")
+                add(("network", "dns", i), f"{show(server)} is not an IP address")
 
 
 def validate(loaded: Loaded) -> Manifest:
@@ -783,7 +815,8 @@ def from_document(data: dict[str, Any], *, files: tuple[str, ...], name: str,
             Forward(host_address=f["host_address"], host=f["host"], guest=f["guest"], protocol=Protocol(f["protocol"]),
                     key=f"network.forwards[{i}]", origin=(origins or {}).get(i, name))
             for i, f in enumerate(data["network"].get("forwards", ()))),
-            **{k: data["network"][k] for k in ("namespace", "interface", "address", "gateway") if k in data["network"]},
+            **{k: data["network"][k] for k in ("namespace", "interface", "address", "gateway", "gateway6") if k in data["network"]},
+            addresses=tuple(data["network"].get("addresses", ())),
             mac=data["network"].get("mac", "").lower(), dns=tuple(data["network"].get("dns", ())),
             mtu=data["network"]["mtu"] if data["network"]["mode"] != "none" else 0),
         files=files,

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import ipaddress
 
-from microvmc.compiler.graph import ROOT_TAG, USER_ADDRESS, USER_DNS, USER_GATEWAY, USER_NETWORK, Builder, Graph
+from microvmc.compiler.graph import (ROOT_TAG, USER_ADDRESS, USER_ADDRESS6, USER_DNS, USER_GATEWAY, USER_GATEWAY6,
+                                    USER_NETWORK, USER_NETWORK6, Builder, Graph)
 from microvmc.compiler.host import HostFacts, VirtiofsdFlavour
 from microvmc.compiler import qemu
 from microvmc.compiler.launch import Fd, LaunchPlan, VirtiofsdPlan
@@ -89,17 +90,18 @@ def _nic(manifest: Manifest) -> Nic | None:
     if network.mode is NetworkMode.NONE:
         return None
     if network.mode is NetworkMode.NETNS:
-        keys = ("network.mode", "network.namespace", "network.interface", "network.address", "network.mac",
-                "network.mtu")
+        keys = ("network.mode", "network.namespace", "network.interface", "network.address", "network.addresses",
+                "network.gateway", "network.gateway6", "network.mac", "network.mtu")
         return Nic(kind=NicKind.TAP, outbound=True, network=str(ipaddress.IPv4Interface(network.address).network),
                    address=network.address, gateway=network.gateway, dns=",".join(network.dns), forwards=(),
                    keys=keys, mac=network.mac, namespace=network.namespace, interface=network.interface,
-                   mtu=network.mtu)
+                   mtu=network.mtu, addresses=network.addresses, gateway6=network.gateway6)
     return Nic(outbound=network.mode is NetworkMode.USER, network=USER_NETWORK, address=USER_ADDRESS,
                gateway=USER_GATEWAY, dns=USER_DNS,
                forwards=tuple((str(f.protocol), f.host_address, f.host, f.guest) for f in network.forwards),
                keys=("network.mode", "network.forwards", "network.mtu"),
-               sources=tuple(f.shown for f in network.forwards), mtu=network.mtu)
+               sources=tuple(f.shown for f in network.forwards), mtu=network.mtu,
+               network6=USER_NETWORK6, addresses=(USER_ADDRESS6,), gateway6=USER_GATEWAY6)
 
 
 def plan(manifest: Manifest, graph: Graph, facts: HostFacts) -> LaunchPlan:

@@ -57,17 +57,18 @@ def _nic(nic: Nic) -> ArgGroup:
         args = ("-netdev", opts("tap", ("id", "net0"), ("fd", str(int(Fd.TAP))), ("vhost", False)),
                 "-device", opts("virtio-net-device", ("netdev", "net0"), ("mac", nic.mac), ("host_mtu", str(nic.mtu))))
         comment = (f"the network namespace {nic.namespace}'s {nic.interface or 'interface'}, through a tap (fd "
-                   f"{int(Fd.TAP)}) joined to it by tc mirred redirects; guest {nic.address} via {nic.gateway}, "
-                   f"MAC {nic.mac}, MTU {nic.mtu}")
+                   f"{int(Fd.TAP)}) joined to it by tc mirred redirects; guest {', '.join((nic.address, *nic.addresses))} "
+                   f"via {', '.join(gw for gw in (nic.gateway, nic.gateway6) if gw)}, MAC {nic.mac}, MTU {nic.mtu}")
         return ArgGroup(keys=nic.keys, comment=comment, args=args)
     # slirp: the guest's DHCP is unused (init sets the address), hostfwd listens on the host
     hostfwd = [("hostfwd", f"{proto}:{address}:{host}-:{guest}") for proto, address, host, guest in nic.forwards]
-    args = ("-netdev", opts("user", ("id", "net0"), ("net", nic.network), ("restrict", not nic.outbound), *hostfwd),
+    args = ("-netdev", opts("user", ("id", "net0"), ("net", nic.network), ("ipv6-net", nic.network6),
+                            ("restrict", not nic.outbound), *hostfwd),
             "-device", opts("virtio-net-device", ("netdev", "net0"), ("host_mtu", str(nic.mtu))))
     what = "user-mode network" if nic.outbound else "isolated user-mode network (restrict=on: no way out)"
     forwards = ", ".join(f"{a}:{h}->{g}/{p}" + (f" ({nic.source(i)})" if nic.source(i).startswith("-p ") else "")
                          for i, (p, a, h, g) in enumerate(nic.forwards)) or "no forwards"
-    return ArgGroup(keys=nic.keys, comment=f"{what}, guest {nic.address}, MTU {nic.mtu}; {forwards}", args=args)
+    return ArgGroup(keys=nic.keys, comment=f"{what}, guest {', '.join((nic.address, *nic.addresses))}, MTU {nic.mtu}; {forwards}", args=args)
 
 
 def lower(machine: Machine, facts: HostFacts) -> tuple[ArgGroup, ...]:

@@ -373,7 +373,7 @@ void read_config(void)
 	raw = params_get(p, "MVMC_HOLD");
 	cfg.hold = raw && strcmp(raw, "1") == 0;
 	raw = params_get(p, "MVMC_NET");
-	cfg.net = raw ? decode(raw, strlen(raw), "MVMC_NET") : NULL;
+	cfg.net = raw ? need(strdup(raw)) : NULL; /* decoded field by field (net.c): IPv6's ':'s are %3A */
 	if (!(raw = params_get(p, "MVMC_ROOT")))
 		fail("config", 0, "MVMC_ROOT is missing");
 	parse_fsspec("MVMC_ROOT", raw, 3, &cfg.root);

@@ -6,7 +6,7 @@
  *   boot.c     early mounts, modules, ports, the root and the shares
  *   process.c  starting a program: stdio pipes or a pty, user, limits, cwd, exec
  *   channel.c  the exec channel: framed sessions for further processes
- *   net.c      lo, and the network device's address, route and resolv.conf
+ *   net.c      lo, and the network device's addresses, routes (rtnetlink), hosts and resolv.conf
  *   init.c     main: boot, then one poll loop over the program, the ports and the channel
  */
 #ifndef MICROVMC_INIT_H
@@ -102,7 +102,7 @@ extern struct config {
 	struct mountop *ops;
 	size_t nops;
 	int hold; /* MVMC_HOLD: run the program only when the host says `start` */
-	char *net; /* MVMC_NET: address/prefix:gateway:dns, NULL for no network device */
+	char *net; /* MVMC_NET, still encoded: addresses:gateways:dns, NULL for no network device */
 } cfg;
 
 void read_config(void);

@@ -62,6 +62,14 @@ def test_observe_and_the_network_made_of_it(namespace) -> None:
                                                (), 1500, "")
     ip("-n", os.path.basename(path), "link", "set", "eth0", "mtu", "1400")
     assert namespace_network(path)[0].mtu == observe(path).mtu == 1400
+    # IPv6 and further addresses, link-local ones left out (the guest's kernel makes its own)
+    ip("-n", os.path.basename(path), "addr", "add", "fd00:5::2/64", "dev", "eth0", "nodad")
+    ip("-n", os.path.basename(path), "addr", "add", f"{subnet}.9/24", "dev", "eth0")
+    ip("-n", os.path.basename(path), "-6", "route", "add", "default", "via", "fd00:5::1")
+    assert "fe80::" in ip("-n", os.path.basename(path), "addr", "show", "eth0")
+    network = namespace_network(path)[0]
+    assert (network.address, network.addresses, network.gateway, network.gateway6) == (
+        f"{subnet}.2/24", (f"{subnet}.9/24", "fd00:5::2/64"), f"{subnet}.1", "fd00:5::1")
     ip("-n", os.path.basename(path), "route", "del", "default")
     assert namespace_network(path) == (None, f"the interface eth0 of network namespace {path} has no default route")
     ip("-n", os.path.basename(path), "link", "del", "eth0")

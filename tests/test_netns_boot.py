@@ -7,8 +7,10 @@ eth0's address, and afterwards the namespace is as it was and nothing of the run
 from __future__ import annotations
 
 import http.server
+import ipaddress
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -86,3 +88,63 @@ def test_a_vm_on_a_network_namespace_reaches_and_is_reached(boot_env, tmp_path, 
     assert list(runtime.iterdir()) == []
     ps = subprocess.run(["pgrep", "-a", "-f", seen.mac], capture_output=True, text=True).stdout
     assert [line for line in ps.splitlines() if "qemu" in line] == []
+
+
+class V6Server(http.server.ThreadingHTTPServer):
+    address_family = socket.AF_INET6
+
+
+def test_a_vm_on_a_namespace_with_ipv6_and_two_addresses(boot_env, tmp_path, namespace) -> None:
+    """The interface has a second IPv4 address and an IPv6 one, with an IPv6 default route: the
+    guest gets them all (init, over rtnetlink) and reaches the host end of the veth over IPv6;
+    the host reaches the guest's server on each address."""
+    path, subnet = namespace
+    name = path.rsplit("/", 1)[1]
+    host_end, v6 = f"mvmch{name[5:]}", f"fd00:{int(subnet.split('.')[1])}:{int(subnet.split('.')[2])}"
+    ip("addr", "add", f"{v6}::1/64", "dev", host_end, "nodad")  # no DAD: usable at once, as the engine's are
+    ip("-n", name, "addr", "add", f"{subnet}.3/24", "dev", "eth0")
+    ip("-n", name, "addr", "add", f"{v6}::2/64", "dev", "eth0", "nodad")
+    ip("-n", name, "-6", "route", "add", "default", "via", f"{v6}::1")
+    seen = observe(path)
+    assert (seen.address, seen.addresses, seen.gateway, seen.gateway6) == (
+        f"{subnet}.2/24", (f"{subnet}.3/24", f"{v6}::2/64"), f"{subnet}.1", f"{v6}::1")
+
+    (tmp_path / "www").mkdir()
+    (tmp_path / "www" / "hello.txt").write_text("over IPv6\n")
+    handler = lambda *a: http.server.SimpleHTTPRequestHandler(*a, directory=str(tmp_path / "www"))  # noqa: E731
+    server = V6Server((f"{v6}::1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    runtime = tmp_path / "runtime"
+    runtime.mkdir()
+    env = dict(boot_env, XDG_RUNTIME_DIR=str(runtime), TMPDIR=str(runtime))
+    script = (f"ip -6 route | grep default; grep -v -e '^fe80' -e 'lo$' /proc/net/if_inet6 | cut -c1-32; "
+              f"wget -q -O - http://[{v6}::1]:{server.server_address[1]}/hello.txt; "
+              "mkdir /tmp/w && echo from the guest > /tmp/w/index.html && httpd -p 80 -h /tmp/w && read line && echo done")
+    addresses = ", ".join(f'"{a}"' for a in seen.addresses)
+    manifest = tmp_path / "netns6.toml"
+    manifest.write_text(
+        f'version = 1\n[image]\nmode = "overlay"\n[process]\nargv = ["/bin/sh", "-c", {json.dumps(script)}]\n'
+        f'[network]\nmode = "netns"\nnamespace = "{path}"\naddress = "{seen.address}"\naddresses = [{addresses}]\n'
+        f'gateway = "{seen.gateway}"\ngateway6 = "{seen.gateway6}"\nmac = "{seen.mac}"\n')
+    vm = subprocess.Popen([*MICROVMC, "run", str(manifest)], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE)
+    bodies = {}
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        for host in (f"{subnet}.3", f"[{v6}::2]"):
+            while host not in bodies and time.monotonic() < deadline and vm.poll() is None:
+                try:
+                    bodies[host] = urllib.request.urlopen(f"http://{host}/", timeout=5).read()
+                except OSError:
+                    time.sleep(0.5)
+        out, err = vm.communicate(b"\n", timeout=TIMEOUT)
+    finally:
+        vm.kill()
+        vm.wait()
+        server.shutdown()
+        server.server_close()
+    assert vm.returncode == 0, err.decode()
+    assert bodies == {f"{subnet}.3": b"from the guest\n", f"[{v6}::2]": b"from the guest\n"}, err.decode()
+    full = ipaddress.IPv6Address(f"{v6}::2").exploded.replace(":", "")
+    assert out.decode() == f"default via {v6}::1 dev eth0  metric 1024 \n{full}\nover IPv6\ndone\n"
+    assert list(runtime.iterdir()) == []

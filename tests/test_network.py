@@ -97,17 +97,18 @@ def test_forwards_are_lowered_with_where_they_came_from(tmp_path: Path) -> None:
     c = compiled(tmp_path, USER.replace('"user"', '"isolated"') + "forwards = [{ host = 8080, guest = 80 }]\n",
                  publish=["5353:53/udp"])
     argv = c.plan.qemu_argv
-    assert argv[argv.index("-netdev") + 1] == ("user,id=net0,net=10.0.2.0/24,restrict=on,"
+    assert argv[argv.index("-netdev") + 1] == ("user,id=net0,net=10.0.2.0/24,ipv6-net=fec0::/64,restrict=on,"
                                                 "hostfwd=tcp:127.0.0.1:8080-:80,hostfwd=udp:127.0.0.1:5353-:53")
     group = next(g for g in c.plan.qemu if "network.mode" in g.keys)
     assert group.comment == ("isolated user-mode network (restrict=on: no way out), guest 10.0.2.15/24, "
-                             "MTU 1500; 127.0.0.1:8080->80/tcp, 127.0.0.1:5353->53/udp (-p 5353:53/udp)")
+                             "fec0::15/64, MTU 1500; 127.0.0.1:8080->80/tcp, 127.0.0.1:5353->53/udp (-p 5353:53/udp)")
     assert c.plan.machine.nic.sources == ("network.forwards[0]", "-p 5353:53/udp")
-    assert "MVMC_NET=10.0.2.15/24:10.0.2.2:" in c.plan.cmdline.split()  # isolated: no name server answers
+    # isolated: no name server answers; IPv6 ':'s are encoded (the raw ones separate the fields)
+    assert "MVMC_NET=10.0.2.15/24,fec0%3A%3A15/64:10.0.2.2,fec0%3A%3A2:" in c.plan.cmdline.split()
     assert Nic.from_dict(json.loads(json.dumps(c.plan.machine.nic.to_dict()))) == c.plan.machine.nic
     launch = dict((name, content) for name, content, _ in c.output.files)["launch.sh"].decode()
     assert "\n# network.mode, network.forwards, network.mtu: isolated user-mode network (restrict=on: no way out), guest " \
-           "10.0.2.15/24, MTU 1500; 127.0.0.1:8080->80/tcp, 127.0.0.1:5353->53/udp (-p 5353:53/udp)\n" in launch
+           "10.0.2.15/24, fec0::15/64, MTU 1500; 127.0.0.1:8080->80/tcp, 127.0.0.1:5353->53/udp (-p 5353:53/udp)\n" in launch
 
 
 def test_the_evaluation_cache_keys_on_publish() -> None:
@@ -125,7 +126,7 @@ def test_name_resolution_files_are_bound_by_init_on_a_network(tmp_path: Path) ->
         "MVMC_M1=bind-rw:/dev/.microvmc-net/resolv.conf:/etc/resolv.conf",
         "MVMC_M2=detach:/dev/.microvmc-net:",
     ]
-    assert "MVMC_NET=10.0.2.15/24:10.0.2.2:10.0.2.3" in params
+    assert "MVMC_NET=10.0.2.15/24,fec0%3A%3A15/64:10.0.2.2,fec0%3A%3A2:10.0.2.3" in params
     # The built-in image has no /etc/hosts: its read-only root gets an overlay for the mount points.
     assert "MVMC_ROOT=virtiofs:root:overlay-ro" in params
     none = compiled(tmp_path, '[process]\nargv = ["true"]\n')
@@ -229,9 +230,10 @@ def test_netns_is_lowered_to_a_tap_with_the_interfaces_mac(tmp_path: Path) -> No
     assert (str(nic.kind), nic.namespace, nic.interface, nic.network) == ("tap", "/proc/self/ns/net", "eth0", "10.88.0.0/16")
     assert Nic.from_dict(json.loads(json.dumps(nic.to_dict()))) == nic
     launch = dict((name, content) for name, content, _ in c.output.files)["launch.sh"].decode()
-    assert ("\n# network.mode, network.namespace, network.interface, network.address, network.mac, network.mtu: "
-            "the network namespace /proc/self/ns/net's eth0, through a tap (fd 7) joined to it by tc mirred redirects; "
-            "guest 10.88.0.5/16 via 10.88.0.1, MAC 0a:58:0a:58:00:05, MTU 1500\n") in launch
+    assert ("\n# network.mode, network.namespace, network.interface, network.address, network.addresses, "
+            "network.gateway, network.gateway6, network.mac, network.mtu: the network namespace /proc/self/ns/net's eth0, "
+            "through a tap (fd 7) joined to it by tc mirred redirects; guest 10.88.0.5/16 via 10.88.0.1, "
+            "MAC 0a:58:0a:58:00:05, MTU 1500\n") in launch
     # launch.sh refuses it before it makes anything: the tap is microvmc run's to make
     assert launch.split("\n")[launch.split("\n").index("set -u") + 2:][:2] == [
         "echo 'microvmc: this script cannot join the VM to the network namespace /proc/self/ns/net (network.mode = "
@@ -239,6 +241,21 @@ def test_netns_is_lowered_to_a_tap_with_the_interfaces_mac(tmp_path: Path) -> No
     r = subprocess.run(["sh", "-c", launch], capture_output=True, text=True, timeout=30)
     assert (r.returncode, r.stdout) == (121, "")
     assert r.stderr.startswith("microvmc: this script cannot join the VM to the network namespace")
+
+
+def test_netns_with_ipv6_and_more_addresses(tmp_path: Path) -> None:
+    c = compiled(tmp_path, NETNS + 'addresses = ["10.89.0.5/24", "fd00:88::5/64"]\ngateway6 = "fd00:88::1"\n'
+                 'dns = ["fd00:88::1"]\n')
+    assert "MVMC_NET=10.88.0.5/16,10.89.0.5/24,fd00%3A88%3A%3A5/64:10.88.0.1,fd00%3A88%3A%3A1:fd00%3A88%3A%3A1" in \
+        c.plan.cmdline.split()
+    nic = c.plan.machine.nic
+    assert (nic.addresses, nic.gateway6) == (("10.89.0.5/24", "fd00:88::5/64"), "fd00:88::1")
+    assert Nic.from_dict(json.loads(json.dumps(nic.to_dict()))) == nic
+    group = next(g for g in c.plan.qemu if "network.mode" in g.keys)
+    assert group.comment.endswith("guest 10.88.0.5/16, 10.89.0.5/24, fd00:88::5/64 via 10.88.0.1, fd00:88::1, "
+                                  "MAC 0a:58:0a:58:00:05, MTU 1500")
+    link_local = compiled(tmp_path, NETNS + 'gateway6 = "fe80::1"\n')  # an RA's router: reached through eth0
+    assert "MVMC_NET=10.88.0.5/16:10.88.0.1,fe80%3A%3A1:" in link_local.plan.cmdline.split()
 
 
 def test_netns_without_dns_has_an_empty_list(tmp_path: Path) -> None:
@@ -252,13 +269,21 @@ def test_netns_without_dns_has_an_empty_list(tmp_path: Path) -> None:
                         'network.gateway: is required when network.mode is "netns"',
                         'network.mac: is required when network.mode is "netns"']),
     ('mode = "netns"\nnamespace = "run/netns/x"\naddress = "10.88.0.5"\ngateway = "10.99.0.1"\nmac = "01:00:5e:00:00:01"\n'
-     'interface = "eth0/1"\ndns = ["::1", "1.1.1.1"]',
+     'interface = "eth0/1"\ndns = ["::1", "1.1.1"]',
      ['network.namespace: "run/netns/x" is not an absolute path (a network namespace such as /run/netns/NAME or '
       '/proc/PID/ns/net)',
       "network.interface: \"eth0/1\" is not an interface name (at most 15 characters, without '/', ':' or spaces)",
       'network.address: "10.88.0.5" is not an IPv4 address with a prefix length (such as "10.88.0.5/16")',
       'network.mac: "01:00:5e:00:00:01" is a multicast address, not a NIC\'s',
-      'network.dns[0]: "::1" is not an IPv4 address']),
+      'network.dns[1]: "1.1.1" is not an IP address']),
+    ('mode = "netns"\nnamespace = "/proc/self/ns/net"\naddress = "10.88.0.5/16"\ngateway = "10.88.0.1"\n'
+     'mac = "0a:58:0a:58:00:05"\naddresses = ["fd00::5", "fe80::5/64", "10.88.0.5/16", "fd00::6/64", "fd00::6/64"]\n'
+     'gateway6 = "fd01::1"',
+     ['network.addresses[0]: "fd00::5" is not an IP address with a prefix length (such as "fd00:88::5/64")',
+      'network.addresses[1]: "fe80::5/64" is link-local: the guest\'s kernel makes its own',
+      'network.addresses[2]: "10.88.0.5/16" is already the guest\'s',
+      'network.addresses[4]: "fd00::6/64" is already the guest\'s',
+      'network.gateway6: "fd01::1" is neither link-local nor in the network of an IPv6 address of network.addresses']),
     ('mode = "netns"\nnamespace = "/nonexistent/ns"\naddress = "10.88.0.0/16"\ngateway = "10.88.0.1"\nmac = "0a:58"',
      ['network.namespace: "/nonexistent/ns" does not exist',
       'network.address: "10.88.0.0/16" is its network\'s network address',
@@ -269,8 +294,9 @@ def test_netns_without_dns_has_an_empty_list(tmp_path: Path) -> None:
       'network.dns: ["1.1.1.1", "1.1.1.2", "1.1.1.3", "1.1.1.4"] has more than 3 items',
       'network.forwards: need network.mode = "user" or "isolated" (network.mode is "netns": the namespace\'s own '
       'port mappings reach the guest)']),
-    ('mode = "user"\nnamespace = "/proc/self/ns/net"\nmac = "0a:58:0a:58:00:05"',
+    ('mode = "user"\nnamespace = "/proc/self/ns/net"\nmac = "0a:58:0a:58:00:05"\ngateway6 = "fec0::2"',
      ['network.namespace: is used only when network.mode is "netns"',
+      'network.gateway6: is used only when network.mode is "netns"',
       'network.mac: is used only when network.mode is "netns"']),
 ])
 def test_netns_problems_are_one_line_each(tmp_path: Path, network: str, errors: list[str]) -> None:

@@ -77,6 +77,33 @@ def test_user_network_reaches_a_server_on_the_host(env, tmp_path) -> None:
     assert r.stdout.decode() == "eth0\nlo\nnameserver 10.0.2.3\nfrom the host\n"
 
 
+class V6Server(http.server.ThreadingHTTPServer):
+    address_family = socket.AF_INET6
+
+
+def test_user_network_reaches_the_hosts_ipv6_loopback(env, tmp_path) -> None:
+    """slirp's IPv6, stated: the guest is fec0::15/64, routed via fec0::2, which is the host's ::1;
+    no address of the guest's but the stated ones (router advertisements are ignored)."""
+    (tmp_path / "www").mkdir()
+    (tmp_path / "www" / "hello.txt").write_text("from the host's ::1\n")
+    handler = lambda *a: http.server.SimpleHTTPRequestHandler(*a, directory=str(tmp_path / "www"))  # noqa: E731
+    try:
+        server = V6Server(("::1", 0), handler)
+    except OSError:
+        pytest.skip("the host has no IPv6 loopback")
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        m = write(tmp_path, 'mode = "user"', "sleep 3; grep eth0 /proc/net/if_inet6 | grep -v ^fe80 | cut -c1-32; "
+                  f"ip -6 route | grep default; wget -q -O - http://[fec0::2]:{server.server_address[1]}/hello.txt")
+        r = subprocess.run([*MICROVMC, "run", str(m)], env=env, capture_output=True, timeout=TIMEOUT)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert r.returncode == 0, r.stderr.decode()
+    assert r.stdout.decode() == ("fec00000000000000000000000000015\ndefault via fec0::2 dev eth0  metric 1024 \n"
+                                 "from the host's ::1\n")
+
+
 GUEST_SERVER = "mkdir /tmp/w && echo {text} > /tmp/w/index.html && httpd -p 80 -h /tmp/w && read line && echo done"
 
 
@@ -183,7 +210,7 @@ def test_hosts_and_resolv_conf_on_a_read_only_root_leave_the_image_alone(env, tm
     assert "MVMC_ROOT=virtiofs:root:ro " in plan.stdout or "MVMC_ROOT=9p:root:ro " in plan.stdout, plan.stdout
     r = subprocess.run([*MICROVMC, "run", str(m)], env=env, capture_output=True, timeout=TIMEOUT)
     assert r.returncode == 0, r.stderr.decode()
-    assert r.stdout.decode() == ("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n10.0.2.15\twebby\n"
+    assert r.stdout.decode() == ("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n10.0.2.15\twebby\nfec0::15\twebby\n"
                                  "nameserver 10.0.2.3\n1\n0\nread-only\n")
     assert (root / "etc" / "hosts").read_text() == "192.0.2.9 image\n"
     assert (root / "etc" / "resolv.conf").read_text() == "nameserver 192.0.2.53\n"
@@ -230,7 +257,7 @@ def test_hosts_and_resolv_conf_that_are_links_in_the_image(env, tmp_path, mode, 
                  f"[process]\nargv = [\"/bin/sh\", \"-c\", {json.dumps(script)}]\n[network]\nmode = \"user\"\n")
     r = subprocess.run([*MICROVMC, "run", str(m)], env=env, capture_output=True, timeout=TIMEOUT)
     assert r.returncode == 0, r.stderr.decode()
-    assert r.stdout.decode() == ("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n10.0.2.15\twebby\n"
+    assert r.stdout.decode() == ("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n10.0.2.15\twebby\nfec0::15\twebby\n"
                                  "nameserver 10.0.2.3\n"
                                  f"{NAME_FILE_LINKS[links]['etc/hosts']}\n{NAME_FILE_LINKS[links]['etc/resolv.conf']}\n")
     assert snapshot(root) == before
