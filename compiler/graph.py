@@ -176,7 +176,7 @@ def init_sources(directory: str, files: HostFiles | None = None) -> tuple[str, .
     return tuple(sorted(name for name in names if name.endswith((".c", ".h"))))
 
 
-def base_kernel_params(accel: str, facts: HostFacts) -> tuple[str, ...]:
+def base_kernel_params(accel: str, facts: HostFacts, cpus: int = 1, acpi: bool = True) -> tuple[str, ...]:
     """The parameters microvmc itself puts on every kernel command line."""
     # cryptomgr.notests: the crypto self-tests take ~0.23 s of a 1.3 s TCG boot (initcall_debug:
     # crypto_algapi_init); they are ignored anyway in FIPS mode, where they are mandatory.
@@ -184,6 +184,13 @@ def base_kernel_params(accel: str, facts: HostFacts) -> tuple[str, ...]:
     if accel == "tcg" and facts.tsc_khz:
         # A busy host can hang a TCG guest calibrating against the PIT; the TSC rate avoids it.
         params += [f"tsc_early_khz={facts.tsc_khz}", "tsc=reliable"]
+    if accel == "tcg":
+        # Measured under TCG (bench/RESULTS.md): patching every lock prefix away for one CPU takes
+        # ~0.08 s of emulated code patching; calibrating the local APIC timer (twice 0.1 s of a
+        # busy wait: TCG has no TSC-deadline timer) ~0.2 s, so one CPU ticks from the PIT instead.
+        # Only on a machine without ACPI (microvmc's own kernel): the Debian kernel on microvm's
+        # ACPI tables never ticks again without its APIC timer (its boot hangs).
+        params += ["noreplace-smp", *(("noapictimer",) if cpus == 1 and not acpi else ())]
     return tuple(params)
 
 
@@ -448,7 +455,8 @@ def resolve(manifest: Manifest, facts: HostFacts, store: str, sources: Sources =
     # The guest's configuration travels on the kernel command line, or spills into the initramfs.
     config = guest_config(manifest, root_mode, hold=hold)
     try:
-        cmdline = compose(base_kernel_params(accel, facts), manifest.kernel.cmdline, config)
+        cmdline = compose(base_kernel_params(accel, facts, manifest.resources.cpus, locations.get("acpi") != "off"),
+                          manifest.kernel.cmdline, config)
     except CmdlineError as err:
         raise ManifestError([Problem(manifest.name, "kernel.cmdline", str(err))]) from None
 

@@ -126,7 +126,7 @@ def test_microvmc_s_own_parameters_fit_what_is_kept_for_them() -> None:
     from microvmc.compiler.cmdline import COMMAND_LINE_MAX, EXTRA_BYTES_MAX
     from microvmc.compiler.graph import base_kernel_params
 
-    worst = base_kernel_params("tcg", fake_facts(tsc_khz=99_999_999))
+    worst = base_kernel_params("tcg", fake_facts(tsc_khz=99_999_999), cpus=1, acpi=False)
     assert len(" ".join((*worst, "MVMC_SPILL=1", "MVMC_DEBUG=1"))) + 1 <= COMMAND_LINE_MAX - EXTRA_BYTES_MAX
 
 
@@ -144,3 +144,14 @@ def test_user_limits_tty_and_hold_reach_init_as_parameters() -> None:
                             user=GuestUser(uid=0, gid=0))
     assert dict(guest_params(no_groups))["MVMC_USER"] == "0:0:"
     assert "MVMC_TTY" not in dict(guest_params(no_groups)) and "MVMC_HOLD" not in dict(guest_params(no_groups))
+
+
+def test_tcg_boot_cuts_noapictimer_only_for_one_cpu_without_acpi() -> None:
+    from conftest import fake_facts
+    from microvmc.compiler.graph import base_kernel_params
+
+    facts = fake_facts(tsc_khz=2_000_000)
+    assert base_kernel_params("tcg", facts, cpus=1, acpi=False)[-2:] == ("noreplace-smp", "noapictimer")
+    assert "noapictimer" not in base_kernel_params("tcg", facts, cpus=2, acpi=False)
+    assert "noapictimer" not in base_kernel_params("tcg", facts, cpus=1, acpi=True)  # the Debian kernel hangs
+    assert not {"noreplace-smp", "noapictimer"} & set(base_kernel_params("kvm", facts, cpus=1, acpi=False))
