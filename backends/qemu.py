@@ -72,8 +72,9 @@ class Vm:
 
     qemu: Child
     daemons: tuple[tuple[VirtiofsdPlan, Child], ...]
-    readers: dict[Fd, int]  # read ends of the program's stdout, stderr and init's status port
+    readers: dict[Fd, int]  # read ends of the program's stdout, stderr, init's status port and the console
     control: int  # write end of the control port (non-blocking): requests to init
+    console_log: int  # the run's console log: what the console pipe brings is written here
     rundir: Path  # sockets: the channel's host end among them
 
 
@@ -100,8 +101,9 @@ def launch(plan: LaunchPlan, *, logs: RunLogs, stdin: int, rundir: Path) -> Iter
             (vp, stack.enter_context(_virtiofsd(vp, rundir=rundir, log=logs.virtiofsd(vp.tag))))
             for vp in plan.virtiofsd
         )
-        qemu, readers, control = stack.enter_context(_qemu(plan, rundir=rundir, stdin=stdin, logs=logs, tap=tap))
-        yield Vm(qemu=qemu, daemons=daemons, readers=readers, control=control, rundir=rundir)
+        qemu, readers, control, console_log = stack.enter_context(
+            _qemu(plan, rundir=rundir, stdin=stdin, logs=logs, tap=tap))
+        yield Vm(qemu=qemu, daemons=daemons, readers=readers, control=control, console_log=console_log, rundir=rundir)
 
 
 def read_logs(plan: LaunchPlan, logs: RunLogs) -> Logs:
@@ -236,8 +238,10 @@ class _Closer:
 @contextmanager
 def _qemu(
     plan: LaunchPlan, *, rundir: Path, stdin: int, logs: RunLogs, tap: int | None = None
-) -> Iterator[tuple[Child, dict[Fd, int], int]]:
-    """QEMU with exactly the descriptors of `Fd`; yields it and the read ends of its outputs."""
+) -> Iterator[tuple[Child, dict[Fd, int], int, int]]:
+    """QEMU with exactly the descriptors of `Fd`; yields it, the read ends of its outputs, the control
+    port's write end and the console log. The console is a pipe too, so that whoever reads it can
+    stamp its lines with the host's clock (the kernel's phases in the run's timeline)."""
     with ExitStack() as stack:
         opened = []
         for path in (logs.qemu, logs.console):
@@ -245,7 +249,7 @@ def _qemu(
             stack.callback(os.close, fd)
             opened.append(fd)
         qemu_log, console = opened
-        pipes = {kind: os.pipe() for kind in (Fd.STDOUT, Fd.STDERR, Fd.STATUS)}
+        pipes = {kind: os.pipe() for kind in (Fd.STDOUT, Fd.STDERR, Fd.STATUS, Fd.CONSOLE)}
         control_read, control_write = os.pipe()
         stack.callback(os.close, control_write)
         stack.callback(os.close, control_read)
@@ -260,7 +264,7 @@ def _qemu(
             Fd.QEMU_LOG: qemu_log,
             Fd.STDERR: pipes[Fd.STDERR][1],
             Fd.STATUS: pipes[Fd.STATUS][1],
-            Fd.CONSOLE: console,
+            Fd.CONSOLE: pipes[Fd.CONSOLE][1],
             Fd.CONTROL: control_read,
             **({Fd.TAP: tap} if tap is not None else {}),
         }
@@ -282,4 +286,4 @@ def _qemu(
         writers.close()  # QEMU holds the only write ends now: its exit is our EOF
         # Closed before QEMU is stopped: a QEMU blocked writing to a pipe gets EPIPE, not stuck.
         stack.callback(readers.close)
-        yield child, {kind: r for kind, (r, _) in pipes.items()}, control_write
+        yield child, {kind: r for kind, (r, _) in pipes.items()}, control_write, console

@@ -46,6 +46,8 @@ SINK_LIMIT = 1 << 20  # bytes kept for a slow reader before we stop reading from
 READ_CHUNK = 1 << 16
 WRITE_CHUNK = select.PIPE_BUF  # what a pipe that polls writable takes without blocking
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+# The console line init writes first thing (init/init.c): the host's mark `init` is when it arrives.
+INIT_MARK = b"microvmc-init: started"
 
 
 class State(StrEnum):
@@ -209,7 +211,7 @@ class Supervisor:
         self.plan = plan
         self.vm = vm
         self.hold = hold
-        self.readers = dict(vm.readers)  # pipe read ends not at EOF yet: STDOUT, STDERR, STATUS
+        self.readers = dict(vm.readers)  # pipe read ends not at EOF yet: STDOUT, STDERR, STATUS, CONSOLE
         self.seen_signals = 0  # how many of signals.caught have been acted on
         self.sinks = sinks
         self.status_file = status_file
@@ -222,6 +224,7 @@ class Supervisor:
         self.state = State.CREATED
         self.listeners: list[Callable[[State], None]] = []  # told of every state change
         self.status_buffer = b""
+        self.console_tail = b""  # the console's last bytes, while init's mark is awaited
         self.selector = selectors.PollSelector()
         self.watched: dict[int, int] = {}  # fds _watch registered, and for what
         self.extra: dict[int, tuple[int, Callback]] = {}  # fds an owner registered with watch()
@@ -464,6 +467,8 @@ class Supervisor:
             return
         if kind == Fd.STATUS:
             self._status(data)
+        elif kind == Fd.CONSOLE:
+            self._console(data)
         else:
             self.received[kind] += len(data)
             if self.drain_deadline is not None:
@@ -502,6 +507,23 @@ class Supervisor:
                 else:
                     self.shutdown_deadline = now + SHUTDOWN_GRACE
                 self._enter(State.STOPPING)
+
+    def _console(self, data: bytes) -> None:
+        """The guest console, into the run's console log. Its lines are the host's marks of the boot
+        that the guest's clock cannot see: the kernel's first message (`kernel`), and init's first
+        line (`init`)."""
+        now = time.monotonic() - self.began
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self.vm.console_log, view):]
+        host = self.seen.host
+        if "kernel" not in host and not (self.console_tail + data).startswith(INIT_MARK):
+            host["kernel"] = now
+        if "init" not in host:
+            seen = self.console_tail + data
+            if INIT_MARK in seen:
+                host["init"] = now
+            self.console_tail = seen[-len(INIT_MARK):]
 
     def _drain_status(self) -> None:
         """Take in every report already written (they precede the exits they explain)."""

@@ -11,7 +11,12 @@ from dataclasses import dataclass, field
 from microvmc.compiler.status import interpret_status
 from microvmc.errors import ExitStatus
 
-__all__ = ["Seen", "Logs", "Verdict", "judge", "timeline_record", "timeline_summary"]
+__all__ = ["Seen", "Logs", "Verdict", "judge", "timeline_record", "timeline_summary", "boot_phases", "PHASE_MARKS"]
+
+# The host's marks that divide a run into phases, in the order they happen: QEMU spawned, the
+# kernel's first console message, init's first console line, (held: booted,) the program's exec
+# reported, its end reported, QEMU's exit. Phases between the marks present sum to the whole.
+PHASE_MARKS = ("qemu", "kernel", "init", "ready", "started", "reported", "qemu-exited")
 
 
 @dataclass(slots=True)
@@ -105,10 +110,18 @@ def _daemon(tag: str, code: int, *, started: bool, logs: Logs, unprivileged: boo
     return int(ExitStatus.VIRTIOFSD_DIED), f"virtiofsd for share '{tag}' died while the VM ran ({how}); log: {log}"
 
 
+def boot_phases(host: dict[str, float]) -> dict[str, float]:
+    """Seconds from each phase mark present to the next ("qemu → kernel", "kernel → init", ...), by
+    the host's clock: from QEMU's start to its exit, which they sum to."""
+    present = [(name, host[name]) for name in PHASE_MARKS if name in host]
+    return {f"{a} → {b}": round(tb - ta, 3) for (a, ta), (b, tb) in zip(present, present[1:])}
+
+
 def timeline_record(seen: Seen) -> dict:
     # In the order they happened: marks recorded by different event sources are not always in clock order.
     marks = sorted(seen.host.items(), key=lambda item: item[1])
-    return {"host_seconds": {k: round(v, 3) for k, v in marks}, "guest_ms": dict(seen.guest)}
+    host = {k: round(v, 3) for k, v in marks}
+    return {"host_seconds": host, "guest_ms": dict(seen.guest), "phases_seconds": boot_phases(host)}
 
 
 def timeline_summary(seen: Seen) -> str:
@@ -121,4 +134,5 @@ def timeline_summary(seen: Seen) -> str:
             parts.append(f"{label} {(seen.guest[stage] - previous) / 1000:.2f} s")
             previous = seen.guest[stage]
     host = ", ".join(f"{name} at {seconds:.2f} s" for name, seconds in sorted(seen.host.items(), key=lambda i: i[1]))
-    return f"timeline: {', '.join(parts) or 'no report from init'}; host: {host}"
+    phases = ", ".join(f"{name} {seconds:.2f} s" for name, seconds in boot_phases(seen.host).items())
+    return f"timeline: {', '.join(parts) or 'no report from init'}; host: {host}" + (f"; phases: {phases}" if phases else "")

@@ -375,6 +375,10 @@ int main(void)
 	long started_ms = uptime_ms(), modules_ms, ports_ms;
 	debug = getenv("MVMC_DEBUG") && strcmp(getenv("MVMC_DEBUG"), "1") == 0;
 	mount_early();
+	/* The host stamps this line as it arrives on the console: when init started, by the host's
+	 * clock (the kernel's phases in the run's timeline). Keep it in step with backends/supervise.py. */
+	static const char started_mark[] = "microvmc-init: started\n";
+	write_all(console, started_mark, sizeof started_mark - 1);
 	step("init started");
 	load_modules();
 	modules_ms = uptime_ms();

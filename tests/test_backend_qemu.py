@@ -397,6 +397,25 @@ def test_verbose_lines(run, tmp_path):
     assert host["started"] <= host["reported"]
 
 
+def test_console_lines_mark_the_kernel_and_init_and_reach_the_console_log(run, tmp_path):
+    # The console is a pipe microvmc reads: its first bytes are the kernel's mark, init's start line
+    # (split over two writes here) init's; every byte lands in the console log.
+    qemu = sh_qemu(tmp_path, "printf 'Linux version x\\n' >&5; sleep 0.2; printf 'microvmc-init: sta' >&5; "
+                             "printf 'rted\\r\\n' >&5; sleep 0.1; printf 'started\\n' >&4; sleep 0.1; "
+                             "printf 'exit 0\\n' >&4; sleep 0.1")
+    status, _, err = run(make_plan([qemu]), verbose=True)
+    assert status == 0
+    assert (run.logs / "console.log").read_bytes() == b"Linux version x\nmicrovmc-init: started\r\n"
+    timeline = json.loads((run.logs / "timeline.json").read_text())
+    host, phases = timeline["host_seconds"], timeline["phases_seconds"]
+    assert list(host) == ["qemu", "kernel", "init", "started", "reported", "qemu-exited", "ended"]
+    assert list(phases) == ["qemu → kernel", "kernel → init", "init → started", "started → reported",
+                            "reported → qemu-exited"]
+    assert phases["kernel → init"] >= 0.2 and phases["init → started"] >= 0.1
+    assert abs(sum(phases.values()) - (host["qemu-exited"] - host["qemu"])) < 0.002
+    assert "; phases: qemu → kernel " in err.decode()
+
+
 def test_runs_outside_the_main_thread(run, tmp_path):
     """Without signal handling (only the main thread may catch signals), but it runs."""
     qemu = sh_qemu(tmp_path, "printf 'started\\nexit 4\\n' >&4")

@@ -72,8 +72,19 @@ def test_hello(env, tmp_path: Path, kernel: str) -> None:
     assert list(guest) == ["init", "modules", "ports", "mounts", "exec", "exit"]
     assert list(guest.values()) == sorted(guest.values()) and guest["init"] > 0
     host = timeline["host_seconds"]
-    assert list(host) == ["qemu", "started", "reported", "qemu-exited", "ended"]
+    assert list(host) == ["qemu", "kernel", "init", "started", "reported", "qemu-exited", "ended"]
     assert list(host.values()) == sorted(host.values())
+    # The kernel's phases, from the host's marks of console lines: ordered, none empty but the
+    # shutdown's, and together QEMU's whole life.
+    phases = timeline["phases_seconds"]
+    assert list(phases) == ["qemu → kernel", "kernel → init", "init → started", "started → reported",
+                            "reported → qemu-exited"]
+    assert all(seconds > 0 for seconds in list(phases.values())[:-1]) and phases["reported → qemu-exited"] >= 0
+    assert abs(sum(phases.values()) - (host["qemu-exited"] - host["qemu"])) < 0.002
+    # The kernel ran from its first message to init: longer than init's own set-up, by the host's clock.
+    assert phases["kernel → init"] > phases["init → started"]
+    console = (runs[-1] / "console.log").read_bytes()
+    assert console.count(b"microvmc-init: started") == 1 and console.index(b"microvmc-init: started") > 0
 
 
 ARGS = ["plain", "with space", "", 'double"quote', "single'quote", "a=b", "dotted.name=x", "--flag=v", "tab\there",
