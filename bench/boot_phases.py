@@ -4,17 +4,18 @@ the guest's own clock says of the same stretches. Medians over alternating round
 
 Method (published beside the numbers in bench/README.md):
 - The VM is the plan of `version = 1 / [kernel] source = ... / [process] argv = ["/bin/true"]`, built
-  by `microvmc build` with `kernel.cmdline = ["earlyprintk=serial,ttyS0", "loglevel=7",
-  "printk.time=1"]`: the kernel writes every message at once, from its first one, to the serial port,
-  stamped with its own clock.
+  by `microvmc build` with `kernel.cmdline = ["loglevel=7", "printk.time=1"]` (microvmc's command line
+  has `earlyprintk=serial,ttyS0` already): the kernel writes every message at once, from its first
+  one, to the serial port, stamped with its own clock.
 - The generated launch.sh runs it, with one change: the console chardev is a FIFO this script reads
   (instead of the run's console log), stamping each line with the host's monotonic clock as it
   arrives. Time 0 is when launch.sh is spawned (it starts virtiofsd, then QEMU).
 - Each landmark line then has two times: when the host saw it, and the guest's own stamp. Where the
   two clocks disagree, the guest clock was not running (early boot, before the kernel's TSC clock
   takes over): that is time only the host can see.
-- The same manifest without the three parameters, run by `microvmc run` (no change at all), gives the
-  uninstrumented figures from the run's timeline: QEMU start → the program's exec and → QEMU's exit.
+- The same manifest without the two parameters, run by `microvmc run` (no change at all), gives the
+  uninstrumented figures from the run's timeline: QEMU start → the program's exec and → QEMU's exit,
+  and the run's own phases (its host marks: the kernel's first message, init's first line, ...).
 
     python3 bench/boot_phases.py [-n 5] [--json]
 """
@@ -37,7 +38,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _measure as m  # noqa: E402
 
 KERNELS = (("own", "microvmc", "own kernel"), ("debian", "debian", "Debian kernel"))
-INSTRUMENT = ["earlyprintk=serial,ttyS0", "loglevel=7", "printk.time=1"]
+# (microvmc's own command line already has earlyprintk=serial,ttyS0 at loglevel=6: its notices from the first one)
+INSTRUMENT = ["loglevel=7", "printk.time=1"]
 CONSOLE_OPTION = "path=/dev/fd/5,append=on"  # the console chardev in launch.sh (compiler/qemu.py)
 
 # Landmarks in the kernel's messages; a stretch is named by the message it ends at, and the stretches
@@ -109,8 +111,13 @@ def _timeline(microvmc, manifest: Path, state: Path) -> dict[str, float]:
     timeline = json.loads(next((state / "runs").glob("*/timeline.json")).read_text())
     subprocess.run([*microvmc, "--state", str(state), "rm", "bench"], capture_output=True, timeout=60)
     host, guest = timeline["host_seconds"], timeline["guest_ms"]
-    return {"QEMU start → program exec (host)": host["started"], "QEMU start → QEMU exit (host)": host["qemu-exited"],
-            "kernel by the guest clock (its zero → /init)": guest["init"] / 1000}
+    out = {"QEMU start → program exec (host)": host["started"] - host["qemu"],
+           "QEMU start → QEMU exit (host)": host["qemu-exited"] - host["qemu"],
+           "kernel by the guest clock (its zero → /init)": guest["init"] / 1000}
+    # The run's own phases, from the host's marks of console lines (no kernel messages beyond its notices).
+    for phase, seconds in timeline.get("phases_seconds", {}).items():
+        out[f"phase {phase}"] = seconds
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -167,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
                          f"{medians[stretch]['guest_s']:.3f}" if guests else "-"])
         total = m.median([sum(r["host_s"] for r in run.values()) for run in traced[key]])
         rows.append(["total (launch.sh spawned → exited)", f"{total:.3f}", ""])
-        uninstrumented = {k: m.median([run[k] for run in plain[key]]) for k in plain[key][0]}
+        uninstrumented = {k: m.median([run[k] for run in plain[key] if k in run]) for k in plain[key][0]}
         for name, seconds in uninstrumented.items():
             rows.append([f"uninstrumented microvmc run: {name}", f"{seconds:.3f}", ""])
         result["traced"][key] = medians
