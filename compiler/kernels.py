@@ -100,6 +100,7 @@ class OwnKernel:
     key: str
     entry: str  # <kernels>/microvmc-<key>
     realised: bool  # the entry is complete (its build.json is written last)
+    buildable: bool = True  # its source is there (else only a built entry can be used)
 
     @property
     def image(self) -> str:
@@ -119,14 +120,20 @@ def own_kernel(facts: HostFacts, files: HostFiles, source: str | None = None) ->
         source = memo.get("source") if isinstance(memo.get("source"), str) else DEFAULT_SOURCE
     if not facts.cc or not facts.cc_version:
         return "no C compiler is installed to build it"
-    digest = source_digest(source, files, memo)
+    digest, buildable = source_digest(source, files, memo), True
     if digest is None:
-        return f"its source {source} is missing"
+        # gone since (a tarball removed to save space): the digest it had when it was built from
+        # names the kernel built then, which can still be used, not built again
+        digests = memo.get("digests")
+        known = digests.get(source) if isinstance(digests, dict) else None
+        if not (isinstance(known, list) and len(known) == 2 and isinstance(known[1], str)):
+            return f"its source {source} is missing"
+        digest, buildable = known[1], False
     fragment = fragment_digest()
     key = build_key(digest, fragment, facts.cc_version)
     entry = os.path.join(kernels, f"{OWN_KERNEL}-{key}")
     return OwnKernel(source=source, source_digest=digest, fragment_digest=fragment, cc=facts.cc,
-                     cc_version=facts.cc_version, key=key, entry=entry,
+                     cc_version=facts.cc_version, key=key, entry=entry, buildable=buildable,
                      realised=files.is_file(os.path.join(entry, "build.json")))
 
 
@@ -178,20 +185,26 @@ def choose_kernel(manifest: Manifest, facts: HostFacts, files: HostFiles | None 
                        "set kernel.source = \"path\"")
     own = own_kernel(facts, files, own_source) if source in (KernelSource.MICROVMC, KernelSource.DEFAULT) else None
     if source is KernelSource.MICROVMC or (DEFAULT_IS_OWN and isinstance(own, OwnKernel) and own.realised):
-        if not isinstance(own, OwnKernel):
+        if not isinstance(own, OwnKernel) or not (own.realised or own.buildable):
+            why = own if not isinstance(own, OwnKernel) else f"its source {own.source} is missing"
             raise ManifestError([Problem(manifest.name, "kernel.source",
-                                         f"microvmc's own kernel cannot be built here: {own}",
+                                         f"microvmc's own kernel cannot be built here: {why}",
                                          "Debian: apt-get install linux-source-6.1 gcc; or set kernel.source = \"debian\"")])
         return KernelChoice(image=own.image, modules=None, config=None, own=own,
                             what=f"microvmc's own kernel ({own.entry})")
     base = facts.default_kernel_dir
     what = "the Debian kernel" if source is KernelSource.DEBIAN else "the default kernel"
     # the fallback says why it is not the own kernel (the graph shows it)
-    why = (f"microvmc's own kernel is not built ({own.entry}); `microvmc kernel build`" if isinstance(own, OwnKernel)
-           else f"microvmc's own kernel cannot be built: {own}")
-    note = f" (the Debian kernel: {why})" if source is KernelSource.DEFAULT and DEFAULT_IS_OWN else ""
+    note = f" (the Debian kernel: {_not_own(own)})" if source is KernelSource.DEFAULT and DEFAULT_IS_OWN else ""
     hint = "run scripts/setup, or set kernel.source = \"path\""
     return modular(os.path.join(base, "vmlinuz"), os.path.join(base, "modules"), what, hint, note)
+
+
+def _not_own(own: OwnKernel | str | None) -> str:
+    """Why "default" is not the own kernel."""
+    if isinstance(own, OwnKernel) and own.buildable:
+        return f"microvmc's own kernel is not built ({own.entry}); `microvmc kernel build`"
+    return "microvmc's own kernel cannot be built: " + (f"its source {own.source} is missing" if isinstance(own, OwnKernel) else str(own))
 
 
 def _config_beside(image: str, modules_dir: str, isfile) -> str | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import json
 import subprocess
 import sys
 from dataclasses import replace
@@ -118,10 +119,24 @@ def test_default_is_the_own_kernel_when_built_else_debian(kernels: Path, own_def
     assert choose(KernelSource.MICROVMC).own.entry != str(entry)
     assert choose(KernelSource.DEFAULT).own is None
     source.unlink()
+    missing = [f"m.toml: kernel.source: microvmc's own kernel cannot be built here: its source {source} "
+               "is missing (Debian: apt-get install linux-source-6.1 gcc; or set kernel.source = \"debian\")"]
     with pytest.raises(ManifestError) as err:
         choose(KernelSource.MICROVMC)
-    assert err.value.lines() == [f"m.toml: kernel.source: microvmc's own kernel cannot be built here: its source {source} "
-                                 "is missing (Debian: apt-get install linux-source-6.1 gcc; or set kernel.source = \"debian\")"]
+    assert err.value.lines() == missing
+    # A source removed after the build: the digest `microvmc kernel build` remembered still names the
+    # kernel built from it, which is used; it cannot be built again.
+    digest = "sha256:" + hashlib.sha256(b"not really a kernel source").hexdigest()
+    (kernels / "sources.json").write_text(json.dumps({"digests": {str(source): [[0], digest]}}))
+    for s in (KernelSource.DEFAULT, KernelSource.MICROVMC) if own_default else (KernelSource.MICROVMC,):
+        assert (choose(s).own.entry, choose(s).own.realised, choose(s).own.buildable) == (str(entry), True, False)
+    (entry / "build.json").unlink()
+    with pytest.raises(ManifestError) as err:
+        choose(KernelSource.MICROVMC)
+    assert err.value.lines() == missing
+    if own_default:
+        assert choose(KernelSource.DEFAULT).what.endswith(f"microvmc's own kernel cannot be built: its source {source} "
+                                                          "is missing)")
 
 
 def test_required_features_follow_the_plan():
