@@ -79,6 +79,14 @@ def boot_env(tmp_path_factory) -> dict[str, str]:
     assert (real_kernel_dir() / "vmlinuz").is_file(), f"no kernel at {real_kernel_dir()}: run scripts/setup"
     assert (own_kernel_dir() / "vmlinux").is_file(), \
         f"no own kernel at {own_kernel_dir()}: run scripts/setup (or microvmc kernel build)"
+    from microvmc.backends.host import probe_host
+    from microvmc.compiler.hostfiles import HostFiles
+    from microvmc.compiler.kernels import OwnKernel, own_kernel
+
+    own = own_kernel(probe_host(), HostFiles())  # the one this fragment names: else the default is Debian's
+    assert isinstance(own, OwnKernel) and own.realised, \
+        f"microvmc's own kernel for this fragment is not built ({own if isinstance(own, str) else own.entry}): " \
+        "run microvmc kernel build"
     root = tmp_path_factory.mktemp("boot")
     env = dict(os.environ)
     env.update(
