@@ -3,9 +3,10 @@
 Each engine is a context manager that starts what it needs (a daemon, a bridge), gives a way to run
 its client, and on exit stops its daemon by PID and removes everything it made: containers, mounts,
 bridges, state directories, and the global directories an engine creates on first use (only when they
-did not exist before and are empty). No engine here touches iptables: dockerd runs with
-`--iptables=false` on a bridge of its own, podman uses CNI's bridge plugin without masquerading or a
-firewall plugin (netavark would leave its chains behind), containerd has no network.
+did not exist before and are empty). No engine here touches iptables, but a podman made with
+`portmap=True` (for `-p`): dockerd runs with `--iptables=false` on a bridge of its own, podman uses CNI's
+bridge plugin without masquerading or a firewall plugin (netavark would leave its chains behind), and
+with `portmap=True` CNI's portmap plugin, whose nat chains it removes on close; containerd has no network.
 
 What the machine needs (NOTES-oci.md): no systemd, hybrid cgroups, root without CAP_SYS_RESOURCE, so
 podman gets a containers.conf with rlimits it can set and cgroupfs; `ctr run` never closes a
@@ -255,8 +256,10 @@ class _Engine:
 class Podman(_Engine):
     """podman (and buildah) on a private storage root, tmp dir, events log and CNI network."""
 
-    def __init__(self, root: Path, runtimes: dict[str, Path] | None = None):
+    def __init__(self, root: Path, runtimes: dict[str, Path] | None = None, *, portmap: bool = False):
         super().__init__(root=root, runtimes=dict(runtimes or {}))
+        # the nat table before portmap used it: whether it existed, and its rules
+        self.nat_before = (_nat_table_exists(), _nat_rules()) if portmap else None
         for d in ("storage", "run", "tmp", "networks", "cni"):
             (root / d).mkdir(parents=True, exist_ok=True)
         self.bridge = _bridge_name("mvmc-p")
@@ -269,7 +272,7 @@ class Podman(_Engine):
                 "ipam": {"type": "host-local", "routes": [{"dst": "0.0.0.0/0"}],
                          "ranges": [[{"subnet": f"{net}.0/24", "gateway": f"{net}.1"}]],
                          "dataDir": str(root / "cni")},
-            }],
+            }] + ([{"type": "portmap", "capabilities": {"portMappings": True}}] if portmap else []),
         }, indent=1))
         runtimes_toml = "".join(f"{name} = [{json.dumps(str(path))}]\n" for name, path in self.runtimes.items())
         (root / "containers.conf").write_text(
@@ -334,7 +337,40 @@ class Podman(_Engine):
         self.run("system", "reset", "--force", timeout=120)
         _unmount_below(self.root)
         _del_link(self.bridge)
+        if self.nat_before is not None:
+            _remove_cni_chains(*self.nat_before)
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _nat_table_exists() -> bool:
+    # not `iptables-save -t nat`, which shows a missing table's built-in chains as if it were there
+    return "*nat" in subprocess.run(["iptables-save"], capture_output=True, text=True, check=True).stdout.splitlines()
+
+
+def _nat_rules() -> list[str]:
+    """The nat table as `iptables -t nat -S` lists it: its chains (-N, -P) and rules (-A)."""
+    return subprocess.run(["iptables", "-t", "nat", "-S"], capture_output=True, text=True, check=True).stdout.splitlines()
+
+
+def _remove_cni_chains(existed: bool, before: list[str]) -> None:
+    """What CNI's portmap plugin added to the nat table since `before`: on a container's DEL it
+    removes that container's chain, but keeps its CNI-HOSTPORT-* chains and the jumps to them; and
+    the table itself (iptables-nft made it) when there was none and nothing is left in it."""
+    now = _nat_rules()
+    chains = [line.split()[1] for line in now if line.startswith("-N CNI-") and line not in before]
+    for line in now:
+        rule = shlex.split(line)
+        if rule[0] == "-A" and line not in before and (rule[1] in chains or any(c in rule for c in chains)):
+            subprocess.run(["iptables", "-t", "nat", "-D", *rule[1:]], check=True)
+    for flag in ("-F", "-X"):  # emptied first: the chains jump to each other
+        for chain in chains:
+            subprocess.run(["iptables", "-t", "nat", flag, chain], check=True)
+    if not existed:
+        from pyroute2.nftables.main import NFTables  # iptables cannot delete a table, nor has nft been installed
+
+        with contextlib.closing(NFTables(nfgen_family=socket.AF_INET)) as nft:
+            if not [r for r in nft.get_rules() if r.get_attr("NFTA_RULE_TABLE") == "nat"]:
+                nft.table("del", name="nat")
 
 
 class Docker(_Engine):
