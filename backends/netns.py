@@ -32,6 +32,10 @@ IFF_TAP, IFF_NO_PI = 0x0002, 0x1000
 ETH_P_ALL = 0x0003
 INGRESS = 0xFFFF0000  # the ingress qdisc's handle, "ffff:"
 TAP_NAME = "mvmc%d"  # the kernel picks the number
+# What marks a redirect filter as microvmc's: its priority and its u32 classid ("mvmc"; `tc filter
+# show` says "pref 28022 ... flowid 6d76:6d63"), so that one a SIGKILLed run left can be told apart.
+FILTER_PRIO = 0x6D76
+FILTER_MARK = 0x6D766D63
 
 
 class NetnsError(HostError):
@@ -144,12 +148,50 @@ def _open_tap() -> tuple[int, str]:
 def _redirect(ipr: Any, source: int, target: int) -> None:
     """Every frame arriving on `source` leaves through `target` (tc: ingress qdisc, u32 match-all, mirred)."""
     ipr.tc("add", "ingress", source, "ffff:")
-    ipr.tc("add-filter", "u32", source, ":1", parent="ffff:", protocol=ETH_P_ALL, target=0, keys=["0x0/0x0+0"],
-           action={"kind": "mirred", "direction": "egress", "action": "redirect", "ifindex": target})
+    ipr.tc("add-filter", "u32", source, ":1", parent="ffff:", prio=FILTER_PRIO, protocol=ETH_P_ALL, target=FILTER_MARK,
+           keys=["0x0/0x0+0"], action={"kind": "mirred", "direction": "egress", "action": "redirect", "ifindex": target})
 
 
 def _has_ingress(ipr: Any, index: int) -> bool:
     return any(q["handle"] == INGRESS for q in ipr.get_qdiscs(index=index))
+
+
+def _redirect_targets(ipr: Any, index: int) -> list[int] | None:
+    """The devices the interface's ingress filters redirect to, when every filter is one of
+    microvmc's (FILTER_PRIO, FILTER_MARK, a mirred redirect); None when any is not, or there is none."""
+    targets = []
+    for f in ipr.get_filters(index=index, parent=INGRESS):
+        options = f.get_attr("TCA_OPTIONS")
+        if f["info"] >> 16 != FILTER_PRIO or f.get_attr("TCA_KIND") != "u32":
+            return None
+        actions = options.get_attr("TCA_U32_ACT") if options else None
+        if actions is None:
+            continue  # the u32 hash table's own entries
+        if options.get_attr("TCA_U32_CLASSID") != FILTER_MARK:
+            return None
+        for _, action in actions["attrs"]:
+            parms = action.get_attr("TCA_ACT_OPTIONS").get_attr("TCA_MIRRED_PARMS") if action.get_attr("TCA_ACT_KIND") == "mirred" else None
+            if parms is None:
+                return None
+            targets.append(parms["ifindex"])
+    return targets or None
+
+
+def _clear_stale_ingress(ipr: Any, namespace: str, name: str, index: int) -> None:
+    """An ingress qdisc on the interface is refused, unless it is what a SIGKILLed run left: only
+    microvmc's filters (their marker), redirecting to taps that are gone (a tap goes with QEMU's
+    last descriptor). That one is removed."""
+    if not _has_ingress(ipr, index):
+        return
+    where = f"the interface {name} of network namespace {namespace}"
+    targets = _redirect_targets(ipr, index)
+    if targets is None:
+        raise NetnsError(f"{where} already has an ingress qdisc that is not microvmc's", hint="its owner must remove it")
+    live = [link.get_attr("IFLA_IFNAME") for link in ipr.get_links() if link["index"] in targets
+            and link.get_attr("IFLA_IFNAME").startswith(TAP_NAME[:4])]
+    if live:
+        raise NetnsError(f"{where} is already joined to another VM (its tap {live[0]})")
+    _remove_ingress(ipr, index)
 
 
 @contextmanager
@@ -168,9 +210,7 @@ def tap_joined(namespace: str, interface: str = "", mtu: int = 0) -> Iterator[in
         if mtu > link.get_attr("IFLA_MTU"):
             raise NetnsError(f"network.mtu: {mtu} is larger than the MTU {link.get_attr('IFLA_MTU')} of the interface "
                              f"{name} of network namespace {namespace}")
-        if _has_ingress(ipr, index):
-            raise NetnsError(f"the interface {name} of network namespace {namespace} already has an ingress qdisc "
-                             "(another VM joined to it?)")
+        _clear_stale_ingress(ipr, namespace, name, index)
         try:
             fd, tap = _in_namespace(namespace, _open_tap)
         except OSError as e:

@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import signal
 import subprocess
+import sys
 
 import pytest
 
@@ -106,8 +108,7 @@ def test_a_tap_is_joined_both_ways_and_the_namespace_left_as_it_was(namespace) -
         with pytest.raises(NetnsError) as err:
             with tap_joined(path):
                 pass
-        assert str(err.value) == (f"the interface eth0 of network namespace {path} already has an ingress qdisc "
-                                  "(another VM joined to it?)")
+        assert str(err.value) == f"the interface eth0 of network namespace {path} is already joined to another VM (its tap {tap})"
     assert (ip("-n", os.path.basename(path), "-br", "link"), tc(path, "qdisc", "show")) == before
     with pytest.raises(OSError):
         os.fstat(fd)
@@ -125,3 +126,31 @@ def test_the_tap_has_the_guests_mtu_at_most_the_interfaces(namespace) -> None:
     assert str(err.value) == (f"network.mtu: 1500 is larger than the MTU 1400 of the interface eth0 of network "
                               f"namespace {path}")
     assert "mvmc" not in ip("-n", os.path.basename(path), "-br", "link")
+
+
+def test_an_ingress_qdisc_a_killed_run_left_is_removed_and_a_foreign_one_refused(namespace) -> None:
+    path, _ = namespace
+    # a run SIGKILLed while joined: its tap went with its descriptor, its filter on eth0 stayed, marked
+    code = ("import os, signal, sys\nfrom microvmc.backends.netns import tap_joined\n"
+            "with tap_joined(sys.argv[1]):\n    os.kill(os.getpid(), signal.SIGKILL)\n")
+    r = subprocess.run([sys.executable, "-c", code, path], capture_output=True, text=True, timeout=60)
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    shown = tc(path, "filter", "show", "dev", "eth0", "ingress")
+    assert "pref 28022" in shown and "flowid 6d76:6d63" in shown, shown
+    assert "mvmc" not in ip("-n", os.path.basename(path), "-br", "link")
+    with tap_joined(path):  # the next run removes it and joins
+        assert f"mirred (Egress Redirect to device mvmc" in tc(path, "filter", "show", "dev", "eth0", "ingress")
+    assert "ingress" not in tc(path, "qdisc", "show", "dev", "eth0")
+    # anyone else's ingress qdisc is left alone
+    tc(path, "qdisc", "add", "dev", "eth0", "ingress")
+    with pytest.raises(NetnsError) as err:
+        with tap_joined(path):
+            pass
+    assert err.value.lines() == [f"the interface eth0 of network namespace {path} already has an ingress qdisc that "
+                                 "is not microvmc's (its owner must remove it)"]
+    tc(path, "filter", "add", "dev", "eth0", "parent", "ffff:", "pref", "28022", "protocol", "all", "u32", "match",
+       "u32", "0", "0", "flowid", "1:1", "action", "mirred", "egress", "redirect", "dev", "lo")  # our priority, not our mark
+    with pytest.raises(NetnsError):
+        with tap_joined(path):
+            pass
+    assert "pref 28022" in tc(path, "filter", "show", "dev", "eth0", "ingress")

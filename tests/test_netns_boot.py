@@ -148,3 +148,42 @@ def test_a_vm_on_a_namespace_with_ipv6_and_two_addresses(boot_env, tmp_path, nam
     full = ipaddress.IPv6Address(f"{v6}::2").exploded.replace(":", "")
     assert out.decode() == f"default via {v6}::1 dev eth0  metric 1024 \n{full}\nover IPv6\ndone\n"
     assert list(runtime.iterdir()) == []
+
+
+def test_a_run_after_one_that_was_sigkilled_on_the_same_interface(boot_env, tmp_path, namespace) -> None:
+    """A SIGKILLed microvmc leaves its (marked) ingress qdisc on the interface; its tap went with
+    QEMU. The next run on that interface removes it and runs; then the namespace is clean."""
+    path, subnet = namespace
+    name = path.rsplit("/", 1)[1]
+    seen = observe(path)
+    runtime = tmp_path / "runtime"
+    runtime.mkdir()
+    env = dict(boot_env, XDG_RUNTIME_DIR=str(runtime), TMPDIR=str(runtime))
+
+    def manifest(script: str) -> str:
+        m = tmp_path / f"m{len(list(tmp_path.iterdir()))}.toml"
+        m.write_text(f'version = 1\n[image]\nmode = "overlay"\n[process]\nargv = ["/bin/sh", "-c", {json.dumps(script)}]\n'
+                     f'[network]\nmode = "netns"\nnamespace = "{path}"\naddress = "{seen.address}"\n'
+                     f'gateway = "{seen.gateway}"\nmac = "{seen.mac}"\n')
+        return str(m)
+
+    first = subprocess.Popen([*MICROVMC, "run", manifest("echo up; read line")], env=env, stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert first.stdout.readline() == b"up\n", first.stderr.read1().decode()
+        first.kill()
+        first.wait()
+    finally:
+        first.kill()
+        first.wait()
+    deadline = time.monotonic() + 30
+    while "mvmc" in ip("-n", name, "-br", "link") and time.monotonic() < deadline:  # the tap goes with QEMU
+        time.sleep(0.2)
+    qdiscs = subprocess.run(["ip", "netns", "exec", name, "tc", "qdisc", "show", "dev", "eth0"], capture_output=True,
+                            text=True).stdout
+    assert "ingress" in qdiscs, qdiscs
+    r = subprocess.run([*MICROVMC, "run", manifest("cat /sys/class/net/eth0/address")], env=env, capture_output=True,
+                       timeout=TIMEOUT)
+    assert (r.returncode, r.stdout.decode()) == (0, f"{seen.mac}\n"), r.stderr.decode()
+    qdiscs = subprocess.run(["ip", "netns", "exec", name, "tc", "qdisc", "show"], capture_output=True, text=True).stdout
+    assert "ingress" not in qdiscs and "mvmc" not in ip("-n", name, "-br", "link"), qdiscs
