@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass
 from enum import StrEnum
 from functools import cache
-from typing import Any
+from typing import Any, Callable
 
 from microvmc.compiler.cmdline import GuestUser, Rlimit, extra_problem
 from microvmc.compiler.load import KeyPath, Loaded, clip, display_path, key_path
@@ -648,6 +648,18 @@ _MAC = re.compile(r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}")
 _IFNAME = re.compile(r"[^/\s:]{1,15}")  # the kernel's IFNAMSIZ less its NUL; no '/', ':' or space
 
 
+def _parsed(network: dict[str, Any], key: str, parse: Callable[[str], Any], what: str, add: Any) -> Any:
+    """network[key] parsed, or None: absent, not a string (the schema says so), or not `what` (said here)."""
+    value = network.get(key)
+    if not isinstance(value, str):
+        return None
+    try:
+        return parse(value)
+    except ValueError:
+        add(("network", key), f"{show(value)} is not {what}")
+        return None
+
+
 def _netns_problems(network: dict[str, Any], add: Any) -> None:
     """mode netns: a namespace path and the guest's address, gateway and MAC, each well-formed."""
     if network.get("mode") != "netns":
@@ -687,16 +699,9 @@ def _netns_problems(network: dict[str, Any], add: Any) -> None:
                 add(("network", "address"), f"{show(address)} is its network's "
                     + ("network address" if net.ip == net.network.network_address else "broadcast address"))
                 net = None
-    gateway = network.get("gateway")
-    if isinstance(gateway, str):
-        try:
-            gw = ipaddress.IPv4Address(gateway)
-        except ValueError:
-            add(("network", "gateway"), f"{show(gateway)} is not an IPv4 address")
-        else:
-            if net is not None and (gw not in net.network or gw == net.ip):
-                add(("network", "gateway"), f"{show(gateway)} is not another address in network.address's network "
-                    f"{net.network}")
+    gw = _parsed(network, "gateway", ipaddress.IPv4Address, "an IPv4 address", add)
+    if gw is not None and net is not None and (gw not in net.network or gw == net.ip):
+        add(("network", "gateway"), f"{show(network['gateway'])} is not another address in network.address's network {net.network}")
     networks6 = []
     addresses = network.get("addresses")
     for i, item in enumerate(addresses if isinstance(addresses, list) else ()):
@@ -716,16 +721,10 @@ def _netns_problems(network: dict[str, Any], add: Any) -> None:
             add(("network", "addresses", i), f"{show(item)} is already the guest's")
         elif further.version == 6:
             networks6.append(further.network)
-    gateway6 = network.get("gateway6")
-    if isinstance(gateway6, str):
-        try:
-            gw6 = ipaddress.IPv6Address(gateway6)
-        except ValueError:
-            add(("network", "gateway6"), f"{show(gateway6)} is not an IPv6 address")
-        else:
-            if not gw6.is_link_local and not any(gw6 in n for n in networks6):
-                add(("network", "gateway6"), f"{show(gateway6)} is neither link-local nor in the network of an IPv6 "
-                    "address of network.addresses")
+    gw6 = _parsed(network, "gateway6", ipaddress.IPv6Address, "an IPv6 address", add)
+    if gw6 is not None and not gw6.is_link_local and not any(gw6 in n for n in networks6):
+        add(("network", "gateway6"), f"{show(network['gateway6'])} is neither link-local nor in the network of an IPv6 "
+            "address of network.addresses")
     mac = network.get("mac")
     if isinstance(mac, str):
         if not _MAC.fullmatch(mac):

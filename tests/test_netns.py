@@ -139,7 +139,7 @@ def test_an_ingress_qdisc_a_killed_run_left_is_removed_and_a_foreign_one_refused
     assert "pref 28022" in shown and "flowid 6d76:6d63" in shown, shown
     assert "mvmc" not in ip("-n", os.path.basename(path), "-br", "link")
     with tap_joined(path):  # the next run removes it and joins
-        assert f"mirred (Egress Redirect to device mvmc" in tc(path, "filter", "show", "dev", "eth0", "ingress")
+        assert "mirred (Egress Redirect to device mvmc" in tc(path, "filter", "show", "dev", "eth0", "ingress")
     assert "ingress" not in tc(path, "qdisc", "show", "dev", "eth0")
     # anyone else's ingress qdisc is left alone
     tc(path, "qdisc", "add", "dev", "eth0", "ingress")

@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -37,6 +38,34 @@ def ip(*args: str) -> str:
     return subprocess.run(["ip", *args], check=True, capture_output=True, text=True).stdout
 
 
+def netns_manifest(path: Path, script: str, network: str) -> Path:
+    """A manifest at `path` running `script` on the namespace network whose keys `network` gives."""
+    path.write_text(f'version = 1\n[image]\nmode = "overlay"\n[process]\nargv = ["/bin/sh", "-c", {json.dumps(script)}]\n'
+                    f'[network]\nmode = "netns"\n{network}')
+    return path
+
+
+def answers(env: dict[str, str], manifest: Path, urls: list[str]) -> tuple[int, dict[str, bytes], bytes, bytes]:
+    """`microvmc run manifest`: what the guest's server answers at each url once it listens, then
+    (after a line to its stdin) the run's status, stdout and stderr; the VM is gone afterwards."""
+    vm = subprocess.Popen([*MICROVMC, "run", str(manifest)], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE)
+    bodies = {}
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        for url in urls:
+            while url not in bodies and time.monotonic() < deadline and vm.poll() is None:
+                try:
+                    bodies[url] = urllib.request.urlopen(url, timeout=5).read()
+                except OSError:
+                    time.sleep(0.5)
+        out, err = vm.communicate(b"\n", timeout=TIMEOUT)
+    finally:
+        vm.kill()
+        vm.wait()
+    return vm.returncode, bodies, out, err
+
+
 def test_a_vm_on_a_network_namespace_reaches_and_is_reached(boot_env, tmp_path, namespace) -> None:
     path, subnet = namespace
     name = path.rsplit("/", 1)[1]
@@ -56,29 +85,16 @@ def test_a_vm_on_a_network_namespace_reaches_and_is_reached(boot_env, tmp_path, 
     script = (f"cat /sys/class/net/eth0/address /sys/class/net/eth0/mtu /etc/resolv.conf; wget -q -O - http://{subnet}.1:{server.server_address[1]}"
               "/hello.txt; mkdir /tmp/w && echo from the guest > /tmp/w/index.html && httpd -p 80 -h /tmp/w && "
               "read line && echo done")
-    manifest = tmp_path / "netns.toml"
-    manifest.write_text(
-        f'version = 1\n[image]\nmode = "overlay"\n[process]\nargv = ["/bin/sh", "-c", {json.dumps(script)}]\n'
-        f'[network]\nmode = "netns"\nnamespace = "{path}"\naddress = "{seen.address}"\ngateway = "{seen.gateway}"\n'
-        f'mac = "{seen.mac}"\ndns = ["{subnet}.1"]\nmtu = {seen.mtu}\n')
-    vm = subprocess.Popen([*MICROVMC, "run", str(manifest)], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE)
-    body = None
+    manifest = netns_manifest(tmp_path / "netns.toml", script,
+                              f'namespace = "{path}"\naddress = "{seen.address}"\ngateway = "{seen.gateway}"\n'
+                              f'mac = "{seen.mac}"\ndns = ["{subnet}.1"]\nmtu = {seen.mtu}\n')
     try:
-        deadline = time.monotonic() + TIMEOUT
-        while body is None and time.monotonic() < deadline and vm.poll() is None:
-            try:
-                body = urllib.request.urlopen(f"http://{subnet}.2/", timeout=5).read()
-            except OSError:
-                time.sleep(0.5)
-        out, err = vm.communicate(b"\n", timeout=TIMEOUT)
+        status, bodies, out, err = answers(env, manifest, [f"http://{subnet}.2/"])
     finally:
-        vm.kill()
-        vm.wait()
         server.shutdown()
         server.server_close()
-    assert body == b"from the guest\n", err.decode()
-    assert vm.returncode == 0, err.decode()
+    assert list(bodies.values()) == [b"from the guest\n"], err.decode()
+    assert status == 0, err.decode()
     assert out.decode() == f"{seen.mac}\n1400\nnameserver {subnet}.1\nfrom the host\ndone\n"
 
     # The namespace is as it was: no tap, eth0 without an ingress qdisc; nothing of the run is left.
@@ -121,30 +137,16 @@ def test_a_vm_on_a_namespace_with_ipv6_and_two_addresses(boot_env, tmp_path, nam
               f"wget -q -O - http://[{v6}::1]:{server.server_address[1]}/hello.txt; "
               "mkdir /tmp/w && echo from the guest > /tmp/w/index.html && httpd -p 80 -h /tmp/w && read line && echo done")
     addresses = ", ".join(f'"{a}"' for a in seen.addresses)
-    manifest = tmp_path / "netns6.toml"
-    manifest.write_text(
-        f'version = 1\n[image]\nmode = "overlay"\n[process]\nargv = ["/bin/sh", "-c", {json.dumps(script)}]\n'
-        f'[network]\nmode = "netns"\nnamespace = "{path}"\naddress = "{seen.address}"\naddresses = [{addresses}]\n'
-        f'gateway = "{seen.gateway}"\ngateway6 = "{seen.gateway6}"\nmac = "{seen.mac}"\n')
-    vm = subprocess.Popen([*MICROVMC, "run", str(manifest)], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE)
-    bodies = {}
+    manifest = netns_manifest(tmp_path / "netns6.toml", script,
+                              f'namespace = "{path}"\naddress = "{seen.address}"\naddresses = [{addresses}]\n'
+                              f'gateway = "{seen.gateway}"\ngateway6 = "{seen.gateway6}"\nmac = "{seen.mac}"\n')
     try:
-        deadline = time.monotonic() + TIMEOUT
-        for host in (f"{subnet}.3", f"[{v6}::2]"):
-            while host not in bodies and time.monotonic() < deadline and vm.poll() is None:
-                try:
-                    bodies[host] = urllib.request.urlopen(f"http://{host}/", timeout=5).read()
-                except OSError:
-                    time.sleep(0.5)
-        out, err = vm.communicate(b"\n", timeout=TIMEOUT)
+        status, bodies, out, err = answers(env, manifest, [f"http://{subnet}.3/", f"http://[{v6}::2]/"])
     finally:
-        vm.kill()
-        vm.wait()
         server.shutdown()
         server.server_close()
-    assert vm.returncode == 0, err.decode()
-    assert bodies == {f"{subnet}.3": b"from the guest\n", f"[{v6}::2]": b"from the guest\n"}, err.decode()
+    assert status == 0, err.decode()
+    assert list(bodies.values()) == [b"from the guest\n"] * 2, err.decode()
     full = ipaddress.IPv6Address(f"{v6}::2").exploded.replace(":", "")
     assert out.decode() == f"default via {v6}::1 dev eth0  metric 1024 \n{full}\nover IPv6\ndone\n"
     assert list(runtime.iterdir()) == []
@@ -161,11 +163,9 @@ def test_a_run_after_one_that_was_sigkilled_on_the_same_interface(boot_env, tmp_
     env = dict(boot_env, XDG_RUNTIME_DIR=str(runtime), TMPDIR=str(runtime))
 
     def manifest(script: str) -> str:
-        m = tmp_path / f"m{len(list(tmp_path.iterdir()))}.toml"
-        m.write_text(f'version = 1\n[image]\nmode = "overlay"\n[process]\nargv = ["/bin/sh", "-c", {json.dumps(script)}]\n'
-                     f'[network]\nmode = "netns"\nnamespace = "{path}"\naddress = "{seen.address}"\n'
-                     f'gateway = "{seen.gateway}"\nmac = "{seen.mac}"\n')
-        return str(m)
+        return str(netns_manifest(tmp_path / f"m{len(list(tmp_path.iterdir()))}.toml", script,
+                                  f'namespace = "{path}"\naddress = "{seen.address}"\ngateway = "{seen.gateway}"\n'
+                                  f'mac = "{seen.mac}"\n'))
 
     first = subprocess.Popen([*MICROVMC, "run", manifest("echo up; read line")], env=env, stdin=subprocess.PIPE,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)

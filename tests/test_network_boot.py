@@ -4,6 +4,7 @@ once, one of them with `run -p`; the guest's /etc/hosts and /etc/resolv.conf on 
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import json
 import os
@@ -15,6 +16,7 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -59,46 +61,46 @@ def test_the_guest_nic_has_the_manifests_mtu(env, tmp_path) -> None:
     assert (r.returncode, r.stdout) == (0, b"1280\n"), r.stderr.decode()
 
 
-def test_user_network_reaches_a_server_on_the_host(env, tmp_path) -> None:
+class V6Server(http.server.ThreadingHTTPServer):
+    address_family = socket.AF_INET6
+
+
+@contextlib.contextmanager
+def host_server(tmp_path: Path, text: str, address: str = "127.0.0.1") -> Iterator[int]:
+    """A server on the host serving `text` as /hello.txt while the block runs; yields its port."""
     (tmp_path / "www").mkdir()
-    (tmp_path / "www" / "hello.txt").write_text("from the host\n")
+    (tmp_path / "www" / "hello.txt").write_text(text)
     handler = lambda *a: http.server.SimpleHTTPRequestHandler(*a, directory=str(tmp_path / "www"))  # noqa: E731
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server = (V6Server if ":" in address else http.server.ThreadingHTTPServer)((address, 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        port = server.server_address[1]
-        m = write(tmp_path, 'mode = "user"',
-                  f"ls /sys/class/net; cat /etc/resolv.conf; wget -q -O - http://10.0.2.2:{port}/hello.txt")
-        r = subprocess.run([*MICROVMC, "run", str(m)], env=env, capture_output=True, timeout=TIMEOUT)
+        yield server.server_address[1]
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_user_network_reaches_a_server_on_the_host(env, tmp_path) -> None:
+    with host_server(tmp_path, "from the host\n") as port:
+        m = write(tmp_path, 'mode = "user"',
+                  f"ls /sys/class/net; cat /etc/resolv.conf; wget -q -O - http://10.0.2.2:{port}/hello.txt")
+        r = subprocess.run([*MICROVMC, "run", str(m)], env=env, capture_output=True, timeout=TIMEOUT)
     assert r.returncode == 0, r.stderr.decode()
     assert r.stdout.decode() == "eth0\nlo\nnameserver 10.0.2.3\nfrom the host\n"
-
-
-class V6Server(http.server.ThreadingHTTPServer):
-    address_family = socket.AF_INET6
 
 
 def test_user_network_reaches_the_hosts_ipv6_loopback(env, tmp_path) -> None:
     """slirp's IPv6, stated: the guest is fec0::15/64, routed via fec0::2, which is the host's ::1;
     no address of the guest's but the stated ones (router advertisements are ignored)."""
-    (tmp_path / "www").mkdir()
-    (tmp_path / "www" / "hello.txt").write_text("from the host's ::1\n")
-    handler = lambda *a: http.server.SimpleHTTPRequestHandler(*a, directory=str(tmp_path / "www"))  # noqa: E731
-    try:
-        server = V6Server(("::1", 0), handler)
-    except OSError:
-        pytest.skip("the host has no IPv6 loopback")
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
+    with socket.socket(socket.AF_INET6) as probe:
+        try:
+            probe.bind(("::1", 0))
+        except OSError:
+            pytest.skip("the host has no IPv6 loopback")
+    with host_server(tmp_path, "from the host's ::1\n", "::1") as port:
         m = write(tmp_path, 'mode = "user"', "sleep 3; grep eth0 /proc/net/if_inet6 | grep -v ^fe80 | cut -c1-32; "
-                  f"ip -6 route | grep default; wget -q -O - http://[fec0::2]:{server.server_address[1]}/hello.txt")
+                  f"ip -6 route | grep default; wget -q -O - http://[fec0::2]:{port}/hello.txt")
         r = subprocess.run([*MICROVMC, "run", str(m)], env=env, capture_output=True, timeout=TIMEOUT)
-    finally:
-        server.shutdown()
-        server.server_close()
     assert r.returncode == 0, r.stderr.decode()
     assert r.stdout.decode() == ("fec00000000000000000000000000015\ndefault via fec0::2 dev eth0  metric 1024 \n"
                                  "from the host's ::1\n")
