@@ -133,3 +133,18 @@ def test_virtme_benchmark_compares_with_virtme_ng(boot_env) -> None:
     assert set(result["commands"]) == {"own", "debian", "vng"}
     assert all(c["leftovers"] == [] for c in result["commands"].values())
     assert result["own_vs_vng"]["of_medians"] > 0 and result["debian_vs_vng"]["of_medians"] > 0
+
+
+def test_boot_ab_benchmark_boots_each_variant_and_marks_init(boot_env) -> None:
+    r = subprocess.run([sys.executable, "bench/boot_ab.py", "-n", "1", "--warmup", "0", "--json", "-q",
+                        "base=", "cut=append:nokaslr;drop:noreplace-smp"],
+                       cwd=REPO, env=boot_env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout)
+    for name in ("base", "cut"):
+        marks = result["medians"][name]
+        assert 0 < marks["first"] < marks["init"] < marks["total"] and marks["cpu"] > 0, marks
+    assert set(result["paired"]) == {"cut"} and result["left_running"] == []
+    bad = subprocess.run([sys.executable, "bench/boot_ab.py", "-n", "1", "base=", "x=drop:no-such-param"],
+                         cwd=REPO, env=boot_env, capture_output=True, text=True, timeout=600)
+    assert bad.returncode != 0 and "changes nothing in launch.sh" in bad.stderr
