@@ -684,18 +684,24 @@ def run_plan(plan: LaunchPlan, *, log_dir: Path, stdin: int = 0, stdout: int = 1
 
 def start_detached(plan: LaunchPlan, run: Run, *, hold: bool = False,
                    stdio: tuple[int, int, int] | None = None, terminal: int | None = None,
-                   log_limits: LogLimits | None = None, keep_stdin: bool = False, tty: bool = False) -> int:
+                   log_limits: LogLimits | None = None, keep_stdin: bool = False, tty: bool = False,
+                   netns: str | None = None) -> int:
     """Start a monitor of its own for `run` (a daemon in its own session), and return its pid once
     the program has started (`hold`: once the guest is ready). Raises MicrovmcError (one line) if
     the run ended before that, with the run's status; the record keeps what happened.
 
     Without `stdio`, the program's output goes to log files and its stdin is empty, or, with
-    `keep_stdin`, a pipe the monitor holds open for clients that attach (`tty`: a terminal's input)."""
+    `keep_stdin`, a pipe the monitor holds open for clients that attach (`tty`: a terminal's input).
+    With `netns`, the monitor lives in that network namespace (the OCI runtime's container's)."""
     read_end, write_end = os.pipe2(os.O_CLOEXEC)
     first = os.fork()
     if first == 0:  # pragma: no cover - the child's side is seen through the tests' boots
         try:
             os.close(read_end)
+            if netns:
+                from microvmc.backends.netns import join
+
+                join(netns)
             os.setsid()
             if os.fork() != 0:
                 os._exit(0)

@@ -24,9 +24,11 @@ from typing import Any, Callable, Iterator
 from microvmc.compiler.manifest import Network, NetworkMode
 from microvmc.errors import HostError
 
-__all__ = ["Observed", "observe", "namespace_network", "tap_joined", "NetnsError"]
+__all__ = ["Observed", "observe", "namespace_network", "tap_joined", "NetnsError", "new_namespace",
+           "remove_namespace", "join", "holder", "same_namespace"]
 
 CLONE_NEWNET = 0x40000000
+MS_BIND, MNT_DETACH = 0x1000, 0x2
 TUNSETIFF = 0x400454CA
 IFF_TAP, IFF_NO_PI = 0x0002, 0x1000
 ETH_P_ALL = 0x0003
@@ -263,3 +265,110 @@ def namespace_network(namespace: str, interface: str = "") -> tuple[Network | No
     return Network(mode=NetworkMode.NETNS, namespace=namespace, interface=seen.interface, address=seen.address,
                    addresses=seen.addresses, gateway=seen.gateway, gateway6=seen.gateway6, mac=seen.mac.lower(),
                    mtu=seen.mtu), ""
+
+
+# --- a namespace of the runtime's own (docker: config.json asks for one without a path) -----------
+
+
+def _libc_call(name: str, *args: Any) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if getattr(libc, name)(*args) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+
+
+def new_namespace(path: str) -> None:
+    """A new network namespace (only lo, down), kept by a bind mount of it on the file `path`, as
+    `ip netns add` keeps one: it lives until remove_namespace(path), whoever is in it."""
+    def make() -> None:
+        _libc_call("unshare", CLONE_NEWNET)  # this thread only: the rest of the process stays out
+        _libc_call("mount", f"/proc/self/task/{threading.get_native_id()}/ns/net".encode(), os.fsencode(path),
+                   None, MS_BIND, None)
+
+    try:
+        os.close(os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444))
+        result: dict[str, BaseException] = {}
+
+        def thread() -> None:
+            try:
+                make()
+            except BaseException as e:  # handed to the caller's thread
+                result["error"] = e
+
+        t = threading.Thread(target=thread, name="microvmc-netns-new")
+        t.start()
+        t.join()
+        if "error" in result:
+            raise result["error"]
+    except OSError as e:
+        remove_namespace(path)
+        raise NetnsError(f"cannot make a network namespace at {path}: {e.strerror or e}") from e
+
+
+def remove_namespace(path: str) -> None:
+    """Undo new_namespace(path): the bind mount (lazily: a process may still have it open) and the
+    file; the namespace itself ends with the last process in it. Nothing there is no error."""
+    try:
+        _libc_call("umount2", os.fsencode(path), MNT_DETACH)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOENT):  # not mounted, not there
+            raise NetnsError(f"cannot unmount the network namespace {path}: {e.strerror}") from e
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def same_namespace(a: str, b: str) -> bool:
+    """Whether two paths (/proc/PID/ns/net, a bind mount of one) are the same namespace; a path
+    that is not there is no namespace (observing it fails later, with its own message)."""
+    try:
+        first, second = os.stat(a), os.stat(b)
+    except OSError:
+        return False
+    return (first.st_dev, first.st_ino) == (second.st_dev, second.st_ino)
+
+
+def join(namespace: str) -> None:
+    """Move the calling thread (in a single-threaded process: the process) into the namespace."""
+    fd = os.open(namespace, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.setns(fd, CLONE_NEWNET) != 0:
+            code = ctypes.get_errno()
+            raise NetnsError(f"cannot enter network namespace {namespace}: {os.strerror(code)}")
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def holder(namespace: str) -> Iterator[int]:
+    """A process that lives in the namespace while the context lasts; yields its pid, so that
+    /proc/<pid>/ns/net is the namespace (what a container's hooks are told: docker's
+    libnetwork-setkey moves the container's veth there). It ends when its pipe closes, so also
+    when this process is killed."""
+    read_end, write_end = os.pipe2(os.O_CLOEXEC)
+    told, tell = os.pipe2(os.O_CLOEXEC)
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - seen through the tests' hooks
+        status = 1
+        try:
+            os.close(write_end)
+            os.close(told)
+            join(namespace)
+            os.write(tell, b"1")
+            os.close(tell)
+            os.read(read_end, 1)  # EOF: the parent is done with it (or gone)
+            status = 0
+        finally:
+            os._exit(status)
+    os.close(read_end)
+    os.close(tell)
+    try:
+        with os.fdopen(told, "rb") as ready:
+            if ready.read(1) != b"1":
+                raise NetnsError(f"cannot enter network namespace {namespace}")
+        yield pid
+    finally:
+        os.close(write_end)
+        os.waitpid(pid, 0)

@@ -12,7 +12,12 @@ mounted (its overlay). The VM shares that root live, never unpacks an image, and
 - the kernel filesystems (proc, sysfs, devpts, /dev, /dev/shm, /tmp and /run as tmpfs) are the
   ones the guest init mounts itself; other tmpfs mounts are made in the guest;
 - what has no meaning in a VM of its own (namespaces, cgroups, seccomp, AppArmor, SELinux labels,
-  capabilities, hooks, sysctls, masked paths) is accepted and noted;
+  capabilities, sysctls, masked paths) is accepted and noted;
+- hooks are read (`Hooks`) for the backend to run on the host: createRuntime, prestart (docker's
+  network), poststart and poststop; createContainer and startContainer would run in the container's
+  namespaces, which here are the guest's, and are noted, not run;
+- the network: a namespace with a path (podman) is the VM's, one without (docker, ctr) is for the
+  runtime to make, and none at all (`--network host`) gives the VM QEMU's user-mode network;
 - what would silently change the program's meaning (a user namespace with ID mappings, devices,
   a socket or device bind mount, mount types the guest cannot make) is refused, naming the key.
 
@@ -49,6 +54,10 @@ __all__ = [
     "StagedFile",
     "ExecProcess",
     "Container",
+    "ContainerNetwork",
+    "Hook",
+    "Hooks",
+    "RUN_HOOKS",
     "STAGING_GUEST",
     "STAGING_TAG",
     "container_manifest",
@@ -91,7 +100,7 @@ TMPFS_DATA = re.compile(r"(mode=[0-7]{1,4}|size=[0-9]+[kmg%]?|nr_inodes=[0-9]+[k
 # Top-level and linux keys that are accepted and noted: why each has no effect in the VM.
 IGNORED = {
     "annotations": None,  # information for the engine, quietly
-    "hooks": "hooks are not run: they act on the host's namespaces, which the VM does not use",
+    "hooks": None,  # read by _hooks
     "linux.cgroupsPath": None,
     "linux.resources": None,  # memory and CPU are read; the rest is the VM's own boundary
     "linux.namespaces": None,  # each a note of its own below
@@ -173,12 +182,73 @@ class ExecProcess:
     rlimits: tuple[Rlimit, ...]
 
 
+class ContainerNetwork(StrEnum):
+    """What config.json's network namespace asks of the runtime."""
+
+    NAMESPACE = "namespace"  # a path: the engine prepared it (podman: CNI, netavark)
+    NEW = "new"  # no path: the runtime makes it; the engine wires it in a hook (docker) or leaves it empty (ctr)
+    HOST = "host"  # no network namespace (`--network host`): the VM gets QEMU's user-mode network
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Hook:
+    """One of config.json's hooks: a host program run with the container's state on stdin."""
+
+    path: str  # absolute
+    args: tuple[str, ...]  # argv, argv[0] included; empty: (path,)
+    env: tuple[str, ...] | None  # None: the runtime's own environment (runc's, Go's exec with a nil Env)
+    timeout: int | None  # seconds
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "args": list(self.args),
+                **({"env": list(self.env)} if self.env is not None else {}),
+                **({"timeout": self.timeout} if self.timeout is not None else {})}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Hook:
+        env = data.get("env")
+        return cls(path=data["path"], args=tuple(data.get("args") or ()), env=None if env is None else tuple(env),
+                   timeout=data.get("timeout"))
+
+
+# The hooks the runtime runs, in the order the runtime spec calls them, all in the runtime's (the
+# host's) namespaces; each key is config.json's.
+RUN_HOOKS = ("createRuntime", "prestart", "poststart", "poststop")
+# Hooks that run in the container's namespaces: here the guest's, where the host's hook programs are not.
+GUEST_HOOKS = {kind: f"{kind} hooks are not run: they run in the container's namespaces, which are the guest's"
+               for kind in ("createContainer", "startContainer")}
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Hooks:
+    create_runtime: tuple[Hook, ...] = ()
+    prestart: tuple[Hook, ...] = ()
+    poststart: tuple[Hook, ...] = ()
+    poststop: tuple[Hook, ...] = ()
+
+    def of(self, kind: str) -> tuple[Hook, ...]:
+        return getattr(self, _HOOK_FIELDS[kind])
+
+    def to_dict(self) -> dict[str, list[dict[str, Any]]]:
+        return {kind: [h.to_dict() for h in self.of(kind)] for kind in RUN_HOOKS if self.of(kind)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Hooks:
+        return cls(**{_HOOK_FIELDS[kind]: tuple(Hook.from_dict(h) for h in data.get(kind) or ()) for kind in RUN_HOOKS})
+
+
+_HOOK_FIELDS = {"createRuntime": "create_runtime", "prestart": "prestart", "poststart": "poststart",
+                "poststop": "poststop"}
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Container:
     manifest: Manifest
     process: ExecProcess
     staged: tuple[StagedFile, ...]  # for the backend to put into the staging directory
+    network: ContainerNetwork
     network_namespace: str | None  # the path of the engine's prepared namespace, if it gave one
+    hooks: Hooks
     notes: tuple[str, ...]  # what was accepted without effect, one sentence each
 
 
@@ -435,14 +505,18 @@ def container_manifest(
         if present and why:
             reader.note(name, why)
 
-    network_namespace = None
+    network, network_namespace = ContainerNetwork.HOST, None
     for i, ns in enumerate(linux.get("namespaces") or ()):
         ns = reader.table(ns, f"linux.namespaces[{i}]")
         kind_name, path = ns.get("type"), ns.get("path")
         if kind_name == "network" and isinstance(path, str) and path:
-            network_namespace = path
+            network, network_namespace = ContainerNetwork.NAMESPACE, path
             reader.note(f"linux.namespaces[{i}]", f"the network namespace {path} is the VM's network: the VM takes "
                         "over its interface (network.mode \"netns\")")
+        elif kind_name == "network":
+            network = ContainerNetwork.NEW
+            reader.note(f"linux.namespaces[{i}]", "a new network namespace, made by the runtime, is the VM's network: "
+                        "the VM takes over the interface the hooks put there, if any (network.mode \"netns\")")
         elif kind_name == "user":
             reader.note(f"linux.namespaces[{i}]", "the guest has no user namespace: IDs are the guest's own")
         elif path:
@@ -456,6 +530,10 @@ def container_manifest(
         paths = [d.get("path") for d in devices if isinstance(d, dict)]
         reader.problem("linux.devices", f"{_show(paths)}: host devices cannot be passed into the VM")
 
+    if network is ContainerNetwork.HOST:
+        reader.note("linux.namespaces", "no network namespace (the host's network): the VM gets QEMU's user-mode "
+                    "network, outbound only (network.mode \"user\")")
+    hooks = _hooks(reader, data.get("hooks"))
     resources = _resources(reader, linux)
     shares, mounts, staged = _mounts(reader, data.get("mounts"), bundle=bundle, staging=staging, kind=kind)
     reader.raise_if_any()
@@ -471,6 +549,7 @@ def container_manifest(
         "process": {"argv": list(process.argv), "env": dict(process.env), "cwd": process.cwd},
         "resources": resources,
         "shares": {s.tag: {"host": s.host, "guest": s.guest, "read_only": s.read_only} for s in shares},
+        **({"network": {"mode": "user"}} if network is ContainerNetwork.HOST else {}),
     }
     config_path = os.path.join(bundle, config_name)
     manifest = from_document(with_defaults(document), files=(config_path,), name=config_path)
@@ -482,8 +561,59 @@ def container_manifest(
         shares=tuple(replace(s, hidden=s.tag == STAGING_TAG) for s in manifest.shares),
         mounts=tuple(mounts),
     )
-    return Container(manifest=manifest, process=process, staged=tuple(staged), network_namespace=network_namespace,
-                     notes=tuple(reader.notes))
+    return Container(manifest=manifest, process=process, staged=tuple(staged), network=network,
+                     network_namespace=network_namespace, hooks=hooks, notes=tuple(reader.notes))
+
+
+def _hooks(reader: _Reader, value: Any) -> Hooks:
+    """config.json's hooks (runtime spec, config.md, POSIX-platform hooks), each checked by key."""
+    hooks = reader.table(value, "hooks")
+    found: dict[str, list[Hook]] = {}
+    for kind, entries in hooks.items():
+        if kind in GUEST_HOOKS:
+            if entries:
+                reader.note(f"hooks.{kind}", GUEST_HOOKS[kind])
+            continue
+        if kind not in RUN_HOOKS:
+            reader.note(f"hooks.{kind}", "is not a hook the runtime spec has: not run")
+            continue
+        if not isinstance(entries, list):
+            reader.problem(f"hooks.{kind}", f"{_show(entries)} is not a list")
+            continue
+        for i, entry in enumerate(entries):
+            hook = _hook(reader, reader.table(entry, f"hooks.{kind}[{i}]"), f"hooks.{kind}[{i}]")
+            if hook is not None:
+                found.setdefault(kind, []).append(hook)
+    return Hooks(**{_HOOK_FIELDS[kind]: tuple(hs) for kind, hs in found.items()})
+
+
+def _hook(reader: _Reader, data: Mapping[str, Any], key: str) -> Hook | None:
+    if "path" not in data:
+        reader.problem(f"{key}.path", "is required")
+        return None
+    path = reader.string(data["path"], f"{key}.path", absolute=True)
+    args, env = [], None
+    for name in ("args", "env"):
+        items = data.get(name)
+        if items is None:
+            continue
+        if not isinstance(items, list):
+            reader.problem(f"{key}.{name}", f"{_show(items)} is not a list")
+            continue
+        texts = [reader.string(item, f"{key}.{name}[{i}]") for i, item in enumerate(items)]
+        if name == "env":
+            for i, text in enumerate(texts):
+                if text is not None and (not text.partition("=")[1] or text.startswith("=")):
+                    reader.problem(f"{key}.env[{i}]", f"{_show(text)} is not NAME=VALUE")
+            env = [t for t in texts if t is not None]
+        else:
+            args = [t for t in texts if t is not None]
+    timeout = data.get("timeout")
+    if timeout is not None:
+        timeout = reader.integer(timeout, f"{key}.timeout", low=1)
+    if path is None:
+        return None
+    return Hook(path=path, args=tuple(args), env=None if env is None else tuple(env), timeout=timeout)
 
 
 @dataclass(frozen=True, slots=True)

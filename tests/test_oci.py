@@ -11,10 +11,13 @@ import pytest
 
 from conftest import FIXTURES
 from microvmc.compiler.cmdline import GuestUser as User, Rlimit
-from microvmc.compiler.manifest import ImageSource, Mount, MountKind, RootMode, Share, Transport
+from microvmc.compiler.manifest import ImageSource, Mount, MountKind, NetworkMode, RootMode, Share, Transport
 from microvmc.compiler.oci import (
     STAGING_GUEST,
     STAGING_TAG,
+    ContainerNetwork,
+    Hook,
+    Hooks,
     PathKind,
     container_manifest,
     exec_process,
@@ -75,6 +78,7 @@ def test_podman_default() -> None:
         ("2", "/etc/resolv.conf", "resolv.conf"), ("3", "/etc/hosts", "hosts")]
     assert m.shares == (share(tag=STAGING_TAG, host=STAGING, guest=STAGING_GUEST, read_only=False, hidden=True),)
     assert c.network_namespace == "/run/netns/netns-67f862ea-7c3f-bd03-de33-cff2dae56772"
+    assert c.network is ContainerNetwork.NAMESPACE and c.hooks == Hooks()
     assert not c.process.terminal
     notes = "\n".join(c.notes)
     for expected in ("linux.seccomp: a VM is its own sandbox", "cgroup on /sys/fs/cgroup",
@@ -114,8 +118,57 @@ def test_docker_binds_tmpfs_and_hooks() -> None:
     # All staged files read-only: the staging share itself is too.
     assert m.shares[-1] == share(tag=STAGING_TAG, host=STAGING, guest=STAGING_GUEST, read_only=True, hidden=True)
     notes = "\n".join(c.notes)
-    assert "hooks: hooks are not run" in notes and "linux.sysctl: sysctls are not set" in notes
-    assert c.network_namespace is None  # docker's network arrives through its prestart hook
+    assert "linux.sysctl: sysctls are not set" in notes and "config.json: hooks" not in notes
+    # docker's network arrives through its prestart hook, in a namespace the runtime makes
+    assert (c.network, c.network_namespace, c.manifest.network.mode) == (ContainerNetwork.NEW, None, NetworkMode.NONE)
+    assert c.hooks == Hooks(prestart=(Hook(path="/proc/5858/exe", args=(
+        "libnetwork-setkey", "-exec-root=/srv/engines/docker/exec",
+        "1e96a9205363c99b45040256f2e266db52d780b8f3769510ff508f34c3145e4c", "7ba0e66877df"), env=None, timeout=None),))
+    assert Hooks.from_dict(c.hooks.to_dict()) == c.hooks  # kept in the run's record for start and delete
+
+
+def test_network_host_is_user_mode_and_ctr_asks_for_a_namespace() -> None:
+    config = load("docker-plain-config")
+    config["linux"]["namespaces"] = [ns for ns in config["linux"]["namespaces"] if ns["type"] != "network"]
+    c = translate(config)
+    assert (c.network, c.manifest.network.mode, c.manifest.network.forwards) == (ContainerNetwork.HOST,
+                                                                                NetworkMode.USER, ())
+    assert any("no network namespace (the host's network): the VM gets QEMU's user-mode network" in n for n in c.notes)
+    assert translate(load("ctr-plain-config")).network is ContainerNetwork.NEW  # no hooks: only lo, no device
+
+
+def test_hooks_are_read_by_kind() -> None:
+    config = load("ctr-plain-config")
+    config["hooks"] = {
+        "createRuntime": [{"path": "/bin/a", "args": ["a", "1"], "env": ["X=1"], "timeout": 5}],
+        "poststart": [{"path": "/bin/b"}], "poststop": [{"path": "/bin/c", "env": []}],
+        "createContainer": [{"path": "/bin/in-guest"}], "startContainer": [{"path": "/bin/in-guest"}],
+    }
+    c = translate(config)
+    assert c.hooks == Hooks(create_runtime=(Hook(path="/bin/a", args=("a", "1"), env=("X=1",), timeout=5),),
+                            poststart=(Hook(path="/bin/b", args=(), env=None, timeout=None),),
+                            poststop=(Hook(path="/bin/c", args=(), env=(), timeout=None),))
+    notes = "\n".join(c.notes)
+    assert ("config.json: hooks.createContainer: createContainer hooks are not run: they run in the container's "
+            "namespaces, which are the guest's") in notes
+    assert "config.json: hooks.startContainer: startContainer hooks are not run" in notes
+
+
+def test_bad_hooks_name_their_keys() -> None:
+    config = load("ctr-plain-config")
+    config["hooks"] = {"prestart": [{"path": "setkey"}, {"args": ["x"]}, {"path": "/x", "args": "a", "env": ["NOVALUE"],
+                                                                          "timeout": 0}],
+                       "poststop": {"path": "/x"}}
+    with pytest.raises(ManifestError) as err:
+        translate(config)
+    assert err.value.lines() == [
+        'config.json: hooks.prestart[0].path: "setkey" is not an absolute path',
+        "config.json: hooks.prestart[1].path: is required",
+        'config.json: hooks.prestart[2].args: "a" is not a list',
+        'config.json: hooks.prestart[2].env[0]: "NOVALUE" is not NAME=VALUE',
+        "config.json: hooks.prestart[2].timeout: 0 is out of range (1 to 4294967295)",
+        'config.json: hooks.poststop: {"path": "/x"} is not a list',
+    ]
 
 
 def test_ctr_relative_root_and_no_hostname() -> None:

@@ -5,6 +5,7 @@ containers that do not exist or whose create was interrupted."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -146,3 +147,73 @@ def test_console_script_and_module() -> None:
     assert r.returncode == 0 and r.stdout.startswith("microvmc-runtime ")
     r = subprocess.run([sys.executable, "-m", "microvmc.runtime", "state"], capture_output=True, text=True)
     assert (r.returncode, r.stdout) == (1, "") and r.stderr.count("\n") == 1
+
+
+# A hook that writes what it was given: the state on stdin, its argv[0], environment, directory, and
+# the network namespace of the state's pid.
+WRITER = ("import json, os, sys; s = json.load(sys.stdin); json.dump({'state': s, "
+          "'argv0': open('/proc/self/cmdline').read().split(chr(0))[0], 'env': sorted(os.environ), "
+          "'cwd': os.getcwd(), 'netns': os.readlink('/proc/%d/ns/net' % s['pid']) if 'pid' in s else ''}, "
+          "open(sys.argv[1], 'w'))")
+
+
+def _hooked_bundle(tmp_path: Path, hooks: dict) -> Path:
+    bundle = tmp_path / "bundle"
+    (bundle / "rootfs").mkdir(parents=True, exist_ok=True)
+    config = {"ociVersion": "1.0.2", "process": {"args": ["true"]}, "root": {"path": "rootfs"},
+              "linux": {"namespaces": [{"type": "network"}]}, "annotations": {"org.example": "yes"}, "hooks": hooks}
+    (bundle / "config.json").write_text(json.dumps(config))
+    return bundle
+
+
+def _nothing_left(root: Path, below: Path) -> None:
+    from oci_engines import mounts_below
+
+    assert not root.exists() or list(root.iterdir()) == []
+    assert mounts_below(below) == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a network namespace of the runtime's own needs root")
+def test_create_runs_the_hooks_with_the_state_and_a_failing_one_fails_it(tmp_path: Path, capsys) -> None:
+    """prestart hooks in order, on the host, the state on stdin, its pid a process in the new network
+    namespace; the second fails: create fails with runc's line and leaves nothing (no state, no
+    namespace mount, no process)."""
+    seen = tmp_path / "seen.json"
+    bundle = _hooked_bundle(tmp_path, {
+        "prestart": [{"path": sys.executable, "args": ["writer", "-c", WRITER, str(seen)], "env": ["HOOK_ENV=given"]},
+                     {"path": "/bin/sh", "args": ["sh", "-c", "echo to-out; printf 'two\\nlines' >&2; exit 3"]}],
+        "createRuntime": [{"path": "/bin/false"}]})
+    root = tmp_path / "root"
+    assert main(["--root", str(root), "create", "--bundle", str(bundle), "c"]) == 1
+    assert capsys.readouterr().err == ("error running prestart hook #1: error running hook: exit status 3, stdout: "
+                                       "to-out, stderr: two lines\n")
+    got = json.loads(seen.read_text())
+    pid = got["state"]["pid"]
+    assert got["state"] == {"ociVersion": "1.0.2", "id": "c", "status": "creating", "pid": pid, "bundle": str(bundle),
+                            "annotations": {"org.example": "yes"}}
+    assert got["argv0"] == "writer" and "HOOK_ENV" in got["env"] and "PATH" not in got["env"]
+    assert got["cwd"] == str(bundle)
+    assert got["netns"] != os.readlink("/proc/self/ns/net")  # the container's own namespace, not the host's
+    assert not os.path.exists(f"/proc/{pid}")  # the process that held it for the hooks has gone
+    _nothing_left(root, tmp_path)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a network namespace of the runtime's own needs root")
+@pytest.mark.parametrize(("hooks", "message"), [
+    ({"createRuntime": [{"path": "/bin/sleep", "args": ["sleep", "30"], "timeout": 1}]},
+     "error running createRuntime hook #0: hook ran past specified timeout of 1.0s"),
+    ({"prestart": [{"path": "/nonexistent/hook"}]},
+     "error running prestart hook #0: fork/exec /nonexistent/hook: no such file or directory"),
+    ({"prestart": [{"path": "/bin/sh", "args": ["sh", "-c", "kill -9 $$"]}]},
+     "error running prestart hook #0: error running hook: signal: killed, stdout: , stderr: "),
+    ({"prestart": [{"path": "relative"}]}, 'config.json: hooks.prestart[0].path: "relative" is not an absolute path'),
+])
+def test_a_failing_hook_fails_create(tmp_path: Path, capsys, hooks: dict, message: str) -> None:
+    import time
+
+    root = tmp_path / "root"
+    began = time.monotonic()
+    assert main(["--root", str(root), "create", "--bundle", str(_hooked_bundle(tmp_path, hooks)), "c"]) == 1
+    assert capsys.readouterr().err == message + "\n"
+    assert time.monotonic() - began < 15
+    _nothing_left(root, tmp_path)

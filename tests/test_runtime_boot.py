@@ -222,3 +222,35 @@ def test_terminal_over_the_console_socket(boot_env, tmp_path: Path) -> None:
     assert json.loads((root / "t1" / "record.json").read_text())["status"] == 129  # SIGHUP
     assert subprocess.run([*runtime, "delete", "t1"], env=boot_env).returncode == 0
     assert list(root.iterdir()) == [] and no_processes(root) == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a network namespace of the runtime's own needs root")
+def test_hooks_around_a_run_in_a_network_namespace_of_the_runtimes_own(boot_env, tmp_path: Path) -> None:
+    """config.json asks for a network namespace without a path (docker, ctr): the runtime makes it;
+    prestart and createRuntime hooks see a process in it, poststart the container's pid (the monitor,
+    in the same namespace), poststop the stopped state; a failing poststart hook is only a warning;
+    with nothing put there but lo, the VM has no network device."""
+    from test_runtime import WRITER
+
+    bundle = bundle_with(tmp_path, ["/bin/sh", "-c", "ls /sys/class/net"])
+    config = json.loads((bundle / "config.json").read_text())
+    config["linux"] = {"namespaces": [{"type": "network"}, {"type": "mount"}]}
+    kinds = ("prestart", "createRuntime", "poststart", "poststop")
+    config["hooks"] = {kind: [{"path": sys.executable, "args": ["writer", "-c", WRITER, f"{tmp_path}/{kind}.json"]}]
+                       for kind in kinds}
+    config["hooks"]["poststart"].insert(0, {"path": "/bin/false"})
+    (bundle / "config.json").write_text(json.dumps(config))
+    root = tmp_path / "state"
+    created, state, start, wait, delete = drive(boot_env, root, bundle, [
+        ["create", "c1", ""], ["state", "c1"], ["start", "c1"], ["wait"], ["delete", "c1"]])
+    assert created["rc"] == 0 and start["rc"] == 0 and delete["rc"] == 0, (created, start, delete)
+    assert json.loads(state["out"])["pid"] == created["pid"]
+    seen = {kind: json.loads((tmp_path / f"{kind}.json").read_text()) for kind in kinds}
+    assert [seen[k]["state"]["status"] for k in kinds] == ["creating", "creating", "running", "stopped"]
+    assert seen["poststart"]["state"]["pid"] == created["pid"] and "pid" not in seen["poststop"]["state"]
+    namespace = seen["prestart"]["netns"]
+    assert namespace != os.readlink("/proc/self/ns/net")
+    assert seen["createRuntime"]["netns"] == seen["poststart"]["netns"] == namespace
+    assert {seen[k]["state"]["bundle"] for k in kinds} == {str(bundle)}
+    assert (wait["status"], wait["out"]) == (0, "lo\n")
+    assert list(root.iterdir()) == [] and no_processes(root) == [] and mounts_below(tmp_path) == []

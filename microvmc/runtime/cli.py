@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import time
@@ -133,7 +134,14 @@ def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int((t % 1) * 1e9):09d}Z"
 
 
+_CALLER = os.getpid()  # the process whose call an interruption undoes
+
+
 def _interrupted(number: int, _frame) -> NoReturn:
+    if os.getpid() != _CALLER:
+        # a forked child that inherited the handler (pyroute2's netns helper, which its parent ends
+        # with SIGTERM): unwinding the caller's stack there would run create's clean-up twice
+        os._exit(128 + number)
     raise RuntimeFailure(f"interrupted by {signal.Signals(number).name}")
 
 
@@ -144,6 +152,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser().parse_args(argv)
         log = _Log(args.log, args.log_format, args.debug)
         # an engine's timeout or Ctrl-C: the call undoes what it did (create's cleanup), then fails
+        global _CALLER
+        _CALLER = os.getpid()
         for number in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(number, _interrupted)
         return _dispatch(args, log)

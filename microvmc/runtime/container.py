@@ -8,13 +8,20 @@
 
 A container is a run (backends/runstore.py) under the runtime's --root, its id the engine's
 container id verbatim. Its directory also holds `files/`, where single-file bind mounts are staged
-(backends/oci.py). Nothing else is kept anywhere: `delete` removes the lot, whatever state the
+(backends/oci.py), and `netns`, the network namespace the runtime made when config.json asked for a
+new one (docker, ctr; backends/netns.py). Nothing else is kept anywhere: `delete` removes the lot, whatever state the
 container is in, and a call that was itself killed leaves nothing a later `delete` cannot remove.
 
 Terminals: with `process.terminal` the runtime makes a pty, sends its master to the engine over
 --console-socket and gives the slave (raw: the guest's own pty does the line discipline) to the
 monitor as the program's stdio. The slave becomes the monitor's controlling terminal, so the
 engine's resize of the master reaches the monitor as SIGWINCH, and the guest's pty follows.
+
+The network: the monitor (the container's pid) lives in the container's network namespace, so
+/proc/<pid>/ns/net is it. create runs the prestart and createRuntime hooks (backends/hooks.py) with
+a process in that namespace as the state's pid (docker's libnetwork-setkey moves the veth into
+/proc/<pid>/ns/net), then observes the interface they left there; start runs poststart hooks,
+delete poststop hooks.
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ from typing import Any, Callable
 
 from microvmc.backends.runstore import Run, RunStore
 from microvmc.errors import MicrovmcError
-from microvmc.runtime.state import NOT_EXIST, NOT_RUNNING, RuntimeFailure, state_document
+from microvmc.runtime.state import NOT_EXIST, NOT_RUNNING, RuntimeFailure, hook_state, state_document
 
 __all__ = ["Runtime", "DEFAULT_ROOT"]
 
@@ -41,6 +48,7 @@ STOP_WAIT = 30.0  # seconds delete waits for a stopped VM's monitor to end befor
 START_WAIT = 60.0  # seconds start waits for the program to be reported running
 DEFAULT_SIZE = (24, 80)
 FILES = "files"  # the run directory's staging directory
+NETNS = "netns"  # the run directory's network namespace, when the runtime made it
 EXEC_EXIT_GRACE = 1.0  # seconds a detached exec's process lives at least, once its pid file is written
 
 
@@ -90,8 +98,6 @@ class Runtime:
             container = container_manifest(config, bundle=bundle, container_id=container_id, staging=str(staging))
         except MicrovmcError as err:
             raise RuntimeFailure("; ".join(err.lines())) from None
-        if container.network_namespace:
-            container = self._on_namespace_network(container)
         for note in container.notes:
             self.log("warning", note)
         process = container.process
@@ -99,7 +105,8 @@ class Runtime:
             raise RuntimeFailure("cannot allocate tty if runc will detach without setting console socket")
         oci = {"ociVersion": config.get("ociVersion"), "bundle": bundle, "rootfs": container.manifest.image.path,
                "created": _rfc3339(time.time()), "annotations": config.get("annotations") or {},
-               "process": config.get("process"), "notes": list(container.notes)}
+               "process": config.get("process"), "notes": list(container.notes),
+               "hooks": container.hooks.to_dict()}
         try:
             run = self.store.create({}, name=container_id, id=container_id, command=process.argv,
                                     manifest=os.path.join(bundle, "config.json"), oci=oci)
@@ -108,6 +115,10 @@ class Runtime:
         with ExitStack() as stack:
             stack.callback(run.release)
             try:
+                container, namespace = self._network_namespace(container, run)
+                self._create_hooks(container, run, oci, namespace)
+                if namespace:
+                    container = self._on_namespace_network(container, namespace)
                 for note in stage_files(container.staged, staging):
                     self.log("info", note)
                 plan = _build(container.manifest)
@@ -116,7 +127,7 @@ class Runtime:
                 if process.terminal:
                     terminal = stack.enter_context(_console(console_socket, process.console_size))
                     stdio = (terminal, terminal, terminal)
-                pid = _start_monitor(plan, run, stdio=stdio, terminal=terminal)
+                pid = _start_monitor(plan, run, stdio=stdio, terminal=terminal, netns=namespace)
                 if pid_file:
                     write_pid_file(pid_file, pid)
             except BaseException:
@@ -125,14 +136,58 @@ class Runtime:
                 raise
         return pid
 
-    def _on_namespace_network(self, container):
-        """The engine's network namespace (podman, CNI: config.json gives its path): the VM takes over
-        its interface, observed now (backends/netns.py); without an IPv4 address and a default route
-        (`--network none`: only lo) the VM has no network device."""
+    def _network_namespace(self, container, run: Run):
+        """The container's network namespace: the engine's (a path in config.json), or one made now
+        in the run directory (no path), or none (the host's network: the VM's is user-mode, as the
+        compiler made it). A path that is the host's own namespace (docker's `--network host`
+        names it) is the host's network too: its interfaces are never taken over."""
+        from microvmc.backends.netns import NetnsError, new_namespace, same_namespace
+        from microvmc.compiler.manifest import Network, NetworkMode
+        from microvmc.compiler.oci import ContainerNetwork
+
+        if container.network is ContainerNetwork.HOST:
+            return container, None
+        if container.network is ContainerNetwork.NAMESPACE:
+            path = container.network_namespace
+            if not same_namespace(path, "/proc/self/ns/net"):
+                return container, path
+            self.log("info", f"the network namespace {path} is the host's: the VM gets QEMU's user-mode network")
+            user = replace(container.manifest, network=Network(mode=NetworkMode.USER))
+            return replace(container, manifest=user), None
+        path = str(run.dir / NETNS)
+        try:
+            new_namespace(path)
+        except NetnsError as err:
+            raise RuntimeFailure(f"the container's network: {err.message}") from None
+        return container, path
+
+    def _create_hooks(self, container, run: Run, oci: dict[str, Any], namespace: str | None) -> None:
+        """prestart then createRuntime hooks (runc's order), on the host; the state's pid is a process
+        in the container's network namespace (there is no container process before the VM)."""
+        from microvmc.backends.hooks import HookFailure, run_hooks
+        from microvmc.backends.netns import holder
+
+        hooks = container.hooks
+        if not hooks.prestart and not hooks.create_runtime:
+            return
+        with ExitStack() as stack:
+            pid = stack.enter_context(holder(namespace)) if namespace else os.getpid()
+            state = hook_state(run.id, oci, "creating", pid)
+            try:
+                run_hooks("prestart", hooks.prestart, state, cwd=oci["bundle"])
+                run_hooks("createRuntime", hooks.create_runtime, state, cwd=oci["bundle"])
+            except HookFailure as failure:
+                raise RuntimeFailure(failure.message) from None
+
+    def _on_namespace_network(self, container, namespace: str):
+        """The container's network namespace (podman's, CNI: config.json gives its path; or the
+        runtime's own, which docker's hook has wired): the VM takes over its interface, observed now
+        (backends/netns.py); without an IPv4 address and a default route (`--network none`: only
+        lo) the VM has no network device."""
         from microvmc.backends.netns import namespace_network
 
         try:
-            network, why = namespace_network(container.network_namespace)
+            network, why = namespace_network(namespace)
         except MicrovmcError as err:
             raise RuntimeFailure(f"the container's network: {err.message}") from None
         if network is None:
@@ -156,8 +211,20 @@ class Runtime:
         if not started:
             raise RuntimeFailure(f"cannot start container {container_id}: it is {self._live(run)['state']}")
         deadline = time.monotonic() + START_WAIT
-        while self._live(run)["state"] == "created" and time.monotonic() < deadline:
+        while (live := self._live(run))["state"] == "created" and time.monotonic() < deadline:
             time.sleep(0.02)  # the guest says when the program runs: then `state` says running
+        self._hooks(run, "poststart", "running", live.get("pid") or 0)
+
+    def _hooks(self, run: Run, kind: str, status: str, pid: int, record: dict[str, Any] | None = None) -> None:
+        """poststart, poststop: a failure is a warning, the rest still run (runtime spec)."""
+        from microvmc.backends.hooks import run_hooks
+        from microvmc.compiler.oci import Hooks
+
+        oci = (record or run.record(fresh=True)).get("oci") or {}
+        hooks = Hooks.from_dict(oci.get("hooks") or {}).of(kind)
+        if hooks:
+            run_hooks(kind, hooks, hook_state(run.id, oci, status, pid), cwd=oci.get("bundle") or "/",
+                      warn=lambda message: self.log("warning", message))
 
     def wait(self, container_id: str) -> int:
         from microvmc.backends.monitor import Client
@@ -205,6 +272,7 @@ class Runtime:
             # an interrupted create or delete: whatever of it is there goes
             for leftover in (path, self.store.root / f".new-{container_id}", self.store.root / f".rm-{container_id}"):
                 if "/" not in container_id and container_id not in ("", ".", "..") and leftover.exists():
+                    self._remove_namespace(leftover)
                     _remove_tree(leftover)
             if force:
                 return
@@ -214,9 +282,11 @@ class Runtime:
         self._destroy(run)
 
     def _destroy(self, run: Run) -> None:
-        """Stop the VM if it runs, then remove everything of the container."""
+        """Stop the VM if it runs, then remove everything of the container; then its poststop hooks."""
         from microvmc.backends.monitor import Client
         from microvmc.backends.oci import unstage
+
+        record = run.record(fresh=True)
 
         if run.alive():
             try:
@@ -236,7 +306,17 @@ class Runtime:
                 while run.alive() and time.monotonic() < deadline + STOP_WAIT:
                     time.sleep(0.02)
         unstage(run.dir / FILES)
+        self._remove_namespace(run.dir)
         self.store.remove(run)
+        self._hooks(run, "poststop", "stopped", 0, record)
+
+    def _remove_namespace(self, directory: Path) -> None:
+        from microvmc.backends.netns import NetnsError, remove_namespace
+
+        try:
+            remove_namespace(str(directory / NETNS))
+        except NetnsError as err:  # reported, and the rest still goes
+            self.log("error", err.message)
 
     # --- exec ---
 
@@ -319,10 +399,10 @@ def _build(manifest):
     return compiled.plan
 
 
-def _start_monitor(plan, run: Run, *, stdio: tuple[int, int, int], terminal: int | None) -> int:
+def _start_monitor(plan, run: Run, *, stdio: tuple[int, int, int], terminal: int | None, netns: str | None) -> int:
     from microvmc.backends.monitor import start_detached
 
-    return start_detached(plan, run, hold=True, stdio=stdio, terminal=terminal)
+    return start_detached(plan, run, hold=True, stdio=stdio, terminal=terminal, netns=netns)
 
 
 class _console:

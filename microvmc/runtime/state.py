@@ -20,6 +20,7 @@ __all__ = [
     "RuntimeFailure",
     "parse_signal",
     "state_document",
+    "hook_state",
     "features_document",
     "log_line",
 ]
@@ -72,12 +73,22 @@ def state_document(container_id: str, record: Mapping[str, Any], live: Mapping[s
     return doc
 
 
+def hook_state(container_id: str, oci: Mapping[str, Any], status: str, pid: int) -> dict[str, Any]:
+    """The state a hook reads on stdin (runtime spec, runtime.md: ociVersion, id, status, pid,
+    bundle, annotations); no pid once stopped, as runc's omitempty has it."""
+    doc: dict[str, Any] = {"ociVersion": oci.get("ociVersion") or OCI_VERSION, "id": container_id, "status": status,
+                           **({"pid": pid} if pid else {}), "bundle": oci.get("bundle", "")}
+    if oci.get("annotations"):
+        doc["annotations"] = dict(oci["annotations"])
+    return doc
+
+
 def features_document() -> dict[str, Any]:
     """`features` (runtime-spec features.md): what this runtime understands of config.json."""
     return {
         "ociVersionMin": "1.0.0",
         "ociVersionMax": "1.1.0",
-        "hooks": [],  # accepted, not run: they act on the host's namespaces
+        "hooks": ["prestart", "createRuntime", "poststart", "poststop"],  # createContainer, startContainer: the guest's
         "mountOptions": ["bind", "rbind", "ro", "rw", "private", "rprivate", "shared", "rshared", "slave",
                          "rslave", "nosuid", "nodev", "noexec", "relatime", "noatime", "strictatime"],
         "linux": {
