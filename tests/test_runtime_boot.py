@@ -232,7 +232,8 @@ def test_hooks_around_a_run_in_a_network_namespace_of_the_runtimes_own(boot_env,
     with nothing put there but lo, the VM has no network device."""
     from test_runtime import WRITER
 
-    bundle = bundle_with(tmp_path, ["/bin/sh", "-c", "ls /sys/class/net"])
+    # it outlives the poststart hooks, which read its monitor's namespace
+    bundle = bundle_with(tmp_path, ["/bin/sh", "-c", "sleep 5; ls /sys/class/net"])
     config = json.loads((bundle / "config.json").read_text())
     config["linux"] = {"namespaces": [{"type": "network"}, {"type": "mount"}]}
     kinds = ("prestart", "createRuntime", "poststart", "poststop")
