@@ -225,8 +225,14 @@ def required_features(manifest: Manifest, root_mode: str) -> tuple[str, ...]:
     wanted = ["initramfs", "devtmpfs", "tmpfs", "ports", *(str(t) for t in transports)]
     if root_mode.startswith("overlay"):
         wanted.append("overlay")
-    if manifest.network.mode is not NetworkMode.NONE:
+    network = manifest.network
+    if network.mode is not NetworkMode.NONE:
         wanted.append("network")
+        # init sets IPv6 addresses with the others: user mode always has QEMU's (fec0::15), a
+        # namespace's interface when it has any (an IP literal with ':' is IPv6)
+        if network.mode in (NetworkMode.USER, NetworkMode.ISOLATED) or network.gateway6 \
+                or any(":" in a for a in (network.address or "", *network.addresses)):
+            wanted.append("ipv6")
     return tuple(wanted)
 
 
@@ -236,6 +242,7 @@ _INSTEAD = {
     "9p": f'use transport = "{Transport.VIRTIOFS}" or another kernel',
     "overlay": 'use image.mode = "read-only" or another kernel',
     "network": 'use network.mode = "none" or another kernel',
+    "ipv6": 'use network.mode = "none" or another kernel',
 }
 
 

@@ -175,6 +175,7 @@ FEATURES: Mapping[str, Feature] = {
                   modules=("9pnet_virtio", "9p")),
     "overlay": Feature(name="overlayfs", options=("OVERLAY_FS",), modules=("overlay",)),
     "network": Feature(name="virtio-net", options=("VIRTIO_NET",), modules=("virtio_net",)),
+    "ipv6": Feature(name="IPv6", options=("IPV6",), modules=("ipv6",)),
     "tmpfs": Feature(name="tmpfs", options=("TMPFS",), modules=()),
     "devtmpfs": Feature(name="devtmpfs", options=("DEVTMPFS",), modules=()),
     "initramfs": Feature(name="initramfs (gzip)", options=("BLK_DEV_INITRD", "RD_GZIP"), modules=()),

@@ -205,3 +205,24 @@ def test_build_key_names_sources_fragment_and_compiler():
     assert key == build_key("sha256:a", "f", "gcc 12") and len(key) == 20
     assert len({key, build_key("sha256:b", "f", "gcc 12"), build_key("sha256:a", "g", "gcc 12"),
                 build_key("sha256:a", "f", "gcc 13")}) == 4
+
+
+def test_ipv6_is_required_where_init_sets_ipv6_addresses():
+    """User mode always has QEMU's fec0::15; a namespace's interface only when it has an IPv6 address."""
+    from microvmc.compiler.manifest import Network, NetworkMode
+
+    m = _manifest(KernelSource.DEFAULT)
+    assert "network" not in required_features(m, "ro")
+    for mode in (NetworkMode.USER, NetworkMode.ISOLATED):
+        assert required_features(replace(m, network=Network(mode=mode)), "ro")[-2:] == ("network", "ipv6")
+    v4 = Network(mode=NetworkMode.NETNS, namespace="/run/netns/x", address="10.88.0.5/16", gateway="10.88.0.1")
+    assert required_features(replace(m, network=v4), "ro")[-1] == "network"
+    v6 = replace(v4, addresses=("fd00:88::5/64",))
+    assert required_features(replace(m, network=v6), "ro")[-1] == "ipv6"
+    with pytest.raises(KernelError) as err:
+        check_features(("network", "ipv6"), image="k", release="r", config=parse_config("CONFIG_VIRTIO_NET=y\n"))
+    assert str(err.value) == ('kernel k (r) has no IPv6 support, neither built in nor as a module; '
+                              'use network.mode = "none" or another kernel')
+    assert check_features(("network", "ipv6"), image="k", release="r",
+                          config=parse_config("CONFIG_VIRTIO_NET=m\nCONFIG_IPV6=m\n"),
+                          modules=frozenset({"virtio_net", "ipv6"})) == ("virtio_net", "ipv6")
