@@ -174,7 +174,7 @@ def marker() -> str:
 # --- a fake QEMU -------------------------------------------------------------------------------
 
 LAYOUT_QEMU = """#!{python}
-import os, sys
+import os, sys, time
 fds = sorted(int(fd) for fd in os.listdir("/proc/self/fd"))
 os.write(5, f"cwd {{os.getcwd()}}\\nfds {{fds}}\\nls {{sorted(os.listdir('.'))}}\\n".encode())
 os.write(2, b"a qemu message\\n")
@@ -182,6 +182,11 @@ os.write(4, b"started\\n")
 data = sys.stdin.buffer.read()
 os.write(1, data)
 os.write(3, b"to stderr\\n")
+# as a real QEMU waits for the vhost-user handshake: virtiofsd has run (it was given a bound socket,
+# so nothing else orders it before this QEMU's end, which stops it)
+deadline = time.monotonic() + 30
+while not os.path.exists({done!r}) and time.monotonic() < deadline:
+    time.sleep(0.01)
 os.write(4, b"exit 7\\n")
 """
 
@@ -193,7 +198,8 @@ readlink /proc/$$/fd/3 > "$(dirname "$0")/virtiofsd-fd3"
 
 
 def test_descriptor_layout_cwd_and_relay(run, tmp_path):
-    qemu = executable(tmp_path / "qemu", LAYOUT_QEMU.format(python=sys.executable))
+    qemu = executable(tmp_path / "qemu", LAYOUT_QEMU.format(python=sys.executable,
+                                                            done=str(tmp_path / "virtiofsd-fd3")))
     vfsd = executable(tmp_path / "virtiofsd", FAKE_VIRTIOFSD.format(body="sleep 30"))
     plan = make_plan([qemu], shares=(("root", "/srv", (vfsd, "-o", "source=/srv")),))
     status, out, err = run(plan, input=b"\x00binary\xff" * 1000)
