@@ -92,9 +92,11 @@ def check_once(argv: list[str], env: dict[str, str], cwd: str) -> dict:
     finally:
         m.sweep_leftovers()
     on = "stdout" if MARKER.encode() in proc.stdout else "stderr" if MARKER.encode() in proc.stderr else None
-    tail = (proc.stdout + proc.stderr).decode("utf-8", "replace").strip().splitlines()[-1:] or [""]
+    lines = (proc.stdout + proc.stderr).decode("utf-8", "replace").strip().splitlines() or [""]
+    # a panic says why; otherwise the last line
+    why = next((line for line in lines if "Kernel panic" in line), lines[-1]).split("] ", 1)[-1]
     return {"ran": on is not None, "output_on": on, "status": proc.returncode, "status_kept": proc.returncode == 3,
-            "why": "" if on else tail[0][-200:]}
+            "why": "" if on else why[-200:]}
 
 
 def main(argv: list[str]) -> int:
