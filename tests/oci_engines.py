@@ -629,9 +629,9 @@ def docker(engines_root, busybox_archive, boot_env) -> Iterator[EngineUnderTest]
     engine = Docker(root / "engine", runtimes)
     with started(engine):
         engine.run("load", "-i", str(busybox_archive), check=True)
-        # dockerd gives each runtime --root <exec-root>/runtime-<name>/moby.
-        exec_root = engine.root / "exec"
-        state = {name: exec_root / f"runtime-{name}" for name in runtimes}
+        # dockerd 20.10 gives every runtime it runs through the runc shim the same --root,
+        # <exec-root>/runtime-runc/moby (seen in the calls log), whatever its --add-runtime name.
+        state = {name: engine.root / "exec" / "runtime-runc" / "moby" for name in runtimes}
         yield EngineUnderTest("docker", engine, calls, state)
 
 

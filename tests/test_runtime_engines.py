@@ -136,10 +136,12 @@ def test_terminal_size_and_resize(eut) -> None:
 def test_user_and_no_network(eut) -> None:
     if eut.name == "containerd":
         pytest.skip("ctr run has no --user")
-    r = run_container(eut, RT, BUSYBOX_IMAGE, ["sh", "-c", "id; ulimit -n"], user="1000:1000", network="none")
+    r = run_container(eut, RT, BUSYBOX_IMAGE, ["sh", "-c", "id; ulimit -n; ls /sys/class/net"], user="1000:1000",
+                      network="none")
     assert r.returncode == 0, (r.stderr, _calls(eut))
     lines = r.stdout.decode().splitlines()
     assert lines[0].startswith("uid=1000(user) gid=1000(user)"), r.stdout
+    assert lines[-1] == "lo", r.stdout  # the namespace has only lo: the VM has no network device
     if eut.name == "podman":  # its containers.conf's default_ulimits, through config.json's rlimits
         assert lines[1] == "20000", r.stdout
 
