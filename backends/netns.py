@@ -111,20 +111,12 @@ def observe(namespace: str, interface: str | None = None) -> Observed:
                         addresses=tuple(a for a in found if a != address), gateway6=_default_gateway(ipr, 10, index))
 
 
-def _in_namespace(namespace: str, work: Callable[[], Any]) -> Any:
-    """`work()` run by a thread that has entered the namespace (the rest of the process stays out)."""
+def _in_thread(work: Callable[[], Any]) -> Any:
+    """`work()` run by a thread of its own (a namespace it enters or makes is that thread's only)."""
     result: dict[str, Any] = {}
 
     def thread() -> None:
         try:
-            fd = os.open(namespace, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                libc = ctypes.CDLL(None, use_errno=True)
-                if libc.setns(fd, CLONE_NEWNET) != 0:
-                    code = ctypes.get_errno()
-                    raise OSError(code, os.strerror(code))
-            finally:
-                os.close(fd)
             result["value"] = work()
         except BaseException as e:  # handed to the caller's thread
             result["error"] = e
@@ -135,6 +127,24 @@ def _in_namespace(namespace: str, work: Callable[[], Any]) -> Any:
     if "error" in result:
         raise result["error"]
     return result["value"]
+
+
+def _setns(namespace: str) -> None:
+    """The calling thread enters the namespace."""
+    fd = os.open(namespace, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        _libc_call("setns", fd, CLONE_NEWNET)
+    finally:
+        os.close(fd)
+
+
+def _in_namespace(namespace: str, work: Callable[[], Any]) -> Any:
+    """`work()` run by a thread that has entered the namespace (the rest of the process stays out)."""
+    def entered() -> Any:
+        _setns(namespace)
+        return work()
+
+    return _in_thread(entered)
 
 
 def _open_tap() -> tuple[int, str]:
@@ -287,19 +297,7 @@ def new_namespace(path: str) -> None:
 
     try:
         os.close(os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444))
-        result: dict[str, BaseException] = {}
-
-        def thread() -> None:
-            try:
-                make()
-            except BaseException as e:  # handed to the caller's thread
-                result["error"] = e
-
-        t = threading.Thread(target=thread, name="microvmc-netns-new")
-        t.start()
-        t.join()
-        if "error" in result:
-            raise result["error"]
+        _in_thread(make)
     except OSError as e:
         remove_namespace(path)
         raise NetnsError(f"cannot make a network namespace at {path}: {e.strerror or e}") from e
@@ -331,14 +329,10 @@ def same_namespace(a: str, b: str) -> bool:
 
 def join(namespace: str) -> None:
     """Move the calling thread (in a single-threaded process: the process) into the namespace."""
-    fd = os.open(namespace, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.setns(fd, CLONE_NEWNET) != 0:
-            code = ctypes.get_errno()
-            raise NetnsError(f"cannot enter network namespace {namespace}: {os.strerror(code)}")
-    finally:
-        os.close(fd)
+        _setns(namespace)
+    except OSError as e:
+        raise NetnsError(f"cannot enter network namespace {namespace}: {e.strerror}") from e
 
 
 @contextmanager
