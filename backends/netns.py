@@ -100,15 +100,19 @@ def observe(namespace: str, interface: str | None = None) -> Observed:
     with their prefixes (IPv4 and IPv6, not link-local: the guest's kernel makes its own), the
     default gateways (IPv4, IPv6), MTU."""
     with _ipr(namespace) as ipr:
-        link = _interface(ipr, namespace, interface)
-        index = link["index"]
-        found = [f"{a.get_attr('IFA_ADDRESS')}/{a['prefixlen']}" for family in (2, 10)
-                 for a in ipr.get_addr(family=family, index=index) if a["scope"] != RT_SCOPE_LINK]
-        v4 = [a for a in found if ":" not in a]
-        address = v4[0] if v4 else ""
-        return Observed(interface=link.get_attr("IFLA_IFNAME"), mac=link.get_attr("IFLA_ADDRESS"),
-                        address=address, gateway=_default_gateway(ipr, 2, index), mtu=link.get_attr("IFLA_MTU"),
-                        addresses=tuple(a for a in found if a != address), gateway6=_default_gateway(ipr, 10, index))
+        return _observe(ipr, namespace, interface)
+
+
+def _observe(ipr: Any, namespace: str, interface: str | None) -> Observed:
+    link = _interface(ipr, namespace, interface)
+    index = link["index"]
+    found = [f"{a.get_attr('IFA_ADDRESS')}/{a['prefixlen']}" for family in (2, 10)
+             for a in ipr.get_addr(family=family, index=index) if a["scope"] != RT_SCOPE_LINK]
+    v4 = [a for a in found if ":" not in a]
+    address = v4[0] if v4 else ""
+    return Observed(interface=link.get_attr("IFLA_IFNAME"), mac=link.get_attr("IFLA_ADDRESS"),
+                    address=address, gateway=_default_gateway(ipr, 2, index), mtu=link.get_attr("IFLA_MTU"),
+                    addresses=tuple(a for a in found if a != address), gateway6=_default_gateway(ipr, 10, index))
 
 
 def _in_thread(work: Callable[[], Any]) -> Any:
@@ -264,11 +268,10 @@ def namespace_network(namespace: str, interface: str = "") -> tuple[Network | No
     its observed MAC, addresses, gateways and MTU), or None and why not: an interface without an IPv4
     address or without a default route (the guest init needs both) keeps the VM without a network,
     as does a namespace with only lo (an engine's `--network none`)."""
-    if not interface:
-        with _ipr(namespace) as ipr:
-            if all(link.get_attr("IFLA_IFNAME") == "lo" for link in ipr.get_links()):
-                return None, f"network namespace {namespace} has no interface other than lo"
-    seen = observe(namespace, interface or None)
+    with _ipr(namespace) as ipr:  # one netlink session in the namespace (pyroute2 forks a helper into it)
+        if not interface and all(link.get_attr("IFLA_IFNAME") == "lo" for link in ipr.get_links()):
+            return None, f"network namespace {namespace} has no interface other than lo"
+        seen = _observe(ipr, namespace, interface or None)
     if not seen.address or not seen.gateway:
         missing = "IPv4 address" if not seen.address else "default route"
         return None, f"the interface {seen.interface} of network namespace {namespace} has no {missing}"

@@ -72,14 +72,20 @@ def read_memo(kernels: str, files: HostFiles) -> dict:
     return memo if isinstance(memo, dict) else {}
 
 
+def _remembered(memo: dict, source: str) -> list | None:
+    """The memo's [fingerprint, digest] of a source, when it has a well-formed one."""
+    digests = memo.get("digests")
+    known = digests.get(source) if isinstance(digests, dict) else None
+    return known if isinstance(known, list) and len(known) == 2 and isinstance(known[1], str) else None
+
+
 def source_digest(source: str, files: HostFiles, memo: dict | None = None) -> str | None:
     """A Linux source's digest (None when it is not there): a tarball by content (the memo's digest
     while the file's fingerprint is the one it was taken with), a tree by where it is and its Makefile
     (it is not hashed whole)."""
     if files.is_file(source):
-        digests = (memo or {}).get("digests")
-        known = digests.get(source) if isinstance(digests, dict) else None
-        if isinstance(known, list) and len(known) == 2 and known[0] is not None and files.fingerprint(source) == known[0]:
+        known = _remembered(memo or {}, source)
+        if known and known[0] is not None and files.fingerprint(source) == known[0]:
             return known[1]
         return "sha256:" + files.digest(source)
     if files.is_dir(source):
@@ -124,9 +130,8 @@ def own_kernel(facts: HostFacts, files: HostFiles, source: str | None = None) ->
     if digest is None:
         # gone since (a tarball removed to save space): the digest it had when it was built from
         # names the kernel built then, which can still be used, not built again
-        digests = memo.get("digests")
-        known = digests.get(source) if isinstance(digests, dict) else None
-        if not (isinstance(known, list) and len(known) == 2 and isinstance(known[1], str)):
+        known = _remembered(memo, source)
+        if not known:
             return f"its source {source} is missing"
         digest, buildable = known[1], False
     fragment = fragment_digest()

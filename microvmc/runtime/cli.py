@@ -21,7 +21,7 @@ import time
 from typing import NoReturn, Sequence
 
 from microvmc import __version__
-from microvmc.runtime.state import RuntimeFailure, features_document, log_line, parse_signal
+from microvmc.runtime.state import RuntimeFailure, features_document, log_line, parse_signal, rfc3339
 
 __all__ = ["main", "entry", "parser"]
 
@@ -116,7 +116,7 @@ class _Log:
     def __call__(self, level: str, message: str) -> None:
         if level in ("debug", "info", "warning") and not (self.debug or self.path):
             return  # stderr is the container's own: notes only where asked for
-        line = log_line(level, message, time=_now(), format=self.format)
+        line = log_line(level, message, time=rfc3339(time.time()), format=self.format)
         if self.path:
             try:
                 with open(self.path, "a", encoding="utf-8") as f:
@@ -127,11 +127,6 @@ class _Log:
             pass  # the caller prints the one-line message itself
         else:
             sys.stderr.write(line)
-
-
-def _now() -> str:
-    t = time.time()
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int((t % 1) * 1e9):09d}Z"
 
 
 _CALLER = os.getpid()  # the process whose call an interruption undoes

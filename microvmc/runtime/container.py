@@ -39,7 +39,7 @@ from typing import Any, Callable
 
 from microvmc.backends.runstore import Run, RunStore
 from microvmc.errors import MicrovmcError
-from microvmc.runtime.state import NOT_EXIST, NOT_RUNNING, RuntimeFailure, hook_state, state_document
+from microvmc.runtime.state import NOT_EXIST, NOT_RUNNING, RuntimeFailure, hook_state, rfc3339, state_document
 
 __all__ = ["Runtime", "DEFAULT_ROOT"]
 
@@ -104,7 +104,7 @@ class Runtime:
         if process.terminal and not console_socket:
             raise RuntimeFailure("cannot allocate tty if runc will detach without setting console socket")
         oci = {"ociVersion": config.get("ociVersion"), "bundle": bundle, "rootfs": container.manifest.image.path,
-               "created": _rfc3339(time.time()), "annotations": config.get("annotations") or {},
+               "created": rfc3339(time.time()), "annotations": config.get("annotations") or {},
                "process": config.get("process"), "notes": list(container.notes),
                "hooks": container.hooks.to_dict()}
         try:
@@ -364,11 +364,6 @@ class Runtime:
 
 
 # --- helpers ----------------------------------------------------------------------------------
-
-
-def _rfc3339(t: float) -> str:
-    whole = int(t)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)) + f".{int((t - whole) * 1e9):09d}Z"
 
 
 def _read_config(bundle: str) -> dict[str, Any]:

@@ -9,6 +9,7 @@ last `"level":"error"` line of the `--log` file when a call fails (containerd's 
 from __future__ import annotations
 
 import json
+import time
 from typing import Any, Mapping
 
 from microvmc import __version__
@@ -104,6 +105,12 @@ def features_document() -> dict[str, Any]:
             "io.github.microvmc.runtime.isolation": "microvm",
         },
     }
+
+
+def rfc3339(t: float) -> str:
+    """A Unix time as runc writes times: UTC, nanoseconds, "Z"."""
+    whole = int(t)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)) + f".{int((t - whole) * 1e9):09d}Z"
 
 
 def log_line(level: str, message: str, *, time: str, format: str) -> str:
