@@ -107,17 +107,37 @@ def _init(node: Node, graph: Graph, out: Path) -> None:
         for name in names:
             shutil.copyfile(os.path.join(source, name), os.path.join(work, name))
         units = [name for name in names if name.endswith(".c")]
+        headers = _kernel_headers(work_path) if node.param("libc") == "musl" else []
         try:
-            returncode, stderr = _compile([cc, *INIT_CFLAGS, "-o", "init", *units], work)
+            returncode, stderr = _compile([cc, *INIT_CFLAGS, *headers, "-o", "init", *units], work)
         except FileNotFoundError:
             raise BuildError(f"cannot compile the guest init: the C compiler {cc!r} is not installed",
                              hint="run scripts/setup") from None
         if returncode != 0:
             first = next((l for l in stderr.splitlines() if l.strip()), "no output")
             raise BuildError(f"cannot compile the guest init with {cc}: {first}",
-                             hint="a static libc is needed (Debian: libc6-dev)")
+                             hint="a static libc is needed (Debian: musl-tools, or libc6-dev for glibc)")
         shutil.copyfile(os.path.join(work, "init"), out / "init")
     os.chmod(out / "init", 0o755)
+
+
+# The Linux UAPI headers the init's netlink code includes (Debian: linux-libc-dev). musl ships none, and
+# its musl-gcc searches only musl's own include directory: these alone, not glibc's headers, are added.
+KERNEL_HEADERS = {"linux": ("/usr/include/linux",), "asm-generic": ("/usr/include/asm-generic",),
+                  "asm": ("/usr/include/x86_64-linux-gnu/asm", "/usr/include/asm")}
+
+
+def _kernel_headers(work: Path) -> list[str]:
+    """`-isystem DIR`: a directory in `work` linking to the host's kernel headers."""
+    include = work / "kernel-headers"
+    include.mkdir()
+    for name, candidates in KERNEL_HEADERS.items():
+        found = next((c for c in candidates if os.path.isdir(c)), None)
+        if found is None:
+            raise BuildError(f"cannot compile the guest init with musl: no kernel headers at {candidates[0]}",
+                             hint="Debian: apt-get install linux-libc-dev")
+        os.symlink(found, include / name)
+    return ["-isystem", str(include)]
 
 
 def _compile(argv: list[str], work: str) -> tuple[int, str]:

@@ -18,10 +18,12 @@ from microvmc.compiler.host import HostFacts, VirtiofsdFlavour
 
 __all__ = ["probe_host", "facts_from_dict", "kvm_status", "guest_runs", "virtiofsd_flavour", "qemu_version"]
 
-CACHE_FORMAT = 4
+CACHE_FORMAT = 5
 QEMU_NAME = "qemu-system-x86_64"
 VIRTIOFSD_CANDIDATES = ("/usr/lib/qemu/virtiofsd", "/usr/libexec/virtiofsd")
 BUSYBOX_CANDIDATES = ("/bin/busybox",)
+MUSL_GCC = "musl-gcc"  # Debian: musl-tools
+MUSL_LOADER = "/lib/ld-musl-x86_64.so.1"  # run with no program, it prints musl's version
 KVM_GET_API_VERSION = 0xAE00
 KVM_API_VERSION = 12
 VERSION_TIMEOUT = 10.0  # seconds for `--version`
@@ -51,9 +53,11 @@ def probe_host(environ: Mapping[str, str] = os.environ, *, root: str = "/") -> H
     )
     path = environ.get("PATH", os.defpath)
     cc = shutil.which("gcc", path=path) or shutil.which("cc", path=path)
+    musl_gcc = shutil.which(MUSL_GCC, path=path)
     key = {
         "format": CACHE_FORMAT,
         "cc": _file_id(cc),
+        "musl": [_file_id(musl_gcc), _file_id(_under(root, MUSL_LOADER))],
         "root": root,
         "env": {k: environ.get(k) for k in ENV_KEYS},
         "qemu": _file_id(qemu),
@@ -65,7 +69,7 @@ def probe_host(environ: Mapping[str, str] = os.environ, *, root: str = "/") -> H
     cached = _load_cache(cache, key)
     if cached is not None:
         return cached
-    facts = _probe(environ, root=root, qemu=qemu, virtiofsd=virtiofsd, cc=cc)
+    facts = _probe(environ, root=root, qemu=qemu, virtiofsd=virtiofsd, cc=cc, musl_gcc=musl_gcc)
     _store_cache(cache, key, facts)
     return facts
 
@@ -89,16 +93,21 @@ def facts_from_dict(d: Mapping) -> HostFacts:
         busybox=d["busybox"],
         cc=d["cc"],
         cc_version=d.get("cc_version", ""),
+        init_cc=d.get("init_cc"),
+        init_cc_version=d.get("init_cc_version", ""),
+        init_libc=d.get("init_libc", "glibc"),
     )
 
 
 def _probe(
-    environ: Mapping[str, str], *, root: str, qemu: str | None, virtiofsd: str | None, cc: str | None
+    environ: Mapping[str, str], *, root: str, qemu: str | None, virtiofsd: str | None, cc: str | None,
+    musl_gcc: str | None = None,
 ) -> HostFacts:
     kvm_usable, kvm_reason = kvm_status(root, qemu)
     version = _version_output(virtiofsd) if virtiofsd else ""
     flavour = virtiofsd_flavour(version) if virtiofsd else None
     virtiofsd_usable, virtiofsd_reason = virtiofsd_status(virtiofsd, flavour, version, euid=os.geteuid())
+    cc_version = _version_output(cc).partition("\n")[0].strip() if cc else ""
     busybox = environ.get("MICROVMC_BUSYBOX") or _first_file(
         [_under(root, p) for p in BUSYBOX_CANDIDATES]
     )
@@ -117,8 +126,22 @@ def _probe(
         host_kernel_release=os.uname().release,
         busybox=busybox,
         cc=cc,
-        cc_version=_version_output(cc).partition("\n")[0].strip() if cc else "",
+        cc_version=cc_version,
+        **init_compiler(cc, cc_version, musl_gcc, _version_output(_under(root, MUSL_LOADER)) if musl_gcc else ""),
     )
+
+
+def init_compiler(cc: str | None, cc_version: str, musl_gcc: str | None, loader_output: str) -> dict:
+    """The guest init's compiler: musl-gcc when it and musl's version can be found (its static init is
+    a tenth of glibc's: less for the kernel to unpack and the guest to exec at every boot), else `cc`
+    with glibc. Its version line names the C library, so the cached init is rebuilt when either changes."""
+    import re
+
+    musl = re.search(r"^Version (\S+)", loader_output, re.M)
+    if musl_gcc and musl:
+        version = _version_output(musl_gcc).partition("\n")[0].strip()
+        return {"init_cc": musl_gcc, "init_cc_version": f"{version}; musl {musl.group(1)}", "init_libc": "musl"}
+    return {"init_cc": cc, "init_cc_version": f"{cc_version}; glibc" if cc else "", "init_libc": "glibc"}
 
 
 # --- single facts ------------------------------------------------------------------------------

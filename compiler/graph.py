@@ -466,8 +466,9 @@ def resolve(manifest: Manifest, facts: HostFacts, store: str, sources: Sources =
     init_files = init_sources(sources.init_source, files)
     add(Node(id="init-src", builder=Builder.SOURCE, digest=digest({"files": [[n, files.digest(os.path.join(sources.init_source, n))] for n in init_files]}),
              path=sources.init_source))
-    derive("init", Builder.INIT, "init", ("init-src",), {"cc": facts.cc or "cc", "cc_version": facts.cc_version,
-                                                     "cflags": list(INIT_CFLAGS)}, ())
+    derive("init", Builder.INIT, "init", ("init-src",), {"cc": facts.init_cc or facts.cc or "cc",
+                                                     "cc_version": facts.init_cc_version or facts.cc_version,
+                                                     "libc": facts.init_libc, "cflags": list(INIT_CFLAGS)}, ())
     spill = cmdline.spill.decode("ascii") if cmdline.spill else None
     derive("initramfs", Builder.INITRAMFS, "initramfs", ("init", "modules"), {"spill": spill},
            ("process", "hostname") if spill else ())

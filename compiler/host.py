@@ -33,7 +33,13 @@ class HostFacts:
     host_kernel_release: str = ""  # uname -r, for kernel.source = "host"
     busybox: str | None = "/bin/busybox"  # static busybox for the built-in image
     cc: str | None = "gcc"  # compiles the guest init
-    cc_version: str = ""  # the first line of `cc --version`: the init is cached by source and compiler
+    cc_version: str = ""  # the first line of `cc --version`: the own kernel is keyed by it
+    # The guest init's compiler: musl-gcc when installed (a static init of ~80 KB, not glibc's ~750 KB, which
+    # the kernel unpacks and the guest execs at every boot), else `cc`; the init is cached by source and
+    # init_cc_version, which names the C library too.
+    init_cc: str | None = None
+    init_cc_version: str = ""
+    init_libc: str = "glibc"  # "musl" with musl-gcc: its kernel headers are the host's, given to it apart
 
     @property
     def virtiofs_ready(self) -> bool:
@@ -57,4 +63,7 @@ class HostFacts:
             "busybox": self.busybox,
             "cc": self.cc,
             "cc_version": self.cc_version,
+            "init_cc": self.init_cc,
+            "init_cc_version": self.init_cc_version,
+            "init_libc": self.init_libc,
         }

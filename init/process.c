@@ -10,6 +10,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <termios.h>
 #include <unistd.h>
@@ -97,10 +98,11 @@ run_child(const struct procspec *spec, int report_fd, int in, int out, int err, 
 	}
 	if (dup2(in, 0) < 0 || dup2(out, 1) < 0 || dup2(err, 2) < 0)
 		child_fail(report_fd, CHILD_EXEC);
-	/* everything of init's is close-on-exec already; this also drops anything inherited */
+	/* everything of init's is close-on-exec already; this also drops anything inherited (the system
+	 * call itself: musl 1.2.3 has no close_range wrapper) */
 	if (report_fd > 3)
-		close_range(3, report_fd - 1, 0);
-	close_range(report_fd + 1, ~0U, 0);
+		syscall(SYS_close_range, 3, report_fd - 1, 0);
+	syscall(SYS_close_range, report_fd + 1, ~0U, 0);
 	for (size_t i = 0; i < spec->nlimits; i++)
 		if (setrlimit(spec->limits[i].resource, &spec->limits[i].value) < 0)
 			child_fail(report_fd, CHILD_LIMIT);

@@ -195,6 +195,25 @@ def test_qemu_version(output, expected):
     assert qemu_version(output) == expected
 
 
+MUSL_LOADER = "musl libc (x86_64)\nVersion 1.2.3\nDynamic Program Loader\n"
+
+
+def test_the_init_is_compiled_with_musl_when_musl_gcc_and_its_loader_are_there(fake):
+    script(fake["bin"] / "gcc", "gcc (Debian 12.2.0-14) 12.2.0\n")
+    glibc = probe_host(fake["environ"], root=fake["root"])
+    assert (glibc.init_cc, glibc.init_cc_version, glibc.init_libc) == (
+        str(fake["bin"] / "gcc"), "gcc (Debian 12.2.0-14) 12.2.0; glibc", "glibc")
+    script(fake["bin"] / "musl-gcc", "x86_64-linux-gnu-gcc (Debian 12.2.0-14) 12.2.0\n")
+    # musl-gcc alone is not enough: musl's loader names its version, which keys the cached init
+    assert probe_host(fake["environ"], root=fake["root"]).init_libc == "glibc"
+    script(Path(fake["root"], "lib/ld-musl-x86_64.so.1"), MUSL_LOADER)
+    musl = probe_host(fake["environ"], root=fake["root"])  # (both binaries are in the probe cache's key)
+    assert (musl.init_cc, musl.init_cc_version, musl.init_libc) == (
+        str(fake["bin"] / "musl-gcc"), "x86_64-linux-gnu-gcc (Debian 12.2.0-14) 12.2.0; musl 1.2.3", "musl")
+    assert (musl.cc, musl.cc_version) == (glibc.cc, glibc.cc_version)  # the own kernel's compiler is unchanged
+    assert facts_from_dict(musl.to_dict()) == musl
+
+
 def test_default_kernel_dir_xdg():
     assert default_kernel_dir({"XDG_DATA_HOME": "/d", "HOME": "/h"}) == "/d/microvmc/kernel/default"
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from microvmc.backends.build import realize
-from microvmc.backends.host import probe_host
+from microvmc.backends.host import init_compiler, probe_host
 from microvmc.backends.monitor import run_plan
 from microvmc.compiler.cmdline import GuestUser, Rlimit
 from microvmc.compiler.pipeline import compile_manifest, read_manifest
@@ -18,7 +18,12 @@ from microvmc.compiler.pipeline import compile_manifest, read_manifest
 pytestmark = pytest.mark.boot
 
 
-def boot(boot_env, tmp_path: Path, monkeypatch, script: str, **process) -> tuple[int, bytes, bytes]:
+def glibc(facts):
+    """The host without musl-gcc: the init compiled with `cc` and glibc, as before musl."""
+    return replace(facts, **init_compiler(facts.cc, facts.cc_version, None, ""))
+
+
+def boot(boot_env, tmp_path: Path, monkeypatch, script: str, libc: str = "", **process) -> tuple[int, bytes, bytes]:
     for key in ("MICROVMC_STORE", "XDG_STATE_HOME", "XDG_CACHE_HOME"):
         monkeypatch.setenv(key, boot_env[key])
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
@@ -26,7 +31,9 @@ def boot(boot_env, tmp_path: Path, monkeypatch, script: str, **process) -> tuple
     manifest_file.write_text('version = 1\n[process]\nargv = ["/bin/sh", "-c", "true"]\n')
     manifest = read_manifest(manifest_file, argv=["/bin/sh", "-c", script])
     manifest = replace(manifest, process=replace(manifest.process, **process))
-    compiled = compile_manifest(manifest, facts=probe_host(), store=boot_env["MICROVMC_STORE"])
+    facts = glibc(probe_host()) if libc == "glibc" else probe_host()
+    compiled = compile_manifest(manifest, facts=facts, store=boot_env["MICROVMC_STORE"])
+    assert compiled.graph.node("init").param("libc") == (libc or facts.init_libc)
     realize(compiled)
     logs = tmp_path / "logs"
     logs.mkdir()
@@ -35,10 +42,12 @@ def boot(boot_env, tmp_path: Path, monkeypatch, script: str, **process) -> tuple
     return status, (tmp_path / "out").read_bytes(), (tmp_path / "err").read_bytes()
 
 
-def test_the_program_runs_as_its_user_with_its_groups_and_limits(boot_env, tmp_path, monkeypatch) -> None:
+# The init as setup compiles it (with musl), and with glibc where musl-gcc is not installed.
+@pytest.mark.parametrize("libc", ["musl", "glibc"])
+def test_the_program_runs_as_its_user_with_its_groups_and_limits(boot_env, tmp_path, monkeypatch, libc) -> None:
     status, out, err = boot(
         boot_env, tmp_path, monkeypatch,
-        "id -u; id -g; id -G; ulimit -n; ulimit -Hn; ulimit -u; touch /tmp/f && stat -c %u:%g /tmp/f; exit 3",
+        "id -u; id -g; id -G; ulimit -n; ulimit -Hn; ulimit -u; touch /tmp/f && stat -c %u:%g /tmp/f; exit 3", libc=libc,
         user=GuestUser(uid=1000, gid=1001, groups=(1001, 20, 30)),
         rlimits=(Rlimit(name="NOFILE", soft=123, hard=456), Rlimit(name="NPROC", soft=None, hard=None)))
     assert (status, err) == (3, b"")

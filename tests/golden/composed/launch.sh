@@ -93,7 +93,7 @@ set -- "$@" \
 # kernel.source, kernel.cmdline, process, hostname: kernel, initramfs (init + modules), and the command line that configures init
 set -- "$@" \
     -kernel /microvmc/store/f5rhunnrvv6p53ivm4gkgd46ao5qzwp6-kernel/kernel \
-    -initrd /microvmc/store/6e22p2acimf5o2nqarcsixcbnazkmhve-initramfs/initramfs.cpio.gz \
+    -initrd /microvmc/store/bfhudb62upfceczhsj55uwayhtyultnp-initramfs/initramfs.cpio.gz \
     -append 'console=ttyS0 reboot=t panic=-1 loglevel=6 earlyprintk=serial,ttyS0 cryptomgr.notests tsc_early_khz=2000000 tsc=reliable noreplace-smp MVMC_ROOT=virtiofs:root:ro MVMC_HOSTNAME=composed MVMC_CWD=/ MVMC_A0=/bin/sh MVMC_A1=-c MVMC_A2=echo%20%22%24GREETING%20from%20%24%28hostname%29%22 MVMC_E0=GREETING=hi%20there MVMC_E1=LANG=C.UTF-8 MVMC_E2=PATH=/usr/local/sbin%3A/usr/local/bin%3A/usr/sbin%3A/usr/bin%3A/sbin%3A/bin'
 # guest console (kernel messages) to fd 5, the run's console log
 set -- "$@" \

@@ -83,7 +83,7 @@ set -- "$@" \
 # kernel.source, kernel.cmdline, process, hostname: kernel, initramfs (init + modules), and the command line that configures init
 set -- "$@" \
     -kernel /microvmc/store/f5rhunnrvv6p53ivm4gkgd46ao5qzwp6-kernel/kernel \
-    -initrd /microvmc/store/6js6yfdrho3swvfsqajqo5gzr43brlll-initramfs/initramfs.cpio.gz \
+    -initrd /microvmc/store/a5b6uzfskfudnrth3hnwh3gay7hpezf7-initramfs/initramfs.cpio.gz \
     -append 'console=ttyS0 reboot=t panic=-1 loglevel=6 earlyprintk=serial,ttyS0 cryptomgr.notests tsc_early_khz=2000000 tsc=reliable noreplace-smp MVMC_ROOT=9p:root:ro MVMC_HOSTNAME=ninep MVMC_CWD=/ MVMC_A0=/bin/sh MVMC_A1=-c MVMC_A2=grep%20%27%20/%20%27%20/proc/mounts%20%7C%20cut%20-d%27%20%27%20-f3 MVMC_E0=PATH=/usr/local/sbin%3A/usr/local/bin%3A/usr/sbin%3A/usr/bin%3A/sbin%3A/bin'
 # guest console (kernel messages) to fd 5, the run's console log
 set -- "$@" \

@@ -98,7 +98,7 @@ set -- "$@" \
 # kernel.source, kernel.cmdline, process, hostname: kernel, initramfs (init + modules), and the command line that configures init
 set -- "$@" \
     -kernel /microvmc/store/f5rhunnrvv6p53ivm4gkgd46ao5qzwp6-kernel/kernel \
-    -initrd /microvmc/store/qn3nkaxui5kjsjiskziyruxw4fwr2txj-initramfs/initramfs.cpio.gz \
+    -initrd /microvmc/store/dr3ewk37p32kze7l7ff7bbtosotmjxeu-initramfs/initramfs.cpio.gz \
     -append 'console=ttyS0 reboot=t panic=-1 loglevel=6 earlyprintk=serial,ttyS0 cryptomgr.notests tsc_early_khz=2000000 tsc=reliable noreplace-smp MVMC_ROOT=virtiofs:root:overlay MVMC_HOSTNAME=shares MVMC_CWD=/ MVMC_S0=virtiofs:data:ro:/data MVMC_A0=/bin/sh MVMC_A1=-c MVMC_A2=cat%20/data/message.txt%20%26%26%20echo%20scratch%20%3E%20/scratch.txt%20%26%26%20cat%20/scratch.txt MVMC_E0=PATH=/usr/local/sbin%3A/usr/local/bin%3A/usr/sbin%3A/usr/bin%3A/sbin%3A/bin'
 # guest console (kernel messages) to fd 5, the run's console log
 set -- "$@" \
