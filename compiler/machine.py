@@ -87,17 +87,23 @@ class Filesystem:
     # A single host file (`run -v FILE:...`): `host_dir` is relative to the run directory, made per run
     # holding this file alone (backends/qemu.py stages it), so nothing beside it crosses into the VM.
     staged_from: str = ""
+    # The directory cannot change while the VM runs (a store path, served read-only): the guest may keep
+    # its data, names and attributes cached for as long as it likes, across opens (virtiofsd's
+    # cache=always: an exec of a program already read reads nothing again).
+    immutable: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {"tag": self.tag, "transport": self.transport, "host_dir": self.host_dir,
                 "read_only": self.read_only, "keys": list(self.keys),
                 **({"ownership": self.ownership} if self.ownership != "native" else {}),
-                **({"staged_from": self.staged_from} if self.staged_from else {})}
+                **({"staged_from": self.staged_from} if self.staged_from else {}),
+                **({"immutable": True} if self.immutable else {})}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Filesystem":
         return cls(tag=d["tag"], transport=d["transport"], host_dir=d["host_dir"], read_only=d["read_only"],
-                   keys=tuple(d["keys"]), ownership=d.get("ownership", "native"), staged_from=d.get("staged_from", ""))
+                   keys=tuple(d["keys"]), ownership=d.get("ownership", "native"), staged_from=d.get("staged_from", ""),
+                   immutable=d.get("immutable", False))
 
 
 class NicKind(StrEnum):

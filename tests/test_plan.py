@@ -71,6 +71,24 @@ def test_virtiofsd_flavours(tmp_path: Path) -> None:
     assert rust.plan.virtiofsd[0].argv[-1] != "--readonly" or rust.plan.virtiofsd[0].read_only
 
 
+def test_only_a_root_from_the_store_is_cached_without_revalidation(tmp_path: Path) -> None:
+    (tmp_path / "data").mkdir()
+    (tmp_path / "rootfs").mkdir()
+    shares = '[shares.data]\nhost = "data"\nguest = "/mnt"\nread_only = true\n'
+    builtin = compiled(tmp_path, '[process]\nargv = ["true"]\n' + shares)
+    root, share = builtin.plan.virtiofsd
+    # The built-in image is a store path, never written: cached as long as the guest likes; a share is live.
+    assert ("cache=always" in root.argv, "cache=auto" in share.argv) == (True, True)
+    assert [fs.immutable for fs in builtin.plan.machine.filesystems] == [True, False]
+    directory = compiled(tmp_path, '[image]\nsource = "directory"\npath = "rootfs"\n[process]\nargv = ["true"]\n')
+    assert "cache=auto" in directory.plan.virtiofsd[0].argv  # the host's own directory: it may change
+    overlay = compiled(tmp_path, '[image]\nmode = "overlay"\n[process]\nargv = ["true"]\n')
+    assert "cache=always" in overlay.plan.virtiofsd[0].argv  # the guest writes to its own upper layer
+    rust = compiled(tmp_path, '[process]\nargv = ["true"]\n', virtiofsd="/usr/libexec/virtiofsd",
+                    virtiofsd_flavour=VirtiofsdFlavour.RUST)
+    assert rust.plan.virtiofsd[0].argv[3:5] == ("--cache", "always")
+
+
 def test_a_comma_in_a_path_cannot_split_a_qemu_option(tmp_path: Path) -> None:
     (tmp_path / "x,id=evil").mkdir()
     c = compiled(tmp_path, '[process]\nargv = ["true"]\n[shares.data]\nhost = "x,id=evil"\nguest = "/mnt"\ntransport = "9p"\n')

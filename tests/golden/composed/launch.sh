@@ -66,7 +66,7 @@ wait_for_socket() {  # socket, pid, description, log: wait at most 10 s
 }
 
 # image.path, image.transport, image.mode: share 'root', /microvmc/store/7illbsd6rxc2cfvtxjafugckbea7ghko-busybox-rootfs (read-only)
-$die_with_us unshare --mount --propagation private -- sh -c 'dir=$1; shift; mount --bind -- "$dir" "$dir" && mount -o remount,bind,ro -- "$dir" && exec "$@"' microvmc-read-only /microvmc/store/7illbsd6rxc2cfvtxjafugckbea7ghko-busybox-rootfs /usr/lib/qemu/virtiofsd -o source=/microvmc/store/7illbsd6rxc2cfvtxjafugckbea7ghko-busybox-rootfs -o cache=auto -o sandbox=chroot "--socket-path=$rundir/"fs-root.sock 2>virtiofsd-root.log 7>&- &
+$die_with_us unshare --mount --propagation private -- sh -c 'dir=$1; shift; mount --bind -- "$dir" "$dir" && mount -o remount,bind,ro -- "$dir" && exec "$@"' microvmc-read-only /microvmc/store/7illbsd6rxc2cfvtxjafugckbea7ghko-busybox-rootfs /usr/lib/qemu/virtiofsd -o source=/microvmc/store/7illbsd6rxc2cfvtxjafugckbea7ghko-busybox-rootfs -o cache=always -o sandbox=chroot "--socket-path=$rundir/"fs-root.sock 2>virtiofsd-root.log 7>&- &
 pids="$pids $!"
 wait_for_socket fs-root.sock $! 'virtiofsd for share root' virtiofsd-root.log
 
