@@ -1,6 +1,6 @@
 """Run every benchmark, each in its own interpreter: `python3 -m bench [--json] [-q] [name ...]`.
 
-Names: startup, cached_build, run_true, images, lifecycle, kernel, boot_phases, shares, concurrency, network, virtme (default: all, in that order; virtme needs `scripts/setup --bench`). --json prints one JSON object
+Names: startup, cached_build, run_true, images, lifecycle, kernel, boot_phases, shares, execs, concurrency, network, virtme (default: all, in that order; virtme needs `scripts/setup --bench`). --json prints one JSON object
 keyed by name; otherwise each benchmark's table in turn. Other options (e.g. -n) go to every benchmark.
 """
 
@@ -12,7 +12,7 @@ import subprocess
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-BENCHMARKS = ("startup", "cached_build", "run_true", "images", "lifecycle", "kernel", "boot_phases", "shares", "concurrency", "network", "virtme")
+BENCHMARKS = ("startup", "cached_build", "run_true", "images", "lifecycle", "kernel", "boot_phases", "shares", "execs", "concurrency", "network", "virtme")
 
 
 def main(argv: list[str]) -> int:

@@ -95,6 +95,16 @@ def test_shares_benchmark_runs_every_column(boot_env) -> None:
     assert result["ratios"]["read"]["of_medians"] > 0 and result["left_running"] == []
 
 
+def test_execs_benchmark_runs_every_column(boot_env) -> None:
+    """One round of 2 execs: the root served with cache=always (as microvmc does) and with cache=auto."""
+    r = subprocess.run([sys.executable, "bench/execs.py", "-n", "1", "--warmup", "0", "--execs", "2", "--json", "-q"],
+                       cwd=REPO, env=boot_env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout)
+    assert set(result["commands"]) == {"always", "auto", "boot"} and result["left_running"] == []
+    assert set(result["per_exec_s"]) == {"always", "auto"}
+
+
 def test_concurrency_benchmark_runs_them_all(boot_env) -> None:
     """One round of 3 runs at once (each must exit 0, or the benchmark fails) against one."""
     r = subprocess.run([sys.executable, "bench/concurrency.py", "-n", "1", "--warmup", "0", "--runs", "3", "--json", "-q"],
