@@ -19,14 +19,16 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
-from microvmc.compiler.host import HostFacts
-from microvmc.compiler.hostfiles import Observation
-from microvmc.compiler.launch import LaunchPlan
 from microvmc.compiler.store import file_digest
 
-__all__ = ["CacheKey", "Hit", "lookup", "record"]
+if TYPE_CHECKING:
+    from microvmc.compiler.host import HostFacts
+    from microvmc.compiler.hostfiles import Observation
+    from microvmc.compiler.launch import LaunchPlan
+
+__all__ = ["CacheKey", "Hit", "lookup", "lookup_json", "record"]
 
 FORMAT = 2
 _CODE_PACKAGES = ("microvmc", "microvmc.compiler", "microvmc.backends", "microvmc.kernel", "microvmc.init",
@@ -108,6 +110,23 @@ def _file_sha(path: str) -> str | None:
 
 
 def lookup(key: CacheKey, environ: Mapping[str, str] = os.environ) -> Hit | None:
+    found = lookup_json(key, environ)
+    if found is None:
+        return None
+    from microvmc.compiler.launch import LaunchPlan
+
+    output, plan = found
+    try:
+        return Hit(output=output, plan=LaunchPlan.from_dict(plan))
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def lookup_json(key: CacheKey, environ: Mapping[str, str] = os.environ) -> tuple[str, dict[str, Any]] | None:
+    """(the output, its plan in JSON form: `LaunchPlan.to_dict()`) of a hit, without the plan's
+    types (a run starts QEMU from it before it imports them)."""
+    from microvmc.compiler.hostfiles import Observation
+
     entry_path = _cache_dir(environ) / f"{key.digest()}.json"
     try:
         entry = json.loads(entry_path.read_text())
@@ -119,10 +138,12 @@ def lookup(key: CacheKey, environ: Mapping[str, str] = os.environ) -> Hit | None
             return None
         if not all(os.path.isdir(p) for p in [entry["output"], *entry["requires"]]):
             return None
-        plan = LaunchPlan.from_dict(json.loads(Path(entry["output"], "plan.json").read_text())["plan"])
+        plan = json.loads(Path(entry["output"], "plan.json").read_text())["plan"]
+        if not isinstance(plan, dict):
+            return None
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    return Hit(output=entry["output"], plan=plan)
+    return entry["output"], plan
 
 
 def record(key: CacheKey, *, files: Sequence[str], sources: Sequence[str], observed: Sequence[Observation],

@@ -41,14 +41,14 @@ import signal
 import socket
 import struct
 import time
-from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from microvmc.backends._unix import bind, connect
-from microvmc.backends.qemu import RunLogs, launch, read_logs, runtime_dir, sweep_runtime_dirs
+from microvmc.backends.qemu import RunLogs, Started, launch, program_stdin, read_logs, runtime_dir, sweep_runtime_dirs
 from microvmc.backends.runstore import Run, RunStateError, RunStore, utc_now as _now
 from microvmc.backends.supervise import STOP_SIGNALS, LogSink, Signals, Sink, State, Supervisor, signals_caught
 from microvmc.compiler.launch import Fd, LaunchPlan, ProcessSpec
@@ -515,40 +515,6 @@ def _signal_number(value: Any) -> int:
 # --- a run -------------------------------------------------------------------------------------
 
 
-@contextmanager
-def _program_stdin(stdin: int, terminal: bool) -> Iterator[tuple[int, tuple[int, int] | None]]:
-    """What QEMU reads as the program's stdin, and the relay (source, pipe) the loop runs for it.
-
-    A terminal is not handed to QEMU: its stdio chardev would put it in raw mode, where Enter is `\\r`
-    and Ctrl-C never reaches microvmc. The loop copies it into a pipe instead: in the terminal's
-    normal mode the user edits lines as usual, Ctrl-D ends the program's input and Ctrl-C stops
-    the run; with -t (`terminal`, the caller put it in raw mode) every byte goes to the guest's pty.
-    Anything else (pipe, file, socket, /dev/null) is passed as it is; its O_NONBLOCK, which QEMU sets
-    on the shared open file, is put back afterwards."""
-    import fcntl
-
-    with ExitStack() as stack:
-        try:
-            os.fstat(stdin)
-        except OSError:  # closed: the program gets an empty stdin
-            stdin = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
-            stack.callback(os.close, stdin)
-        if os.isatty(stdin) or terminal:
-            read_end, write_end = os.pipe2(os.O_CLOEXEC)
-            stack.callback(os.close, read_end)
-            yield read_end, (stdin, write_end)  # the loop closes write_end
-            return
-        flags = fcntl.fcntl(stdin, fcntl.F_GETFL)
-        try:
-            yield stdin, None
-        finally:
-            try:
-                if fcntl.fcntl(stdin, fcntl.F_GETFL) != flags:
-                    fcntl.fcntl(stdin, fcntl.F_SETFL, flags)
-            except OSError:
-                pass
-
-
 def serve(
     plan: LaunchPlan,
     *,
@@ -567,8 +533,15 @@ def serve(
     signal_numbers: tuple[int, ...] = STOP_SIGNALS,
     input: int | None = None,
     tty: bool = False,
+    started: Started | None = None,
+    signals: Signals | None = None,
+    began: float | None = None,
 ) -> Verdict:
     """Launch, supervise and judge one run; the verdict is also in `run`'s record.
+
+    `started`: the VM was started already (qemu.start, reading `stdin`, which the caller prepared
+    with qemu.program_stdin) with the `signals` caught since `began` (its time.monotonic()): it is
+    adopted, supervised and stopped as one launched here would be.
 
     `input`: the write end of the pipe `stdin` reads (a detached run that keeps its stdin open), which
     attached clients' stdin is copied into; `tty`: the program has a pty (their input is a terminal's).
@@ -577,13 +550,14 @@ def serve(
     `log_limits`. `terminal`: the program has a pty (MVMC_TTY); this descriptor's size is its size,
     and SIGWINCH passes a new one on. `on_state` is told of every state change (and of `ready`).
     Raises HostError if QEMU or a virtiofsd cannot be executed at all."""
-    began = time.monotonic()
+    began = time.monotonic() if began is None else began
     if verbose:
         shared = ", ".join(f"{tag} over {transport}" for tag, transport in plan.transports)
         _say(say, f"accel {plan.accel} ({plan.accel_reason}); {shared or 'no shares'}; logs in {logs.dir}")
     numbers = signal_numbers + ((signal.SIGWINCH,) if terminal is not None else ())
     limits = log_limits or LogLimits(max_size=plan.log_max_size, max_files=plan.log_max_files)
-    with signals_caught(numbers) as signals, ExitStack() as stack:
+    caught = nullcontext(signals) if signals is not None else signals_caught(numbers)
+    with caught as signals, ExitStack() as stack:
         sinks: dict[Fd, _Fanout] = {}
         for kind, fd, name in ((Fd.STDOUT, stdout, "stdout.log"), (Fd.STDERR, stderr, "stderr.log")):
             if fd is None:
@@ -595,7 +569,10 @@ def serve(
         program_input = None if input is None else _Input(input, tty=tty)
         if program_input is not None:
             stack.callback(program_input.close)
-        qemu_stdin, relay = stack.enter_context(_program_stdin(stdin, terminal is not None))
+        if started is None:
+            qemu_stdin, relay = stack.enter_context(program_stdin(stdin, terminal is not None))
+        else:
+            qemu_stdin, relay = stdin, None
         status_file = stack.enter_context(open(logs.status, "wb"))
         monitor = None
         with ExitStack() as vm_stack:
@@ -603,10 +580,12 @@ def serve(
                 rundir = run.dir / "vm"
                 rundir.mkdir(mode=0o700, exist_ok=True)
                 vm_stack.callback(_rmtree, rundir)
+            elif started is not None:
+                rundir = started.rundir  # the caller's, who removes it
             else:
                 rundir = vm_stack.enter_context(runtime_dir())
             try:
-                vm = vm_stack.enter_context(launch(plan, logs=logs, stdin=qemu_stdin, rundir=rundir))
+                vm = vm_stack.enter_context(launch(plan, logs=logs, stdin=qemu_stdin, rundir=rundir, started=started))
             except BaseException:
                 if relay is not None:
                     os.close(relay[1])
@@ -616,6 +595,8 @@ def serve(
                 booting()
             supervisor = Supervisor(plan=plan, vm=vm, sinks=sinks, status_file=status_file, signals=signals,
                                     began=began, hold=hold, stdin_relay=relay, terminal=terminal)
+            if started is not None:
+                supervisor.seen.host["qemu"] = started.at - began
             monitor = _Monitor(supervisor, stop_timeout=plan.stop_timeout, outputs=sinks,
                                stdin=program_input, tty=tty)
             if run is not None:
@@ -667,13 +648,16 @@ def _record_state(run: Run) -> Callable[[State, Supervisor], None]:
 
 def run_plan(plan: LaunchPlan, *, log_dir: Path, stdin: int = 0, stdout: int = 1, stderr: int = 2,
              verbose: bool = False, booting: Callable[[], None] | None = None, run: Run | None = None,
-             terminal: int | None = None) -> int:
+             terminal: int | None = None, started: Started | None = None, signals: Signals | None = None,
+             began: float | None = None) -> int:
     """A foreground run: this process is the monitor; returns the status microvmc exits with (the
-    program's own when it ran) after saying why on `stderr` when it is not the program's."""
+    program's own when it ran) after saying why on `stderr` when it is not the program's.
+    `started`, `signals`, `began`: a VM started already (see `serve`)."""
     logs = RunLogs(Path(log_dir))
     on_state = _record_state(run) if run is not None else None
     verdict = serve(plan, logs=logs, stdin=stdin, stdout=stdout, stderr=stderr, run=run, terminal=terminal,
-                    say=stderr, verbose=verbose, booting=booting, on_state=on_state)
+                    say=stderr, verbose=verbose, booting=booting, on_state=on_state, started=started,
+                    signals=signals, began=began)
     if verdict.message:
         _say(stderr, verdict.message)
     return verdict.status

@@ -8,13 +8,16 @@ compiles (compiler/) and builds what the store lacks (backends/build.py).
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
-from microvmc.compiler.host import HostFacts
-from microvmc.compiler.launch import LaunchPlan
 from microvmc.errors import BuildError
 
-__all__ = ["build", "link_result"]
+if TYPE_CHECKING:
+    from microvmc.backends.evalcache import CacheKey
+    from microvmc.compiler.host import HostFacts
+    from microvmc.compiler.launch import LaunchPlan
+
+__all__ = ["build", "cached", "link_result"]
 
 
 def build(manifest: str, *, argv: Sequence[str] | None, env: Mapping[str, str] | None, store: str,
@@ -28,9 +31,8 @@ def build(manifest: str, *, argv: Sequence[str] | None, env: Mapping[str, str] |
     image; `locked`: it must exist and match what the manifest resolves to now."""
     from microvmc.backends import evalcache
 
-    key = evalcache.CacheKey(manifest=os.path.abspath(manifest), argv=tuple(argv or ()),
-                             env=tuple(sorted((env or {}).items())), store=store, facts=facts, locked=locked, tty=tty,
-                             publish=tuple(publish), volumes=tuple(volumes), cwd=os.getcwd() if volumes else "")
+    key = _cache_key(manifest, argv=argv, env=env, store=store, facts=facts, locked=locked, tty=tty, publish=publish,
+                     volumes=volumes)
     hit = evalcache.lookup(key, environ)
     if hit is not None:
         return hit.output, hit.plan
@@ -47,6 +49,27 @@ def build(manifest: str, *, argv: Sequence[str] | None, env: Mapping[str, str] |
     evalcache.record(key, files=compiled.manifest.files, sources=sources, observed=graph.observed,
                      requires=requires, output=output, environ=environ)
     return output, compiled.plan
+
+
+def cached(manifest: str, *, argv: Sequence[str] | None, env: Mapping[str, str] | None, store: str,
+           facts: HostFacts, environ: Mapping[str, str] = os.environ, locked: bool = False, tty: bool = False,
+           publish: Sequence[str] = (), volumes: Sequence[str] = ()) -> tuple[str, dict[str, Any]] | None:
+    """What `build` answers from the evaluation cache, (the output path, its plan in JSON form),
+    without importing the compiler or the plan's types; None: `build` has to compile."""
+    from microvmc.backends import evalcache
+
+    key = _cache_key(manifest, argv=argv, env=env, store=store, facts=facts, locked=locked, tty=tty, publish=publish,
+                     volumes=volumes)
+    return evalcache.lookup_json(key, environ)
+
+
+def _cache_key(manifest: str, *, argv: Sequence[str] | None, env: Mapping[str, str] | None, store: str,
+               facts: HostFacts, locked: bool, tty: bool, publish: Sequence[str], volumes: Sequence[str]) -> CacheKey:
+    from microvmc.backends import evalcache
+
+    return evalcache.CacheKey(manifest=os.path.abspath(manifest), argv=tuple(argv or ()),
+                              env=tuple(sorted((env or {}).items())), store=store, facts=facts, locked=locked, tty=tty,
+                              publish=tuple(publish), volumes=tuple(volumes), cwd=os.getcwd() if volumes else "")
 
 
 def compile_with_image(manifest: str, *, argv: Sequence[str] | None, env: Mapping[str, str] | None, store: str,

@@ -12,25 +12,27 @@ import fcntl
 import os
 import shutil
 import socket
-import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from microvmc.backends._procs import Child, running
 from microvmc.backends._unix import bind
-from microvmc.backends.oci import stage_files, unstage
-from microvmc.backends.netns import tap_joined
-from microvmc.backends.ports import check_forwards
-from microvmc.compiler.oci import StagedFile
-from microvmc.compiler.launch import C_VIRTIOFSD_PID_DIR, Fd, LaunchPlan, VirtiofsdPlan, c_virtiofsd_pid_file
-from microvmc.compiler.machine import NicKind
-from microvmc.compiler.verdict import Logs
 from microvmc.errors import HostError
 
-__all__ = ["launch", "Vm", "RunLogs", "runtime_dir", "sweep_runtime_dirs", "read_logs"]
+if TYPE_CHECKING:
+    from microvmc.compiler.launch import Fd, LaunchPlan, VirtiofsdPlan
+    from microvmc.compiler.verdict import Logs
+
+# The compiler's modules (the plan's types, the staging, the tap, the forwards' check) are imported
+# where they are used: `start` launches a cached plan from its JSON form without any of them, so
+# that QEMU boots while `microvmc run` imports the rest (bench/run_true.py).
+
+__all__ = ["launch", "start", "Started", "Vm", "RunLogs", "program_stdin", "runtime_dir", "sweep_runtime_dirs",
+           "read_logs", "startable"]
 
 QEMU_GRACE = 3.0  # seconds QEMU gets after SIGTERM
 VIRTIOFSD_GRACE = 2.0
@@ -79,35 +81,155 @@ class Vm:
 
 
 @contextmanager
-def launch(plan: LaunchPlan, *, logs: RunLogs, stdin: int, rundir: Path) -> Iterator[Vm]:
-    """The virtiofsds, then QEMU reading the program's stdin from `stdin`; all stopped on exit."""
-    executable = plan.qemu_argv[0] if plan.qemu_argv else ""
-    if not shutil.which(executable):
-        raise HostError(f"QEMU not found: {executable!r}", hint="install qemu-system-x86")
-    check_forwards(plan.machine.nic)  # a port in use is one line now, not QEMU's after the daemons started
+def launch(plan: LaunchPlan, *, logs: RunLogs, stdin: int, rundir: Path,
+           started: Started | None = None) -> Iterator[Vm]:
+    """The virtiofsds, then QEMU reading the program's stdin from `stdin`; all stopped on exit.
+    `started`: they were started already (`start`, from this plan's JSON form): only adopted."""
+    if started is not None:
+        with started.stack:
+            yield started.vm(plan)
+        return
+    from microvmc.compiler.machine import Fd, NicKind
+
+    _check_executable(plan.qemu_argv[0] if plan.qemu_argv else "")
+    nic = plan.machine.nic
+    if nic is not None:
+        from microvmc.backends.ports import check_forwards
+
+        check_forwards(nic)  # a port in use is one line now, not QEMU's after the daemons started
     with ExitStack() as stack:
         for fs in plan.machine.filesystems:
             if fs.staged_from:  # run -v of a file: alone in its own directory, for this run
+                from microvmc.backends.oci import stage_files, unstage
+                from microvmc.compiler.oci import StagedFile
+
                 stack.callback(unstage, rundir / fs.host_dir)
                 try:
                     stage_files([StagedFile(source=fs.staged_from, name=os.path.basename(fs.staged_from),
                                             destination="run -v", read_only=fs.read_only)], rundir / fs.host_dir)
                 except HostError as err:  # (its hint is the OCI runtime's)
                     raise HostError(err.message, hint="share it read-only (:ro), or run microvmc as root") from None
-        nic = plan.machine.nic
-        # network.mode = "netns": the tap made in the namespace and joined to its interface, until QEMU is gone
-        tap = stack.enter_context(tap_joined(nic.namespace, nic.interface, nic.mtu)) if nic and nic.kind is NicKind.TAP else None
-        daemons = tuple(
-            (vp, stack.enter_context(_virtiofsd(vp, rundir=rundir, log=logs.virtiofsd(vp.tag))))
-            for vp in plan.virtiofsd
-        )
-        qemu, readers, control, console_log = stack.enter_context(
-            _qemu(plan, rundir=rundir, stdin=stdin, logs=logs, tap=tap))
-        yield Vm(qemu=qemu, daemons=daemons, readers=readers, control=control, console_log=console_log, rundir=rundir)
+        tap = None
+        if nic is not None and nic.kind is NicKind.TAP:
+            from microvmc.backends.netns import tap_joined
+
+            # network.mode = "netns": the tap made in the namespace and joined to its interface, until QEMU is gone
+            tap = stack.enter_context(tap_joined(nic.namespace, nic.interface, nic.mtu))
+        shares = [(vp.argv, vp.socket, vp.tag) for vp in plan.virtiofsd]
+        spawned = _spawn(stack, qemu_argv=plan.qemu_argv, shares=shares, fds={fd.name.lower(): int(fd) for fd in Fd},
+                         logs=logs, stdin=stdin, rundir=rundir, tap=tap)
+        yield spawned.vm(plan)
+
+
+def start(plan: Mapping[str, Any], *, logs: RunLogs, stdin: int, rundir: Path) -> Started | None:
+    """The virtiofsds and QEMU of a plan in its JSON form (`LaunchPlan.to_dict()`), started before
+    its LaunchPlan (and the compiler's modules) exist: `launch(..., started=)` adopts them. None
+    when the plan needs more than starting processes (a file staged for `run -v`, a tap, forwards
+    to check): then `launch` does all of it. The caller closes the result if it is never adopted."""
+    if not startable(plan):
+        return None
+    argv = plan["qemu_argv"]
+    _check_executable(argv[0] if argv else "")
+    stack = ExitStack()
+    try:
+        return _spawn(stack, qemu_argv=argv, shares=[(v["argv"], v["socket"], v["tag"]) for v in plan["virtiofsd"]],
+                      fds=plan["fds"], logs=logs, stdin=stdin, rundir=rundir)
+    except BaseException:
+        stack.close()
+        raise
+
+
+def startable(plan: Mapping[str, Any]) -> bool:
+    """Whether `start` can start this plan (in JSON form)."""
+    machine = plan.get("machine") or {}
+    return machine.get("nic") is None and not any(fs.get("staged_from") for fs in machine.get("filesystems", ()))
+
+
+def _check_executable(executable: str) -> None:
+    if not shutil.which(executable):
+        raise HostError(f"QEMU not found: {executable!r}", hint="install qemu-system-x86")
+
+
+class Started:
+    """The processes of a VM and QEMU's descriptors, before they are a `Vm` (which needs the plan's
+    types): `stack` stops and closes them all."""
+
+    def __init__(self, stack: ExitStack, *, qemu_argv: Sequence[str], qemu: Child, daemons: tuple[Child, ...],
+                 readers: dict[int, int], control: int, console_log: int, rundir: Path):
+        self.stack = stack
+        self.qemu_argv = tuple(qemu_argv)
+        self.qemu = qemu
+        self.daemons = daemons
+        self.readers = readers  # by the descriptor's number in QEMU
+        self.control = control
+        self.console_log = console_log
+        self.rundir = rundir
+        self.at = time.monotonic()  # when QEMU was started
+
+    def vm(self, plan: LaunchPlan) -> Vm:
+        from microvmc.compiler.launch import Fd
+
+        if tuple(plan.qemu_argv) != self.qemu_argv or len(plan.virtiofsd) != len(self.daemons):
+            raise HostError("the VM that was started is not this plan's")  # a caller's mistake, never the user's
+        return Vm(qemu=self.qemu, daemons=tuple(zip(plan.virtiofsd, self.daemons)),
+                  readers={Fd(n): fd for n, fd in self.readers.items()}, control=self.control,
+                  console_log=self.console_log, rundir=self.rundir)
+
+    def close(self) -> None:
+        """Stop what was started (once; again is nothing)."""
+        self.stack.close()
+
+
+def _spawn(stack: ExitStack, *, qemu_argv: Sequence[str], shares: Sequence[tuple[Sequence[str], str, str]],
+           fds: Mapping[str, int], logs: RunLogs, stdin: int, rundir: Path, tap: int | None = None) -> Started:
+    """The virtiofsds of `shares` ((argv, socket, tag) each), then QEMU, entered into `stack`.
+    `fds`: the plan's descriptor numbers by name (Fd's names, lower case)."""
+    daemons = tuple(
+        stack.enter_context(_virtiofsd(argv, socket_name, tag, rundir=rundir, log=logs.virtiofsd(tag)))
+        for argv, socket_name, tag in shares
+    )
+    qemu, readers, control, console_log = stack.enter_context(
+        _qemu(qemu_argv, fds, rundir=rundir, stdin=stdin, logs=logs, tap=tap))
+    return Started(stack, qemu_argv=qemu_argv, qemu=qemu, daemons=daemons, readers=readers, control=control,
+                   console_log=console_log, rundir=rundir)
+
+
+@contextmanager
+def program_stdin(stdin: int, terminal: bool) -> Iterator[tuple[int, tuple[int, int] | None]]:
+    """What QEMU reads as the program's stdin, and the relay (source, pipe) the loop runs for it.
+
+    A terminal is not handed to QEMU: its stdio chardev would put it in raw mode, where Enter is `\\r`
+    and Ctrl-C never reaches microvmc. The loop copies it into a pipe instead: in the terminal's
+    normal mode the user edits lines as usual, Ctrl-D ends the program's input and Ctrl-C stops
+    the run; with -t (`terminal`, the caller put it in raw mode) every byte goes to the guest's pty.
+    Anything else (pipe, file, socket, /dev/null) is passed as it is; its O_NONBLOCK, which QEMU sets
+    on the shared open file, is put back afterwards."""
+    with ExitStack() as stack:
+        try:
+            os.fstat(stdin)
+        except OSError:  # closed: the program gets an empty stdin
+            stdin = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+            stack.callback(os.close, stdin)
+        if os.isatty(stdin) or terminal:
+            read_end, write_end = os.pipe2(os.O_CLOEXEC)
+            stack.callback(os.close, read_end)
+            yield read_end, (stdin, write_end)  # the loop closes write_end
+            return
+        flags = fcntl.fcntl(stdin, fcntl.F_GETFL)
+        try:
+            yield stdin, None
+        finally:
+            try:
+                if fcntl.fcntl(stdin, fcntl.F_GETFL) != flags:
+                    fcntl.fcntl(stdin, fcntl.F_SETFL, flags)
+            except OSError:
+                pass
 
 
 def read_logs(plan: LaunchPlan, logs: RunLogs) -> Logs:
     """The log paths and their first meaningful lines, for the verdict."""
+    from microvmc.compiler.verdict import Logs
+
     return Logs(
         console=str(logs.console),
         qemu=str(logs.qemu),
@@ -135,6 +257,8 @@ def _first_meaningful_line(path: Path) -> str:
 def runtime_dir() -> Iterator[Path]:
     """A private directory for the run's sockets, locked (flock) for as long as the run lives, so
     that a later run can tell it was left behind by a microvmc that was killed (sweep_runtime_dirs)."""
+    import tempfile
+
     path = Path(tempfile.mkdtemp(prefix=RUNTIME_PREFIX, dir=_runtime_base()))
     try:
         lock = os.open(path / RUNTIME_LOCK, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -148,6 +272,8 @@ def runtime_dir() -> Iterator[Path]:
 
 
 def _runtime_base() -> str:
+    import tempfile
+
     base = os.environ.get("XDG_RUNTIME_DIR")
     return base if base and os.path.isdir(base) else tempfile.gettempdir()
 
@@ -184,6 +310,8 @@ def sweep_runtime_dirs(min_age: float = 10.0) -> list[str]:
 
 def _remove_pid_files(rundir: str) -> None:
     """The pid files a C virtiofsd of a killed launch.sh left for its sockets in `rundir`."""
+    from microvmc.compiler.launch import C_VIRTIOFSD_PID_DIR, c_virtiofsd_pid_file
+
     prefix = os.path.basename(c_virtiofsd_pid_file(rundir))[: -len(".pid")] + "."  # and then the socket's name
     try:
         names = [n for n in os.listdir(C_VIRTIOFSD_PID_DIR) if n.startswith(prefix) and n.endswith(".pid")]
@@ -197,28 +325,29 @@ def _remove_pid_files(rundir: str) -> None:
 
 
 @contextmanager
-def _virtiofsd(vp: VirtiofsdPlan, *, rundir: Path, log: Path) -> Iterator[Child]:
-    """A virtiofsd serving on a socket bound here, so QEMU can connect at once."""
+def _virtiofsd(argv: Sequence[str], socket_name: str, tag: str, *, rundir: Path, log: Path) -> Iterator[Child]:
+    """A virtiofsd (`argv`, but for its socket) serving share `tag` on a socket bound here (at
+    `socket_name` in `rundir`), so QEMU can connect at once."""
     with ExitStack() as stack:
         log_fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
         stack.callback(os.close, log_fd)
         null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
         stack.callback(os.close, null)
         sock = stack.enter_context(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
-        bind(sock, rundir / vp.socket)
+        bind(sock, rundir / socket_name)
         sock.listen(1)
         listen_fd = 3
         try:
             child = stack.enter_context(
                 running(
-                    vp.argv_with_fd(listen_fd),
+                    (*argv, f"--fd={listen_fd}"),  # as VirtiofsdPlan.argv_with_fd
                     fds={0: null, 1: log_fd, 2: log_fd, listen_fd: sock.fileno()},
-                    name=f"virtiofsd for share '{vp.tag}'",
+                    name=f"virtiofsd for share '{tag}'",
                     grace=VIRTIOFSD_GRACE,
                 )
             )
         except OSError as e:
-            raise HostError(f"cannot run virtiofsd {vp.argv[0]!r}: {e.strerror}") from e
+            raise HostError(f"cannot run virtiofsd {argv[0]!r}: {e.strerror}") from e
         # Only virtiofsd holds the socket now: if it dies, QEMU's connect fails instead of hanging.
         sock.close()
         yield child
@@ -237,11 +366,12 @@ class _Closer:
 
 @contextmanager
 def _qemu(
-    plan: LaunchPlan, *, rundir: Path, stdin: int, logs: RunLogs, tap: int | None = None
-) -> Iterator[tuple[Child, dict[Fd, int], int, int]]:
-    """QEMU with exactly the descriptors of `Fd`; yields it, the read ends of its outputs, the control
-    port's write end and the console log. The console is a pipe too, so that whoever reads it can
-    stamp its lines with the host's clock (the kernel's phases in the run's timeline)."""
+    qemu_argv: Sequence[str], fds: Mapping[str, int], *, rundir: Path, stdin: int, logs: RunLogs, tap: int | None = None
+) -> Iterator[tuple[Child, dict[int, int], int, int]]:
+    """QEMU with exactly the descriptors of `Fd` (`fds`: their numbers by name); yields it, the read
+    ends of its outputs (by their number in QEMU), the control port's write end and the console log.
+    The console is a pipe too, so that whoever reads it can stamp its lines with the host's clock
+    (the kernel's phases in the run's timeline)."""
     with ExitStack() as stack:
         opened = []
         for path in (logs.qemu, logs.console):
@@ -249,7 +379,8 @@ def _qemu(
             stack.callback(os.close, fd)
             opened.append(fd)
         qemu_log, console = opened
-        pipes = {kind: os.pipe() for kind in (Fd.STDOUT, Fd.STDERR, Fd.STATUS, Fd.CONSOLE)}
+        outputs = ("stdout", "stderr", "status", "console")
+        pipes = {fds[name]: os.pipe() for name in outputs}
         control_read, control_write = os.pipe()
         stack.callback(os.close, control_write)
         stack.callback(os.close, control_read)
@@ -259,22 +390,19 @@ def _qemu(
         stack.callback(readers.close)
         stack.callback(writers.close)
         layout = {
-            Fd.STDIN: stdin,
-            Fd.STDOUT: pipes[Fd.STDOUT][1],
-            Fd.QEMU_LOG: qemu_log,
-            Fd.STDERR: pipes[Fd.STDERR][1],
-            Fd.STATUS: pipes[Fd.STATUS][1],
-            Fd.CONSOLE: pipes[Fd.CONSOLE][1],
-            Fd.CONTROL: control_read,
-            **({Fd.TAP: tap} if tap is not None else {}),
+            fds["stdin"]: stdin,
+            fds["qemu_log"]: qemu_log,
+            fds["control"]: control_read,
+            **{number: write_end for number, (_, write_end) in pipes.items()},
+            **({fds["tap"]: tap} if tap is not None else {}),
         }
         # os.posix_spawn has no chdir action; env(1) changes directory and execs QEMU in place.
-        argv = ("env", "-C", str(rundir), "--", *plan.qemu_argv)
+        argv = ("env", "-C", str(rundir), "--", *qemu_argv)
         try:
             child = stack.enter_context(
                 running(
                     argv,
-                    fds={int(k): v for k, v in layout.items()},
+                    fds=layout,
                     name="qemu",
                     grace=QEMU_GRACE,
                     # QEMU puts a terminal stdin in raw mode: that needs the foreground group.
@@ -282,8 +410,8 @@ def _qemu(
                 )
             )
         except OSError as e:
-            raise HostError(f"cannot run QEMU {plan.qemu_argv[0]!r}: {e.strerror}") from e
+            raise HostError(f"cannot run QEMU {qemu_argv[0]!r}: {e.strerror}") from e
         writers.close()  # QEMU holds the only write ends now: its exit is our EOF
         # Closed before QEMU is stopped: a QEMU blocked writing to a pipe gets EPIPE, not stuck.
         stack.callback(readers.close)
-        yield child, {kind: r for kind, (r, _) in pipes.items()}, control_write, console
+        yield child, {number: r for number, (r, _) in pipes.items()}, control_write, console

@@ -21,7 +21,6 @@ import fcntl
 import json
 import os
 import re
-import secrets
 import shutil
 import time
 from collections.abc import Iterator, Mapping
@@ -42,6 +41,16 @@ _ADJECTIVES = ("brave", "calm", "eager", "fond", "gentle", "happy", "jolly", "ke
                "proud", "quiet", "sharp", "tender", "vivid", "wise", "zealous")
 _NOUNS = ("babbage", "curie", "darwin", "euler", "fermat", "galois", "hopper", "kepler", "lovelace", "noether",
           "pascal", "ritchie", "shannon", "thompson", "turing", "wirth")
+
+
+def _below(n: int) -> int:
+    """A random number in [0, n) from the kernel's generator (`secrets` would import `random`,
+    `hmac` and `base64` into every run's start; a names' bias of n / 2**64 does not matter)."""
+    return int.from_bytes(os.urandom(8), "big") % n
+
+
+def _pick(words: tuple[str, ...]) -> str:
+    return words[_below(len(words))]
 
 
 class NoSuchRun(MicrovmcError):
@@ -178,13 +187,13 @@ class RunStore:
                                     hint=f"remove it first: microvmc rm {name}", status=ExitStatus.USAGE)
             if id is not None and id in ids:
                 raise MicrovmcError(f"a run with id {id!r} exists", status=ExitStatus.USAGE)
-            run_id = id or secrets.token_hex(32)
+            run_id = id or os.urandom(32).hex()
             if name is None:
                 while True:
-                    name = f"{secrets.choice(_ADJECTIVES)}_{secrets.choice(_NOUNS)}"
+                    name = f"{_pick(_ADJECTIVES)}_{_pick(_NOUNS)}"
                     if name not in names:
                         break
-                    name = f"{name}_{secrets.randbelow(1000)}"
+                    name = f"{name}_{_below(1000)}"
                     if name not in names:
                         break
             record = {"id": run_id, "name": name, "created": utc_now(), "created_unix": time.time(),

@@ -18,14 +18,12 @@ import select
 import selectors
 import signal
 import stat
-import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from enum import StrEnum
 from pathlib import Path
 
+from microvmc.backends._signals import STOP_SIGNALS, Signals, signals_caught
 from microvmc.backends.qemu import Vm
 from microvmc.compiler.launch import Fd, LaunchPlan
 from microvmc.compiler.status import parse_report
@@ -45,7 +43,6 @@ EOF_GRACE = 5.0  # seconds after QEMU ended until its pipes must be at EOF
 SINK_LIMIT = 1 << 20  # bytes kept for a slow reader before we stop reading from QEMU
 READ_CHUNK = 1 << 16
 WRITE_CHUNK = select.PIPE_BUF  # what a pipe that polls writable takes without blocking
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 # The console line init writes first thing (init/init.c): the host's mark `init` is when it arrives.
 INIT_MARK = b"microvmc-init: started"
 
@@ -146,40 +143,6 @@ class LogSink(Sink):
 
     def close(self) -> None:
         os.close(self.fd)
-
-
-# --- signals ---------------------------------------------------------------------------------
-
-
-@dataclass(slots=True)
-class Signals:
-    caught: list[int] = field(default_factory=list)
-    fd: int | None = None  # readable when a signal arrived (signal.set_wakeup_fd)
-
-
-@contextmanager
-def signals_caught(numbers: tuple[int, ...] = STOP_SIGNALS) -> Iterator[Signals]:
-    """The signals are recorded instead of acted on, for the duration of the block, so the loop can
-    act on them (pass a stop signal on, stop the VM, resize). Only the main thread can catch signals."""
-    signals = Signals()
-    if threading.current_thread() is not threading.main_thread():
-        yield signals
-        return
-    read_end, write_end = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-    previous: dict[int, object] = {}
-    old_wakeup = -1
-    try:
-        old_wakeup = signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
-        for number in numbers:
-            previous[number] = signal.signal(number, lambda n, _frame: signals.caught.append(n))
-        signals.fd = read_end
-        yield signals
-    finally:
-        for number, handler in previous.items():
-            signal.signal(number, signal.SIG_DFL if handler is None else handler)
-        signal.set_wakeup_fd(old_wakeup)
-        os.close(read_end)
-        os.close(write_end)
 
 
 # --- the loop ----------------------------------------------------------------------------------

@@ -6,10 +6,13 @@ here, so `microvmc --help` and a cached build stay fast.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
-from typing import NoReturn, Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import argparse
+    from typing import NoReturn, Sequence
 
 from microvmc import __version__
 from microvmc.errors import EXIT_MEANINGS, ExitStatus, MicrovmcError
@@ -23,6 +26,8 @@ def _global_options(*, defaults: bool) -> argparse.ArgumentParser:
     """The options taken before the command and after it (`microvmc -v run x`, `microvmc run -v x`).
     After it they have no defaults (SUPPRESS): a command's parser copies every value it has over the
     main parser's, so a default there would undo `--store D` given before the command."""
+    import argparse
+
     options = argparse.ArgumentParser(add_help=False)
     unset = {} if defaults else {"default": argparse.SUPPRESS}
     options.add_argument("--debug", action="store_true", help="show tracebacks for errors", **unset)
@@ -34,7 +39,27 @@ def _global_options(*, defaults: bool) -> argparse.ArgumentParser:
     return options
 
 
-def _parser() -> argparse.ArgumentParser:
+class _Skipped:
+    """What `_parser(only=...)` builds for the commands it leaves out: nothing."""
+
+    def add_argument(self, *args, **kwargs) -> None:
+        pass
+
+    def add_subparsers(self, **kwargs) -> "_Skipped":
+        return self
+
+    def add_parser(self, *args, **kwargs) -> "_Skipped":
+        return self
+
+
+_SKIPPED = _Skipped()
+
+
+def _parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The command line's parser; `only`: with only that command's parser under it (the others'
+    options are ~10 ms of argparse, which `run` pays before it starts QEMU)."""
+    import argparse
+
     common = _global_options(defaults=False)  # the parent of every command's parser
     parser = argparse.ArgumentParser(
         prog="microvmc",
@@ -46,9 +71,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"microvmc {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    def add_parser(name: str, **kwargs):
+        return sub.add_parser(name, **kwargs) if only is None or name == only else _SKIPPED
+
     def manifest_cmd(name: str, help: str, *, overrides: bool = False) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help, description=help, parents=[common], epilog=EPILOG,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p = add_parser(name, help=help, description=help, parents=[common], epilog=EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("manifest", help="the manifest (TOML)")
         if overrides:
             p.add_argument("-e", "--env", action="append", default=[], metavar="KEY=VALUE",
@@ -62,7 +90,7 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("argv", nargs="*", metavar="-- ARGV", help="run this argv instead of process.argv")
         return p
 
-    p = sub.add_parser("validate", help="check manifests; report every problem, one per line", parents=[common])
+    p = add_parser("validate", help="check manifests; report every problem, one per line", parents=[common])
     p.add_argument("manifests", nargs="+", metavar="manifest")
     p = manifest_cmd("build", "validate, resolve and write the launch script and plan into the store", overrides=True)
     p.add_argument("-o", "--out-link", default="result", metavar="PATH", help="symlink to the output (default: ./result)")
@@ -87,8 +115,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="-d: keep this many files of each log, the current one included (default: logs.max_files)")
 
     def run_cmd(name: str, help: str, *, many: bool = True) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help, description=help, parents=[common], epilog=EPILOG,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p = add_parser(name, help=help, description=help, parents=[common], epilog=EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
         if many:
             p.add_argument("runs", nargs="+", metavar="RUN", help="a run's name, ID or unique ID prefix")
         return p
@@ -129,21 +157,21 @@ def _parser() -> argparse.ArgumentParser:
                    help="run as this user: a name or uid, and a group name or gid (from the run's /etc/passwd, /etc/group)")
     p.add_argument("run", metavar="RUN")
     p.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- ARGV")
-    p = sub.add_parser("pull", help="fetch an image from a registry into the store; print its digest", parents=[common])
+    p = add_parser("pull", help="fetch an image from a registry into the store; print its digest", parents=[common])
     p.add_argument("reference", help="e.g. docker.io/library/alpine:3.20, 127.0.0.1:5000/tools/bbox@sha256:...")
     p.add_argument("--platform", metavar="OS/ARCH[/VARIANT]", help="from a multi-platform image (default: linux/<host>)")
     p.add_argument("--insecure", action="store_true", help="allow plain HTTP to a registry that is not on loopback")
-    p = sub.add_parser("images", help="list the images the store holds", parents=[common])
+    p = add_parser("images", help="list the images the store holds", parents=[common])
     p.add_argument("--json", action="store_true", help="print them as JSON")
     p = manifest_cmd("lock", "write the lockfile beside the manifest (app.toml -> app.lock): every input pinned")
     p.add_argument("--update", action="store_true", help="ask the registry again what each tag names")
-    p = sub.add_parser("gc", help="remove what no result link, lockfile or live run uses", parents=[common])
+    p = add_parser("gc", help="remove what no result link, lockfile or live run uses", parents=[common])
     p.add_argument("--dry-run", action="store_true", help="only say what would be removed")
-    p = sub.add_parser("doctor", help="what this host can run (QEMU, virtiofsd, KVM, limits, cgroup) and what each "
-                       "kernel here can and cannot do", parents=[common])
+    p = add_parser("doctor", help="what this host can run (QEMU, virtiofsd, KVM, limits, cgroup) and what each "
+                   "kernel here can and cannot do", parents=[common])
     p.add_argument("--json", action="store_true", help="print it as JSON")
-    p = sub.add_parser("kernel", help="microvmc's own guest kernel: build it, show its config fragment",
-                       parents=[common])
+    p = add_parser("kernel", help="microvmc's own guest kernel: build it, show its config fragment",
+                   parents=[common])
     ksub = p.add_subparsers(dest="kernel_command", required=True, metavar="ACTION")
     k = ksub.add_parser("build", help="build the kernel (allnoconfig + kernel/requirements.py), print its directory",
                         parents=[common])
@@ -203,13 +231,17 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 def _built(args: argparse.Namespace):
     """(output path, plan) of the manifest: from the evaluation cache, or compiled and built."""
     from microvmc.backends.outputs import build
-    from microvmc.backends.host import probe_host
-
     from microvmc.backends.progress import terminal_progress
 
-    return build(args.manifest, argv=args.argv, env=_env_overrides(args.env), store=_store(args), facts=probe_host(),
-                 locked=args.locked, progress=terminal_progress(), tty=getattr(args, "tty", False),
-                 publish=args.publish, volumes=args.volume)
+    return build(args.manifest, **_build_options(args), progress=terminal_progress())
+
+
+def _build_options(args: argparse.Namespace) -> dict:
+    """What `build` and the evaluation cache take from a build's or a run's command line."""
+    from microvmc.backends.host import probe_host
+
+    return dict(argv=args.argv, env=_env_overrides(args.env), store=_store(args), facts=probe_host(),
+                locked=args.locked, tty=getattr(args, "tty", False), publish=args.publish, volumes=args.volume)
 
 
 def _store(args: argparse.Namespace) -> str:
@@ -350,8 +382,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from contextlib import ExitStack
 
     from microvmc import lifecycle
-    from microvmc.backends import terminal
-    from microvmc.backends.monitor import LogLimits, run_plan, start_detached
 
     if args.tty and not args.detach and not os.isatty(0):
         raise MicrovmcError("-t: stdin is not a terminal", status=ExitStatus.USAGE)
@@ -362,7 +392,23 @@ def _cmd_run(args: argparse.Namespace) -> int:
     store = lifecycle.store_of(args)
     if args.name is not None:
         store.check_name(args.name)  # before a build that may take minutes
-    out, plan = _built(args)
+    hit = None
+    if not args.detach and not args.tty and not os.isatty(0):
+        from microvmc.backends.outputs import cached
+        from microvmc.backends.qemu import startable
+
+        hit = cached(args.manifest, **_build_options(args))
+        if hit is not None and startable(hit[1]):
+            return _run_started(args, store, *hit)
+    if hit is not None:
+        from microvmc.compiler.launch import LaunchPlan
+
+        out, plan = hit[0], LaunchPlan.from_dict(hit[1])
+    else:
+        out, plan = _built(args)
+    from microvmc.backends import terminal
+    from microvmc.backends.monitor import LogLimits, run_plan, start_detached
+
     limits = LogLimits(max_size=plan.log_max_size if size is None else size,
                        max_files=plan.log_max_files if args.log_max_files is None else args.log_max_files)
     manifest = os.path.abspath(args.manifest)
@@ -387,6 +433,49 @@ def _cmd_run(args: argparse.Namespace) -> int:
         try:
             return run_plan(plan, log_dir=run.dir, verbose=args.verbose, booting=store.prune, run=run,
                             terminal=0 if args.tty else None)
+        except MicrovmcError as err:
+            run.update(state="exited", status=int(err.status), message=err.message)
+            raise
+
+
+def _run_started(args: argparse.Namespace, store, out: str, plan_json: dict) -> int:
+    """A foreground run of a cached build, stdin no terminal: QEMU is started from the plan's JSON
+    form first, and what the run needs only once the guest is up (the plan's types, supervision,
+    the monitor, the verdict) is imported while it boots. The signals are caught from the start:
+    one that comes in between stops the VM as soon as supervision begins, as during a boot."""
+    import shutil
+    import time
+    from contextlib import ExitStack
+
+    from microvmc.backends import qemu
+    from microvmc.backends._signals import STOP_SIGNALS, signals_caught
+
+    began = time.monotonic()
+    with ExitStack() as stack:
+        signals = stack.enter_context(signals_caught(STOP_SIGNALS))
+        # the command `ps` shows is written once the plan's types are in (_program_argv)
+        run = store.create(plan_json, name=args.name, manifest=os.path.abspath(args.manifest), output=out,
+                           accel=plan_json["accel"], foreground=True, named=args.name is not None, remove=args.rm,
+                           tty=False, stdin_open=True)
+        if args.rm:  # (callbacks run last first: the lock is released, then the run removed)
+            stack.callback(store.remove, run)
+        stack.callback(run.release)
+        try:
+            rundir = run.dir / "vm"
+            rundir.mkdir(mode=0o700, exist_ok=True)
+            stack.callback(shutil.rmtree, rundir, ignore_errors=True)
+            stdin, _ = stack.enter_context(qemu.program_stdin(0, False))
+            started = qemu.start(plan_json, logs=qemu.RunLogs(run.dir), stdin=stdin, rundir=rundir)
+            stack.callback(started.close)  # (serve stops it first, before the verdict)
+            from microvmc.backends.monitor import run_plan
+            from microvmc.compiler.launch import LaunchPlan
+
+            plan = LaunchPlan.from_dict(plan_json)
+            run.update(command=list(_program_argv(args, plan)))
+            if args.verbose:
+                print(f"microvmc: build output {out}", file=sys.stderr)
+            return run_plan(plan, log_dir=run.dir, verbose=args.verbose, booting=store.prune, run=run,
+                            started=started, signals=signals, began=began)
         except MicrovmcError as err:
             run.update(state="exited", status=int(err.status), message=err.message)
             raise
@@ -484,16 +573,52 @@ def _standard_fds_open() -> None:
                 os.close(null)
 
 
+def _simple_run(words: Sequence[str]):
+    """What the parser makes of `run MANIFEST` (then maybe `-- ARGV`), the commonest command line,
+    without building it (~5 ms that `run` pays before it starts QEMU); None for any other.
+    tests/test_cli.py holds it to the parser's answer."""
+    if len(words) != 2 or words[0] != "run" or not words[1] or words[1].startswith("-"):
+        return None
+    from types import SimpleNamespace  # (argparse's Namespace is ~2 ms of import)
+
+    return SimpleNamespace(debug=False, verbose=False, store=None, state=None, command="run", manifest=words[1],
+                              env=[], publish=[], volume=[], argv=[], locked=False, detach=False, name=None, rm=False,
+                              tty=False, interactive=False, log_max_size=None, log_max_files=None)
+
+
+def _command_at(words: Sequence[str]) -> int | None:
+    """Where the command is when only global options, written in full, come before it: then argparse
+    takes the same word for the command, and a parser with that command alone parses alike."""
+    i = 0
+    while i < len(words):
+        word = words[i]
+        if word in COMMANDS:
+            return i
+        if word in ("--store", "--state"):
+            i += 2
+        elif word in ("--debug", "-v", "--verbose") or word.startswith(("--store=", "--state=")):
+            i += 1
+        else:
+            return None  # -h, --version, an abbreviation, ...: the whole parser
+    return None
+
+
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     """argparse, except that everything after the first `--` is the program's argv, wherever the
     options are (`run app.toml -e K=V -- prog -x`: argparse alone cannot take options between the
     manifest and `--`)."""
-    parser = _parser()
     words = list(sys.argv[1:] if argv is None else argv)
     program = None
     if "--" in words:
         cut = words.index("--")
         words, program = words[:cut], words[cut + 1:]
+    simple = _simple_run(words)
+    if simple is not None:
+        if program is not None:
+            simple.argv = program
+        return simple
+    at = _command_at(words)
+    parser = _parser(only=None if at is None else words[at])
     # After run, build or plan, `-v HOST:GUEST` is docker's volume; any other -v stays --verbose
     # (`run -v app.toml`, `microvmc -v run ...`, an exec's own argv).
     command = next((i for i, w in enumerate(words) if w in COMMANDS), len(words))

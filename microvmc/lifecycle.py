@@ -6,7 +6,6 @@ Each finds its run in the run store (backends/runstore.py) and talks to the run'
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shlex
@@ -14,7 +13,10 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import argparse
 
 from microvmc.errors import ExitStatus, MicrovmcError
 
@@ -65,10 +67,10 @@ def parse_size(text: str, option: str) -> int:
 
 def check_bounds(value: int | None, key: tuple[str, ...], what: str) -> None:
     """An option that overrides a manifest key keeps to that key's bounds in the schema."""
-    from microvmc.compiler.manifest import schema_node
-
     if value is None:
         return
+    from microvmc.compiler.manifest import schema_node
+
     node = schema_node(key)
     unit = f" {node['x-unit']}" if "x-unit" in node else ""
     for bound, wrong in (("minimum", value < node.get("minimum", value)), ("maximum", value > node.get("maximum", value))):

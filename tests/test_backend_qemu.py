@@ -217,6 +217,86 @@ def test_descriptor_layout_cwd_and_relay(run, tmp_path):
     run.assert_clean(str(tmp_path / "virtiofsd"))
 
 
+def run_started(run: Run, plan: LaunchPlan, *, input: bytes = b"", before=None) -> tuple[int, bytes, bytes]:
+    """As `run`, but the way `microvmc run` runs a cached build: the VM started from the plan's JSON
+    form first (qemu.start), with the signals caught from before, then adopted by run_plan;
+    `before()` is called in between."""
+    (run.tmp / "stdin").write_bytes(input)
+    with (
+        open(run.tmp / "stdin", "rb") as i,
+        open(run.tmp / "stdout", "wb") as o,
+        open(run.tmp / "stderr", "wb") as e,
+        supervise.signals_caught() as signals,
+        qemu_backend.runtime_dir() as rundir,
+    ):
+        began = time.monotonic()
+        assert qemu_backend.startable(plan.to_dict())
+        started = qemu_backend.start(plan.to_dict(), logs=qemu_backend.RunLogs(run.logs), stdin=i.fileno(),
+                                     rundir=rundir)
+        try:
+            if before is not None:
+                before(started)
+            status = run_plan(plan, log_dir=run.logs, stdin=i.fileno(), stdout=o.fileno(), stderr=e.fileno(),
+                              started=started, signals=signals, began=began)
+        finally:
+            started.close()  # (a no-op once run_plan has stopped it)
+    return status, (run.tmp / "stdout").read_bytes(), (run.tmp / "stderr").read_bytes()
+
+
+def test_a_vm_started_from_the_plans_json_is_adopted(run, tmp_path):
+    """The same descriptors, directory, streams, status and cleanup as a VM that run_plan launches."""
+    qemu = executable(tmp_path / "qemu", LAYOUT_QEMU.format(python=sys.executable,
+                                                            done=str(tmp_path / "virtiofsd-fd3")))
+    vfsd = executable(tmp_path / "virtiofsd", FAKE_VIRTIOFSD.format(body="sleep 30"))
+    plan = make_plan([qemu], shares=(("root", "/srv", (vfsd, "-o", "source=/srv")),))
+    status, out, err = run_started(run, plan, input=b"\x00binary\xff" * 1000)
+    assert (status, out, err) == (7, b"\x00binary\xff" * 1000, b"to stderr\n")
+    console = run.log("console.log").splitlines()
+    assert console[0].startswith(f"cwd {run.runtime}/microvmc-")
+    assert console[1:3] == ["fds [0, 1, 2, 3, 4, 5, 6, 7]", "ls ['.lock', 'fs-root.sock']"]
+    assert (run.log("qemu.log"), run.log("status")) == ("a qemu message\n", "started\nexit 7\n")
+    assert (tmp_path / "virtiofsd-args").read_text() == "-o source=/srv --fd=3\n"
+    assert 0 <= json.loads(run.log("timeline.json"))["host_seconds"]["qemu"] < 10
+    run.assert_clean(str(tmp_path / "virtiofsd"))
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_between_start_and_supervision_stops_the_vm(run, tmp_path, marker, signum):
+    """The window of `microvmc run` after QEMU started, before supervision began (its modules are
+    imported meanwhile): the signal is caught, and stops the VM as one during the boot does."""
+    qemu = sh_qemu(tmp_path, f"echo ready; sleep {marker}")  # never reports "started"
+    vfsd = executable(tmp_path / "virtiofsd", FAKE_VIRTIOFSD.format(body=f"sleep {marker}"))
+    plan = make_plan([qemu], shares=(("root", "/srv", (vfsd,)),), stop_timeout=60)
+    status, _, _ = run_started(run, plan, before=lambda _: os.kill(os.getpid(), signum))
+    assert status == 128 + signum
+    run.assert_clean(marker)
+
+
+def test_a_started_vm_that_is_never_adopted_is_stopped_by_close(run, tmp_path, marker):
+    qemu = sh_qemu(tmp_path, f"sleep {marker}")
+    vfsd = executable(tmp_path / "virtiofsd", FAKE_VIRTIOFSD.format(body=f"sleep {marker}"))
+    plan = make_plan([qemu], shares=(("root", "/srv", (vfsd,)),))
+
+    def fail(started):
+        deadline = time.monotonic() + 10
+        while len(leftovers(marker)) < 2 and time.monotonic() < deadline:  # QEMU's sleep and virtiofsd's
+            time.sleep(0.01)
+        assert len(leftovers(marker)) == 2
+        raise RuntimeError("an error before run_plan")
+
+    with pytest.raises(RuntimeError, match="an error before run_plan"):
+        run_started(run, plan, before=fail)
+    run.assert_clean(marker)
+
+
+def test_what_only_launch_does_is_not_started_early():
+    """A file staged for `run -v`, a network device: qemu.start leaves them to launch()."""
+    plan = {"machine": {"filesystems": [{"tag": "root"}]}}
+    assert qemu_backend.startable(plan)
+    assert not qemu_backend.startable({"machine": {"filesystems": [{"staged_from": "/etc/hosts"}]}})
+    assert not qemu_backend.startable({"machine": {"filesystems": [], "nic": {"kind": "user"}}})
+
+
 def sh_qemu(tmp_path: Path, body: str) -> str:
     return executable(tmp_path / "qemu", f"#!/bin/sh\n{body}\n")
 

@@ -91,6 +91,33 @@ def test_global_options_before_or_after_the_command() -> None:
     assert _parse(["--store", "A", "validate", "--store", "B", "x.toml"]).store == "B"  # the later one wins
 
 
+@pytest.mark.parametrize("words", [
+    ["run", "m.toml"], ["run", "m.toml", "--", "prog", "-x"], ["run", "-d", "m.toml"], ["--store", "D", "run", "m.toml"],
+    ["-v", "--state=S", "build", "m.toml"], ["--store", "run", "ps", "-a"], ["kernel", "fragment"], ["run", "-v", "m.toml"],
+    ["run", "m.toml", "-v", "a:/b"], ["exec", "r", "--", "sh"],
+])
+def test_the_short_ways_parse_as_the_whole_parser(words, monkeypatch) -> None:
+    """`run MANIFEST` without any parser, and a parser with the one command the line names, give
+    what the whole parser gives: the same namespace (a new option of `run` must be added there too)."""
+    from microvmc import cli
+
+    short = vars(cli._parse(words))
+    monkeypatch.setattr(cli, "_simple_run", lambda words: None)
+    monkeypatch.setattr(cli, "_command_at", lambda words: None)
+    assert short == vars(cli._parse(words))
+
+
+def test_the_command_word_is_found_only_where_the_parser_finds_it() -> None:
+    from microvmc.cli import _command_at
+
+    assert _command_at(["run", "m.toml"]) == 0
+    assert _command_at(["--store", "run", "ps"]) == 2  # "run" is the store here
+    assert _command_at(["--debug", "-v", "--state=S", "ps"]) == 3
+    assert _command_at(["--sto", "run", "ps"]) is None  # an abbreviation: the whole parser decides
+    assert _command_at(["-h", "run"]) is None  # the main help lists every command
+    assert _command_at(["--version"]) is None
+
+
 def test_store_before_the_command_is_the_store_used(boot_env, tmp_path: Path) -> None:
     store = tmp_path / "elsewhere"
     out = cli(boot_env, "--store", str(store), "build", "--no-link", str(EXAMPLES / "hello.toml"))

@@ -331,6 +331,51 @@ def test_sigterm_stops_everything(env) -> None:
     assert not leftovers(env)
 
 
+def _children(pid: int) -> list[str]:
+    """The command lines of a process's children."""
+    try:
+        pids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return []
+    found = []
+    for child in pids:
+        try:
+            found.append(Path(f"/proc/{child}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+        except OSError:
+            pass
+    return found
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_right_after_qemu_started_stops_everything(env, tmp_path: Path, signum: int) -> None:
+    """A run of a cached build starts QEMU before it imports its supervision (cli._run_started): a
+    signal in that window stops QEMU and virtiofsd as one during the boot does, and leaves no
+    process, socket or directory; the record says how the run ended."""
+    manifest = tmp_path / "m.toml"
+    manifest.write_text('version = 1\n[process]\nargv = ["/bin/sleep", "600"]\n')
+    subprocess.run([*MICROVMC, "build", str(manifest)], env=env, cwd=tmp_path, capture_output=True, check=True)
+    p = subprocess.Popen([*MICROVMC, "run", str(manifest)], env=env, stdin=subprocess.DEVNULL,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 30
+        while not any("qemu-system" in c for c in _children(p.pid)):
+            assert time.monotonic() < deadline and p.poll() is None, "QEMU did not start"
+            time.sleep(0.001)
+        p.send_signal(signum)
+        out, err = p.communicate(timeout=30)
+    finally:
+        p.kill()
+        p.wait()
+    assert (p.returncode, out) == (128 + signum, b"")
+    assert not leftovers(env)
+    runs = Path(env["XDG_STATE_HOME"], "microvmc", "runs")
+    records = [json.loads((d / "record.json").read_text()) for d in runs.iterdir() if (d / "record.json").exists()]
+    [record] = [r for r in records if r["manifest"] == str(manifest)]
+    assert (record["state"], record["status"], record["command"]) == ("exited", 128 + signum, ["/bin/sleep", "600"])
+    run_dir = runs / record["id"]
+    assert not (run_dir / "vm").exists() and not (run_dir / "control.sock").exists()
+
+
 # One boot checks what init does for the program: an orphan is reaped, a signal sent to PID 1 inside
 # the guest goes on to the program, and a signal sent to microvmc (or to launch.sh) reaches it too.
 GRACEFUL = """trap 'echo got USR1' USR1
