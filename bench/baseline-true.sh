@@ -3,7 +3,8 @@
 # the kernel command line names, and exit with its status: the baseline of bench/run_true.py.
 #
 # Inputs, from `microvmc plan --json` (run_true.py passes them, so both boot the identical VM):
-#   QEMU VIRTIOFSD ROOTFS KERNEL INITRD APPEND MEMORY (e.g. 256M) CPUS ACCEL (tcg, kvm) CPU (-cpu)
+#   QEMU VIRTIOFSD ROOTFS KERNEL INITRD APPEND MEMORY (e.g. 256M) CPUS ACCEL (tcg, kvm) CPU (-cpu), and
+#   CACHE (virtiofsd's cache=: the plan's, `always` for an immutable store-path root; default auto)
 # The machine options are the ones the plan uses (microvm, memfd shared memory, modern virtio-mmio,
 # the five virtio-serial ports init waits for, virtiofs root served read-only), written out once, no checks.
 set -u
@@ -14,7 +15,7 @@ trap 'kill "$fs" 2>/dev/null; wait; rm -rf "$dir" "/var/run/virtiofsd/$(printf %
 
 # The root read-only on the host side: a read-only bind mount in virtiofsd's own mount namespace.
 unshare --mount --propagation private -- sh -c 'mount --bind "$1" "$1" && mount -o remount,bind,ro "$1" && shift && exec "$@"' \
-    - "$ROOTFS" "$VIRTIOFSD" --socket-path="$dir/fs.sock" -o source="$ROOTFS" -o cache=auto -o sandbox=chroot 2>"$dir/virtiofsd.log" &
+    - "$ROOTFS" "$VIRTIOFSD" --socket-path="$dir/fs.sock" -o source="$ROOTFS" -o cache="${CACHE:-auto}" -o sandbox=chroot 2>"$dir/virtiofsd.log" &
 fs=$!
 tries=0
 until [ -S "$dir/fs.sock" ]; do

@@ -55,7 +55,14 @@ def baseline_env(plan: dict) -> dict[str, str]:
         "CPUS": _after(argv, "-smp"),
         "ACCEL": _after(argv, "-accel"),
         "CPU": _after(argv, "-cpu"),
+        "CACHE": _option(root["argv"], "cache"),  # always for a store path (an immutable root), else auto
     }
+
+
+def _option(argv: list[str], name: str) -> str:
+    """The value of virtiofsd's `-o NAME=VALUE` in `argv` ("" if none)."""
+    return next((argv[i + 1].split("=", 1)[1] for i, a in enumerate(argv[:-1])
+                 if a == "-o" and argv[i + 1].startswith(f"{name}=")), "")
 
 
 def differences(plan: dict) -> list[str]:
@@ -72,11 +79,45 @@ def differences(plan: dict) -> list[str]:
     else:
         argv = plan["virtiofsd"][0]["argv"]
         options = [argv[i + 1] for i, a in enumerate(argv) if a == "-o"]
-        if sorted(o for o in options if not o.startswith("source=")) != ["cache=auto", "sandbox=chroot"]:
+        if sorted(o for o in options if not o.startswith(("source=", "cache="))) != ["sandbox=chroot"] \
+                or _option(argv, "cache") not in ("auto", "always"):
             found.append(f"the plan's virtiofsd options differ: {argv[1:]}")
         if argv[0] != "unshare":
             found.append("the plan's root is not served read-only, as the baseline's is")
     return found
+
+
+# Run by the interpreter microvmc runs under: which of microvmc's modules have no current .pyc. With
+# PYTHONDONTWRITEBYTECODE set (as here), such a module is compiled again by every run (~20 ms for the
+# run's modules): a benchmark of sources edited since the last `python -m compileall` times that.
+STALE_BYTECODE = r"""
+import importlib, importlib.util, json, os
+stale, total = [], 0
+for name in ("microvmc", "microvmc.compiler", "microvmc.backends", "microvmc.kernel"):
+    for location in importlib.import_module(name).__path__:
+        for entry in os.scandir(location):
+            if not entry.name.endswith(".py"):
+                continue
+            total += 1
+            st = entry.stat()
+            try:
+                with open(importlib.util.cache_from_source(entry.path), "rb") as f:
+                    head = f.read(16)
+            except OSError:
+                head = b""
+            fresh = (head[:4] == importlib.util.MAGIC_NUMBER and head[4:8] == bytes(4)
+                     and int.from_bytes(head[8:12], "little") == int(st.st_mtime) & 0xFFFFFFFF
+                     and int.from_bytes(head[12:16], "little") == st.st_size & 0xFFFFFFFF)
+            if not fresh:
+                stale.append(f"{name}.{entry.name[:-3]}")
+print(json.dumps({"modules": total, "stale": sorted(stale)}))
+"""
+
+
+def bytecode(python: str) -> dict:
+    """{"modules": N, "stale": [modules without a current .pyc]} of the microvmc `python` imports."""
+    done = subprocess.run([python, "-c", STALE_BYTECODE], capture_output=True, text=True, timeout=60)
+    return json.loads(done.stdout) if done.returncode == 0 else {"modules": 0, "stale": [], "error": done.stderr}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         plan_json = subprocess.run([*microvmc, "plan", "--json", manifest], cwd=work, check=True,
                                    capture_output=True, text=True, env=dict(os.environ, **env), timeout=120).stdout
         plan = json.loads(plan_json)
+        result["bytecode"] = bytecode(m.python_for(microvmc))
         result["accel"] = plan["accel"]
         result["cmdline"] = plan["cmdline"]
         result["differences"] = differences(plan)
@@ -159,12 +201,22 @@ def main(argv: list[str] | None = None) -> int:
         f"microvmc run / launch.sh = {r['microvmc/launch']['of_medians']:.3f}",
         f"microvmc run − baseline = {r['microvmc/baseline']['delta_paired_median_s']:+.3f} s; "
         f"a cached microvmc build alone takes {m.secs(c['build']['wall_median_s'])}, which run pays before booting",
+        _bytecode_line(result["bytecode"]),
         "same VM as the plan: " + ("yes" if not result["differences"] else "NO: " + "; ".join(result["differences"])),
         "left running after a run (stopped by the benchmark): " + ("; ".join(leftovers) if leftovers else "nothing")
         + "; left in TMPDIR by the runs: " + (", ".join(result["left_in_tmpdir"]) or "nothing"),
     ]
     m.emit_report(result, "\n".join(lines), args.json)
     return 1 if args.check and ratio > TARGET else 0
+
+
+def _bytecode_line(found: dict) -> str:
+    if found.get("error") or not found["modules"]:
+        return "bytecode: not checked (" + (found.get("error") or "no modules found").strip().splitlines()[-1] + ")"
+    if not found["stale"]:
+        return f"bytecode: every one of microvmc's {found['modules']} modules has a current .pyc"
+    return (f"bytecode: {len(found['stale'])} of microvmc's {found['modules']} modules have no current .pyc, so "
+            "every run compiles them (PYTHONDONTWRITEBYTECODE): run `python -m compileall` on the sources first")
 
 
 if __name__ == "__main__":
