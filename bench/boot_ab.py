@@ -9,7 +9,8 @@ Method:
   clock as it arrives (time 0: `sh launch.sh` spawned; it starts virtiofsd, then QEMU).
 - A variant is that launch.sh with edits, `;`-separated: `append:ARGS` (kernel parameters, before
   microvmc's MVMC_ ones), `drop:ARG` (a kernel parameter removed), `kernel:PATH`, `initrd:PATH`,
-  `cpu:MODEL` (QEMU's -cpu), `machine:OPTS` (appended to -M microvm,...).
+  `cpu:MODEL` (QEMU's -cpu), `machine:OPTS` (appended to -M microvm,...), `accel:OPTS` (appended to
+  -accel tcg), `device:NAME,OPTS` (appended to the options of the first `-device NAME`).
 - Rounds rotate the order of the variants (ABC, BCA, CAB, ...); after the warm-up rounds, each boot
   gives: the host time of the first console line (`first`), of init's `microvmc-init: started` line
   (`init`), of launch.sh's exit (`total`), and the user + system CPU time of everything launch.sh ran
@@ -59,8 +60,13 @@ def variant(script: str, spec: str, fifo: Path) -> str:
             s = re.sub(r"-cpu \S+", f"-cpu {value}", s, count=1)
         elif kind == "machine":
             s = re.sub(r"(-M microvm\S*)", rf"\1,{value}", s, count=1)
+        elif kind == "accel":
+            s = re.sub(r"(-accel \S+)", rf"\1,{value}", s, count=1)
+        elif kind == "device":
+            name, _, opts = value.partition(",")
+            s = re.sub(rf"(-device {re.escape(name)}(?=[,\s])\S*)", rf"\1,{opts}", s, count=1)
         else:
-            raise SystemExit(f"bench: {edit!r}: not an edit (append, drop, kernel, initrd, cpu, machine)")
+            raise SystemExit(f"bench: {edit!r}: not an edit (append, drop, kernel, initrd, cpu, machine, accel, device)")
         if s == before:
             raise SystemExit(f"bench: {edit!r} changes nothing in launch.sh")
     return s
@@ -85,7 +91,9 @@ def boot(script: Path, fifo: Path) -> dict[str, float | None]:
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     reader.join(10)
     if r.returncode != 0:
-        raise SystemExit(f"bench: {script.name}: exited {r.returncode}: {r.stderr.decode(errors='replace')[-300:]}")
+        console = "".join(line for _, line in lines[-8:])
+        raise SystemExit(f"bench: {script.name}: exited {r.returncode}: {r.stderr.decode(errors='replace')[-300:]}"
+                         f"\nthe console's last lines:\n{console}")
     return {"first": lines[0][0] if lines else None,
             "init": next((t for t, line in lines if INIT_MARK in line), None),
             "total": total,
