@@ -30,7 +30,7 @@ done
     -global virtio-mmio.force-legacy=false \
     -kernel "$KERNEL" -initrd "$INITRD" -append "$APPEND" \
     -serial file:"$dir/console.log" \
-    -device virtio-serial-device \
+    -device virtio-serial-device,max_ports=7 \
     -chardev stdio,id=stdin,signal=off -device virtserialport,chardev=stdin,name=stdin \
     -chardev file,id=stdout,path="$dir/stdout" -device virtserialport,chardev=stdout,name=stdout \
     -chardev file,id=stderr,path="$dir/stderr" -device virtserialport,chardev=stderr,name=stderr \

@@ -12,7 +12,9 @@ from microvmc.compiler.qemuopts import opts
 
 __all__ = ["lower", "CPU_MODEL"]
 
-CPU_MODEL = {"kvm": "host", "tcg": "max"}
+# TCG: no ERMS/FSRM, so the kernel's memset, clear_page and memcpy are word loops (rep stosq, unrolled
+# movs), not `rep movsb/stosb`, which TCG runs one byte per iteration (bench/RESULTS.md).
+CPU_MODEL = {"kvm": "host", "tcg": "max,-erms,-fsrm"}
 
 
 def _chardev(port: Port) -> tuple[str, ...]:
@@ -74,7 +76,9 @@ def _nic(nic: Nic) -> ArgGroup:
 def lower(machine: Machine, facts: HostFacts) -> tuple[ArgGroup, ...]:
     """QEMU's argv for the machine, as groups of options."""
     memory = f"{machine.memory_mib}M"
-    ports: list[str] = ["-device", "virtio-serial-device"]
+    # max_ports: the ports there are (and port 0, which QEMU keeps for a console): the guest driver makes
+    # two virtqueues for every possible port at probe, 64 for QEMU's default 31 (bench/RESULTS.md).
+    ports: list[str] = ["-device", opts("virtio-serial-device", ("max_ports", str(len(machine.ports) + 1)))]
     for port in machine.ports:
         ports += [*_chardev(port), "-device", opts("virtserialport", ("chardev", port.name), ("name", port.name))]
     groups = [

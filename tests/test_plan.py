@@ -39,7 +39,7 @@ def test_auto_uses_kvm_when_usable(tmp_path: Path) -> None:
 def test_auto_falls_back_to_tcg_and_says_why(tmp_path: Path) -> None:
     c = compiled(tmp_path, '[process]\nargv = ["true"]\n', kvm_reason="/dev/kvm is kvm_pvm, a nested hypervisor that cannot run a normal guest")
     argv = c.plan.qemu_argv
-    assert argv[argv.index("-accel") + 1] == "tcg" and argv[argv.index("-cpu") + 1] == "max"
+    assert argv[argv.index("-accel") + 1] == "tcg" and argv[argv.index("-cpu") + 1] == "max,-erms,-fsrm"
     assert "tsc_early_khz=2000000 tsc=reliable" in c.plan.cmdline
     assert c.plan.accel_reason == "auto: KVM is not usable (/dev/kvm is kvm_pvm, a nested hypervisor that cannot run a normal guest)"
 
@@ -258,7 +258,8 @@ def test_the_machine_is_described_once_and_lowered_to_the_argv(tmp_path: Path) -
     # A socket port: QEMU listens in the run directory, the host connects when it needs it.
     sock = Port(name="channel", link=Link.SOCKET, socket="channel.sock")
     argv = [a for g in lower(replace(machine, ports=(sock,)), fake_facts()) for a in g.args]
-    assert argv[argv.index("virtio-serial-device") + 1:][:4] == [
+    # max_ports: the one port and port 0, which QEMU keeps for a console
+    assert argv[argv.index("virtio-serial-device,max_ports=2") + 1:][:4] == [
         "-chardev", "socket,id=channel,path=channel.sock,server=on,wait=off",
         "-device", "virtserialport,chardev=channel,name=channel"]
 

@@ -86,7 +86,7 @@ set -- \
 # resources.accel: accelerator: auto: KVM is not usable (/dev/kvm is missing)
 set -- "$@" \
     -accel tcg \
-    -cpu max
+    -cpu max,-erms,-fsrm
 # resources.cpus, resources.memory: CPUs and memory; a shared memfd so virtiofsd can map guest memory
 set -- "$@" \
     -smp 1 \
@@ -99,14 +99,14 @@ set -- "$@" \
 set -- "$@" \
     -kernel /microvmc/store/f5rhunnrvv6p53ivm4gkgd46ao5qzwp6-kernel/kernel \
     -initrd /microvmc/store/dr3ewk37p32kze7l7ff7bbtosotmjxeu-initramfs/initramfs.cpio.gz \
-    -append 'console=ttyS0 reboot=t panic=-1 loglevel=6 earlyprintk=serial,ttyS0 cryptomgr.notests tsc_early_khz=2000000 tsc=reliable noreplace-smp MVMC_ROOT=virtiofs:root:overlay MVMC_HOSTNAME=shares MVMC_CWD=/ MVMC_S0=virtiofs:data:ro:/data MVMC_A0=/bin/sh MVMC_A1=-c MVMC_A2=cat%20/data/message.txt%20%26%26%20echo%20scratch%20%3E%20/scratch.txt%20%26%26%20cat%20/scratch.txt MVMC_E0=PATH=/usr/local/sbin%3A/usr/local/bin%3A/usr/sbin%3A/usr/bin%3A/sbin%3A/bin'
+    -append 'console=ttyS0 reboot=t panic=-1 loglevel=6 earlyprintk=serial,ttyS0 cryptomgr.notests tsc_early_khz=2000000 tsc=reliable noreplace-smp no_timer_check MVMC_ROOT=virtiofs:root:overlay MVMC_HOSTNAME=shares MVMC_CWD=/ MVMC_S0=virtiofs:data:ro:/data MVMC_A0=/bin/sh MVMC_A1=-c MVMC_A2=cat%20/data/message.txt%20%26%26%20echo%20scratch%20%3E%20/scratch.txt%20%26%26%20cat%20/scratch.txt MVMC_E0=PATH=/usr/local/sbin%3A/usr/local/bin%3A/usr/sbin%3A/usr/bin%3A/sbin%3A/bin'
 # guest console (kernel messages) to fd 5, the run's console log
 set -- "$@" \
     -serial chardev:console \
     -chardev file,id=console,path=/dev/fd/5,append=on
 # process: the program's stdin, stdout and stderr, init's status reports and the host's requests (signals for the program): separate virtio-serial ports
 set -- "$@" \
-    -device virtio-serial-device \
+    -device virtio-serial-device,max_ports=7 \
     -chardev stdio,id=stdin,signal=off \
     -device virtserialport,chardev=stdin,name=stdin \
     -chardev file,id=stdout,path=/dev/fd/1,append=on \
