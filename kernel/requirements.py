@@ -45,9 +45,31 @@ def _n(name: str, reason: str) -> Option:
 
 
 # The config fragment of microvmc's own kernel, on top of `make allnoconfig` (which turns off
-# everything that can be turned off, EXPERT included, so whatever a program needs is listed here).
+# everything that can be turned off, so whatever a program needs is listed here). With EXPERT on, that
+# includes the options only an expert may turn off: the ones a program can use are listed back.
 OPTIONS: tuple[Option, ...] = (
     # The kernel itself.
+    _y("EXPERT", "so allnoconfig also turns off what only an expert may (virtual terminals, the PC speaker, DMI, "
+                 "firmware loading, SLUB debugging: none is in a microVM); what programs use is listed back below"),
+    _n("VT", "no virtual terminals: their 63 ttys are devices made at boot (~10 ms of tty_init under TCG); the "
+             "console is ttyS0 and programs' terminals are ptys"),
+    _n("SLUB_DEBUG", "no slab debugging code in every allocation, nor its sysfs files per cache at boot"),
+    _y("IO_DELAY_NONE", "no write to port 0x80 after each legacy PIC/PIT access (a VM exit each, for hardware "
+                        "that needs none)"),
+    _y("EARLY_PRINTK", "earlyprintk=serial,ttyS0: the kernel's first message reaches the console (the run's timeline)"),
+    _y("KALLSYMS", "symbol names in a kernel oops"),
+    _y("DEBUG_BUGVERBOSE", "file and line in a BUG report"),
+    _y("COREDUMP", "core dumps at all (ELF_CORE needs it)"),
+    _y("VM_EVENT_COUNTERS", "/proc/vmstat's counters (free, vmstat, monitoring agents)"),
+    _y("PROC_PAGE_MONITOR", "/proc/PID/smaps, pagemap and clear_refs"),
+    _y("SYSFS_SYSCALL", "the sysfs(2) system call"),
+    _y("SGETMASK_SYSCALL", "sgetmask(2) and ssetmask(2)"),
+    _y("MODIFY_LDT_SYSCALL", "modify_ldt(2) (Wine, old language runtimes)"),
+    _y("X86_16BIT", "16-bit segments for programs that set them up (Wine, DOSEMU)"),
+    _y("X86_VSYSCALL_EMULATION", "the vsyscall page that old static binaries call"),
+    _y("X86_UMIP", "user-mode instruction prevention, as on Debian's kernel"),
+    _y("MTRR", "memory type ranges (PAT needs them)"),
+    _y("X86_PAT", "page attribute tables: write-combining and uncached mappings as the kernel asks"),
     _y("64BIT", "an x86_64 kernel (allnoconfig with ARCH=x86 would build a 32-bit one)"),
     Option(name="LOCALVERSION", value='"-microvmc"', reason="the release says whose kernel it is"),
     _n("LOCALVERSION_AUTO", "no git revision in the release: it is reproducible from a tarball"),
