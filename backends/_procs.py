@@ -15,7 +15,6 @@ import shutil
 import signal
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 
 __all__ = ["Child", "spawn", "running", "KILL_WAIT"]
 
@@ -25,13 +24,21 @@ _FIRST_FREE_FD = 10  # sources are moved above the target numbers so dup2 action
 _RESET_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ)
 
 
-@dataclass(eq=False, slots=True)
 class Child:
-    name: str  # for messages: "qemu", "virtiofsd for share 'root'"
-    pid: int
-    pidfd: int
-    own_group: bool  # the child leads its own process group
-    returncode: int | None = field(default=None)  # like subprocess: -N for signal N
+    """(Not a dataclass: `microvmc run` imports this before it starts QEMU, microvmc/_value.py.)"""
+
+    __slots__ = ("name", "pid", "pidfd", "own_group", "returncode")
+
+    def __init__(self, name: str, pid: int, pidfd: int, own_group: bool, returncode: int | None = None) -> None:
+        self.name = name  # for messages: "qemu", "virtiofsd for share 'root'"
+        self.pid = pid
+        self.pidfd = pidfd
+        self.own_group = own_group  # the child leads its own process group
+        self.returncode = returncode  # like subprocess: -N for signal N
+
+    def __repr__(self) -> str:
+        return (f"Child(name={self.name!r}, pid={self.pid!r}, pidfd={self.pidfd!r}, own_group={self.own_group!r}, "
+                f"returncode={self.returncode!r})")
 
     def exited(self) -> int | None:
         """The exit status if the child has ended, without reaping it."""

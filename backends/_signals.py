@@ -6,20 +6,25 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 
 __all__ = ["Signals", "signals_caught", "STOP_SIGNALS"]
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
-@dataclass(slots=True)
 class Signals:
-    caught: list[int] = field(default_factory=list)
-    fd: int | None = None  # readable when a signal arrived (signal.set_wakeup_fd)
+    """(Not a dataclass: `microvmc run` imports this before it starts QEMU, microvmc/_value.py.)"""
+
+    __slots__ = ("caught", "fd")
+
+    def __init__(self, caught: list[int] | None = None, fd: int | None = None) -> None:
+        self.caught = [] if caught is None else caught
+        self.fd = fd  # readable when a signal arrived (signal.set_wakeup_fd)
+
+    def __repr__(self) -> str:
+        return f"Signals(caught={self.caught!r}, fd={self.fd!r})"
 
 
 @contextmanager
@@ -27,14 +32,16 @@ def signals_caught(numbers: tuple[int, ...] = STOP_SIGNALS) -> Iterator[Signals]
     """The signals are recorded instead of acted on, for the duration of the block, so the loop can
     act on them (pass a stop signal on, stop the VM, resize). Only the main thread can catch signals."""
     signals = Signals()
-    if threading.current_thread() is not threading.main_thread():
-        yield signals
-        return
     read_end, write_end = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-    previous: dict[int, object] = {}
-    old_wakeup = -1
     try:
         old_wakeup = signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
+    except ValueError:  # not the main thread (asked so, not of threading: ~1 ms of a `run` before QEMU)
+        os.close(read_end)
+        os.close(write_end)
+        yield signals
+        return
+    previous: dict[int, object] = {}
+    try:
         for number in numbers:
             previous[number] = signal.signal(number, lambda n, _frame: signals.caught.append(n))
         signals.fd = read_end

@@ -17,13 +17,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
+from microvmc._value import Value
 from microvmc.compiler.store import file_digest
 
+TYPE_CHECKING = False  # (not typing's: importing typing is ~3 ms of a `run` before QEMU starts)
 if TYPE_CHECKING:
+    from typing import Any, Mapping, Sequence
+
     from microvmc.compiler.host import HostFacts
     from microvmc.compiler.hostfiles import Observation
     from microvmc.compiler.launch import LaunchPlan
@@ -35,18 +37,29 @@ _CODE_PACKAGES = ("microvmc", "microvmc.compiler", "microvmc.backends", "microvm
                   "microvmc.schemas")
 
 
-@dataclass(frozen=True, kw_only=True, slots=True)
-class CacheKey:
-    manifest: str  # absolute path
+class CacheKey(Value):
+    """(Not a dataclass: `microvmc run` imports this before it starts QEMU, microvmc/_value.py.)"""
+
+    __slots__ = ("manifest", "argv", "env", "store", "facts", "locked", "tty", "publish", "volumes", "cwd")
+    manifest: str
     argv: tuple[str, ...]
     env: tuple[tuple[str, str], ...]
     store: str
     facts: HostFacts
-    locked: bool = False  # --locked: a hit must have been checked against the lockfile too
-    tty: bool = False  # run -t: the program gets a pty
-    publish: tuple[str, ...] = ()  # run -p: forwards, as written
-    volumes: tuple[str, ...] = ()  # run -v: as written, relative to `cwd`
-    cwd: str = ""
+    locked: bool
+    tty: bool
+    publish: tuple[str, ...]
+    volumes: tuple[str, ...]
+    cwd: str
+
+    def __init__(self, *, manifest: str, argv: tuple[str, ...], env: tuple[tuple[str, str], ...], store: str,
+                 facts: HostFacts,
+                 locked: bool = False,  # --locked: a hit must have been checked against the lockfile too
+                 tty: bool = False,  # run -t: the program gets a pty
+                 publish: tuple[str, ...] = (),  # run -p: forwards, as written
+                 volumes: tuple[str, ...] = (),  # run -v: as written, relative to `cwd`
+                 cwd: str = "") -> None:  # (manifest: an absolute path)
+        self._init(locals())
 
     def digest(self) -> str:
         value = {
@@ -65,10 +78,13 @@ class CacheKey:
         return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
 
 
-@dataclass(frozen=True, kw_only=True, slots=True)
-class Hit:
+class Hit(Value):
+    __slots__ = ("output", "plan")
     output: str
     plan: LaunchPlan
+
+    def __init__(self, *, output: str, plan: LaunchPlan) -> None:
+        self._init(locals())
 
 
 def _cache_dir(environ: Mapping[str, str]) -> Path:

@@ -15,15 +15,17 @@ import socket
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
+from microvmc._value import Value
 from microvmc.backends._procs import Child, running
 from microvmc.backends._unix import bind
 from microvmc.errors import HostError
 
+TYPE_CHECKING = False  # (not typing's: importing typing is ~3 ms of a `run` before QEMU starts)
 if TYPE_CHECKING:
+    from typing import Any
+
     from microvmc.compiler.launch import Fd, LaunchPlan, VirtiofsdPlan
     from microvmc.compiler.verdict import Logs
 
@@ -41,11 +43,15 @@ RUNTIME_LOCK = ".lock"
 QEMU_LOG_HEAD = 1 << 16  # bytes of a log searched for the reason something failed
 
 
-@dataclass(frozen=True, slots=True)
-class RunLogs:
-    """Where a run leaves its logs (the directory outlives the run)."""
+class RunLogs(Value):
+    """Where a run leaves its logs (the directory outlives the run). (Not a dataclass: `microvmc run`
+    imports this before it starts QEMU, microvmc/_value.py.)"""
 
+    __slots__ = ("dir",)
     dir: Path
+
+    def __init__(self, dir: Path) -> None:
+        self._init(locals())
 
     @property
     def console(self) -> Path:
@@ -68,16 +74,23 @@ class RunLogs:
         return self.dir / f"virtiofsd-{safe}.log"
 
 
-@dataclass(frozen=True, slots=True)
-class Vm:
+class Vm(Value):
     """A launched VM: what supervision watches and talks to."""
 
+    __slots__ = ("qemu", "daemons", "readers", "control", "console_log", "rundir")
     qemu: Child
     daemons: tuple[tuple[VirtiofsdPlan, Child], ...]
-    readers: dict[Fd, int]  # read ends of the program's stdout, stderr, init's status port and the console
-    control: int  # write end of the control port (non-blocking): requests to init
-    console_log: int  # the run's console log: what the console pipe brings is written here
-    rundir: Path  # sockets: the channel's host end among them
+    readers: dict[Fd, int]
+    control: int
+    console_log: int
+    rundir: Path
+
+    def __init__(self, qemu: Child, daemons: tuple[tuple[VirtiofsdPlan, Child], ...],
+                 readers: dict[Fd, int],  # read ends of the program's stdout, stderr, init's status port, the console
+                 control: int,  # write end of the control port (non-blocking): requests to init
+                 console_log: int,  # the run's console log: what the console pipe brings is written here
+                 rundir: Path) -> None:  # sockets: the channel's host end among them
+        self._init(locals())
 
 
 @contextmanager

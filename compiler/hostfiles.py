@@ -22,11 +22,14 @@ import json
 import os
 import stat
 import time
-from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, Iterator
 
+from microvmc._value import Value
 from microvmc.compiler.store import file_digest
+
+TYPE_CHECKING = False  # (not typing's: importing typing is ~3 ms of a `run` before QEMU starts)
+if TYPE_CHECKING:
+    from typing import Any, Iterator
 
 __all__ = ["HostFiles", "Look", "Observation", "SETTLED", "fingerprint"]
 
@@ -47,11 +50,16 @@ class Look(StrEnum):
 SETTLED = 3_000_000_000
 
 
-@dataclass(frozen=True, slots=True)
-class Observation:
+class Observation(Value):
+    """(Not a dataclass: `microvmc run` imports this before it starts QEMU, microvmc/_value.py.)"""
+
+    __slots__ = ("look", "path", "seen")
     look: Look
     path: str
     seen: Any  # a JSON value: what was seen (see `holds`)
+
+    def __init__(self, look: Look, path: str, seen: Any) -> None:
+        self._init(locals())
 
     def to_list(self) -> list[Any]:
         return [str(self.look), self.path, self.seen]
@@ -159,11 +167,17 @@ def fingerprint(path: str) -> list[int] | None:
     return _fingerprint(st) if _settled(st) else None
 
 
-@dataclass(kw_only=True, slots=True)
 class HostFiles:
-    """The one way resolve reads the host; `observed` is everything it looked at, in order."""
+    """The one way resolve reads the host; `observed` is everything it looked at, in order. (Not a
+    dataclass: `microvmc run` imports this before it starts QEMU, microvmc/_value.py.)"""
 
-    observed: list[Observation] = field(default_factory=list)
+    __slots__ = ("observed",)
+
+    def __init__(self, *, observed: list[Observation] | None = None) -> None:
+        self.observed = [] if observed is None else observed
+
+    def __repr__(self) -> str:
+        return f"HostFiles(observed={self.observed!r})"
 
     def _note(self, kind: Look, path: str, seen: Any) -> Any:
         self.observed.append(Observation(kind, os.fspath(path), seen))

@@ -6,8 +6,9 @@ A message is one sentence naming the file, the key path and the offending value.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from enum import IntEnum
+
+from microvmc._value import Value
 
 __all__ = [
     "ExitStatus",
@@ -60,14 +61,18 @@ EXIT_MEANINGS: tuple[tuple[str, str], ...] = (
 )
 
 
-@dataclass(frozen=True, slots=True)
-class Problem:
-    """One user mistake: where it is and what is wrong with it."""
+class Problem(Value):
+    """One user mistake: where it is and what is wrong with it. (Not a dataclass: `microvmc run`
+    imports this before it starts QEMU, microvmc/_value.py.)"""
 
+    __slots__ = ("file", "key", "message", "hint")
     file: str
     key: str  # dotted key path, "" for the whole file
     message: str  # e.g. "16 is below the minimum of 64 MiB"
-    hint: str = ""
+    hint: str
+
+    def __init__(self, file: str, key: str, message: str, hint: str = "") -> None:
+        self._init(locals())
 
     def __str__(self) -> str:
         where = f"{self.file}: {self.key}: " if self.key else f"{self.file}: "

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.boot
 
 def glibc(facts):
     """The host without musl-gcc: the init compiled with `cc` and glibc, as before musl."""
-    return replace(facts, **init_compiler(facts.cc, facts.cc_version, None, ""))
+    return facts.replace(**init_compiler(facts.cc, facts.cc_version, None, ""))
 
 
 def boot(boot_env, tmp_path: Path, monkeypatch, script: str, libc: str = "", **process) -> tuple[int, bytes, bytes]:
