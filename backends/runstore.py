@@ -2,6 +2,7 @@
 `stop`, `rm` and `exec` find runs by.
 
     <state>/runs/<id>/record.json     what the run is and how it went (replaced atomically, never edited)
+                      name            the run's name, alone (what `create` checks names against)
                       lock            flock'ed by the run's monitor for as long as it lives
                       control.sock    the monitor's socket (backends/monitor.py), while it lives
                       stdout.log ...  the program's output of a detached run, then the console, QEMU,
@@ -10,7 +11,9 @@
 
 A run directory appears complete or not at all: it is made as `.new-<id>` and renamed once its
 record and lock are in place; `rm` renames it to `.rm-<id>` before deleting it. Names and ids are
-unique under the store's own lock. A run whose record says it runs but whose lock is free lost its
+unique under the store's own lock; `create` reads each run's `name` file for them, not every record
+(~11 KB each, the plan in it: 7 ms with 50 runs; a run made before there were name files is read
+from its record). A run whose record says it runs but whose lock is free lost its
 monitor (SIGKILL): `state()` says "dead" and its sockets are removed (QEMU and the virtiofsds died
 with the monitor: they get SIGKILL when it dies).
 """
@@ -38,6 +41,7 @@ __all__ = ["RunStore", "Run", "NoSuchRun", "RunStateError", "state_root", "utc_n
 KEEP = 50  # foreground runs without a name beyond this many are pruned, oldest first
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 RECORD = "record.json"
+NAME_FILE = "name"
 LOCK = "lock"
 SOCKET = "control.sock"
 _ADJECTIVES = ("brave", "calm", "eager", "fond", "gentle", "happy", "jolly", "keen", "lucid", "merry", "nifty",
@@ -168,10 +172,10 @@ class RunStore:
         if not NAME.fullmatch(name):
             raise MicrovmcError(f"--name {name!r}: a name is letters, digits, '_', '.' and '-', starting with a "
                                 "letter or digit", status=ExitStatus.USAGE)
-        for run in self.all():
-            if run.name == name:
-                raise MicrovmcError(f"the name {name!r} is taken by run {run.id[:12]}",
-                                    hint=f"remove it first: microvmc rm {name}", status=ExitStatus.USAGE)
+        taken = self._names().get(name)
+        if taken is not None:
+            raise MicrovmcError(f"the name {name!r} is taken by run {taken[:12]}",
+                                hint=f"remove it first: microvmc rm {name}", status=ExitStatus.USAGE)
 
     def create(self, plan: dict[str, Any], *, name: str | None = None, id: str | None = None,
                manifest: str | None = None, command: tuple[str, ...] = (), **fields: Any) -> Run:
@@ -182,13 +186,11 @@ class RunStore:
         if id is not None and not NAME.fullmatch(id):
             raise MicrovmcError(f"run id {id!r}: an id is letters, digits, '_', '.' and '-'", status=ExitStatus.USAGE)
         with self._locked():
-            runs = self.all()
-            ids = {r.id for r in runs}
-            names = {r.name: r for r in runs}
+            names = self._names()
             if name is not None and name in names:
-                raise MicrovmcError(f"the name {name!r} is taken by run {names[name].id[:12]}",
+                raise MicrovmcError(f"the name {name!r} is taken by run {names[name][:12]}",
                                     hint=f"remove it first: microvmc rm {name}", status=ExitStatus.USAGE)
-            if id is not None and id in ids:
+            if id is not None and os.path.lexists(self.root / id):
                 raise MicrovmcError(f"a run with id {id!r} exists", status=ExitStatus.USAGE)
             run_id = id or os.urandom(32).hex()
             if name is None:
@@ -205,6 +207,7 @@ class RunStore:
             new.mkdir(mode=0o700)
             try:
                 (new / RECORD).write_text(json.dumps(record, sort_keys=True, indent=2) + "\n")
+                (new / NAME_FILE).write_text(name)
                 lock = os.open(new / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
                 fcntl.flock(lock, fcntl.LOCK_EX)
                 os.rename(new, self.root / run_id)
@@ -214,6 +217,30 @@ class RunStore:
             run = Run(self.root / run_id, record)
             run.lock_fd = lock
             return run
+
+    def _names(self) -> dict[str, str]:
+        """Every complete run's name, to its id: from the runs' `name` files, not their records."""
+        try:
+            entries = [e for e in os.scandir(self.root) if not e.name.startswith(".") and e.is_dir()]
+        except FileNotFoundError:
+            return {}
+        names = {}
+        for entry in entries:
+            try:
+                fd = os.open(os.path.join(entry.path, NAME_FILE), os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    name = os.read(fd, 1024).decode()  # (os.open: half the time of open() here)
+                finally:
+                    os.close(fd)
+            except FileNotFoundError:  # a run made before there were name files
+                try:
+                    name = json.loads(Path(entry.path, RECORD).read_text())["name"]
+                except (OSError, ValueError, KeyError):
+                    continue
+            except OSError:
+                continue  # being removed
+            names[name] = entry.name
+        return names
 
     def all(self) -> list[Run]:
         """Every complete run, oldest first."""

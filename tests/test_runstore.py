@@ -77,6 +77,25 @@ def test_concurrent_creates_keep_names_unique(tmp_path) -> None:
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".new-")]
 
 
+def test_names_of_runs_made_before_name_files(tmp_path) -> None:
+    """create checks names against each run's name file; a run made before there were name files
+    (its record holds its name) still holds its name, and its id."""
+    store = RunStore(tmp_path)
+    old = store.create({}, name="old", id="cd" + "0" * 62)
+    old.release()
+    (old.dir / "name").unlink()
+    assert (old.dir / "record.json").exists() and store.find("old").id == old.id
+    with pytest.raises(MicrovmcError, match=f"taken by run {old.id[:12]}"):
+        store.create({}, name="old")
+    with pytest.raises(MicrovmcError, match=f"taken by run {old.id[:12]}"):
+        store.check_name("old")
+    with pytest.raises(MicrovmcError, match="a run with id"):
+        store.create({}, id=old.id)
+    new = store.create({}, name="new")
+    assert (new.dir / "name").read_text() == "new" and {r.name for r in store.all()} == {"old", "new"}
+    new.release()
+
+
 def test_prune_keeps_named_detached_and_alive_runs(tmp_path) -> None:
     store = RunStore(tmp_path)
     for n in range(5):
