@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+from contextlib import ExitStack, contextmanager
 
 TYPE_CHECKING = False  # (not typing's: importing typing is ~3 ms of a `run` before QEMU starts)
 if TYPE_CHECKING:
@@ -379,8 +380,6 @@ def _cmd_graph(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from contextlib import ExitStack
-
     from microvmc import lifecycle
 
     if args.tty and not args.detach and not os.isatty(0):
@@ -424,15 +423,24 @@ def _cmd_run(args: argparse.Namespace) -> int:
             run.release()
         print(run.id)
         return 0
-    with ExitStack() as stack:
-        if args.rm:  # (callbacks run last first: the lock is released, then the run removed)
-            stack.callback(store.remove, run)
-        stack.callback(run.release)
+    with _foreground(store, run, remove=args.rm) as stack:
         if args.tty:
             stack.enter_context(terminal.raw(0))
+        return run_plan(plan, log_dir=run.dir, verbose=args.verbose, booting=store.prune, run=run,
+                        terminal=0 if args.tty else None)
+
+
+@contextmanager
+def _foreground(store, run, *, remove: bool):
+    """A foreground run's record around the block that runs it (given an ExitStack, for what the run
+    needs undone): an error that ends the run marks it exited with the error's status and message;
+    then the record is released and, with --rm, removed."""
+    with ExitStack() as stack:
+        if remove:  # (callbacks run last first: the lock is released, then the run removed)
+            stack.callback(store.remove, run)
+        stack.callback(run.release)
         try:
-            return run_plan(plan, log_dir=run.dir, verbose=args.verbose, booting=store.prune, run=run,
-                            terminal=0 if args.tty else None)
+            yield stack
         except MicrovmcError as err:
             run.update(state="exited", status=int(err.status), message=err.message)
             raise
@@ -445,22 +453,17 @@ def _run_started(args: argparse.Namespace, store, out: str, plan_json: dict) -> 
     one that comes in between stops the VM as soon as supervision begins, as during a boot."""
     import shutil
     import time
-    from contextlib import ExitStack
 
     from microvmc.backends import qemu
     from microvmc.backends._signals import STOP_SIGNALS, signals_caught
 
     began = time.monotonic()
-    with ExitStack() as stack:
-        signals = stack.enter_context(signals_caught(STOP_SIGNALS))
+    with signals_caught(STOP_SIGNALS) as signals:
         # the command `ps` shows is written once the plan's types are in (_program_argv)
         run = store.create(plan_json, name=args.name, manifest=os.path.abspath(args.manifest), output=out,
                            accel=plan_json["accel"], foreground=True, named=args.name is not None, remove=args.rm,
                            tty=False, stdin_open=True)
-        if args.rm:  # (callbacks run last first: the lock is released, then the run removed)
-            stack.callback(store.remove, run)
-        stack.callback(run.release)
-        try:
+        with _foreground(store, run, remove=args.rm) as stack:
             rundir = run.dir / "vm"
             rundir.mkdir(mode=0o700, exist_ok=True)
             stack.callback(shutil.rmtree, rundir, ignore_errors=True)
@@ -476,9 +479,6 @@ def _run_started(args: argparse.Namespace, store, out: str, plan_json: dict) -> 
                 print(f"microvmc: build output {out}", file=sys.stderr)
             return run_plan(plan, log_dir=run.dir, verbose=args.verbose, booting=store.prune, run=run,
                             started=started, signals=signals, began=began)
-        except MicrovmcError as err:
-            run.update(state="exited", status=int(err.status), message=err.message)
-            raise
 
 
 def _program_argv(args: argparse.Namespace, plan) -> tuple[str, ...]:
