@@ -176,8 +176,10 @@ def init_sources(directory: str, files: HostFiles | None = None) -> tuple[str, .
     return tuple(sorted(name for name in names if name.endswith((".c", ".h"))))
 
 
-def base_kernel_params(accel: str, facts: HostFacts, cpus: int = 1, acpi: bool = True) -> tuple[str, ...]:
-    """The parameters microvmc itself puts on every kernel command line."""
+def base_kernel_params(accel: str, facts: HostFacts, cpus: int = 1, acpi: bool = True,
+                       kernel_config: dict[str, str] | None = None) -> tuple[str, ...]:
+    """The parameters microvmc itself puts on every kernel command line; `kernel_config`: the
+    kernel's parsed .config (None: unknown), for the cuts that depend on what the kernel does."""
     # cryptomgr.notests: the crypto self-tests take ~0.23 s of a 1.3 s TCG boot (initcall_debug:
     # crypto_algapi_init); they are ignored anyway in FIPS mode, where they are mandatory.
     # loglevel=6 earlyprintk=serial,ttyS0 (in this order): the kernel's notices, a handful of lines,
@@ -196,6 +198,11 @@ def base_kernel_params(accel: str, facts: HostFacts, cpus: int = 1, acpi: bool =
         # no_timer_check: the IO-APIC timer check waits 4 ticks for an interrupt QEMU always routes
         # (4 ms at the own kernel's 1000 Hz, 16 ms at Debian's 250).
         params += ["noreplace-smp", "no_timer_check", *(("noapictimer",) if cpus == 1 and not acpi else ())]
+        # What a distribution kernel's config makes it do at boot (kernel/cuts.py; measured under TCG,
+        # where it costs ~0.2 s of the Debian kernel's boot; under KVM far less, and not measured).
+        from microvmc.kernel.cuts import boot_cuts
+
+        params += boot_cuts(kernel_config)
     return tuple(params)
 
 
@@ -443,7 +450,7 @@ def resolve(manifest: Manifest, facts: HostFacts, store: str, sources: Sources =
         from microvmc.kernel.requirements import fragment
 
         own = choice.own
-        config = parse_config(fragment())
+        config = kernel_config = parse_config(fragment())
         _acpi(config, locations)
         add(Node(id="kernel", builder=Builder.KERNEL, digest=digest({"kernel-build": own.key}), path=own.entry,
                  keys=kernel_keys, params=(("arch", "x86_64"), ("cc_version", own.cc_version),
@@ -455,13 +462,13 @@ def resolve(manifest: Manifest, facts: HostFacts, store: str, sources: Sources =
         derive("modules", Builder.MODULES, "modules", ("kernel",), {"release": "", "modules": [], "strip_signatures": False},
                ("kernel.source",), {"modules_dir": ""})
     else:
-        _source_kernel(choice, manifest, files, source, derive, kernel_keys, locations, wanted_features)
+        kernel_config = _source_kernel(choice, manifest, files, source, derive, kernel_keys, locations, wanted_features)
 
     # The guest's configuration travels on the kernel command line, or spills into the initramfs.
     config = guest_config(manifest, root_mode, hold=hold)
     try:
-        cmdline = compose(base_kernel_params(accel, facts, manifest.resources.cpus, locations.get("acpi") != "off"),
-                          manifest.kernel.cmdline, config)
+        cmdline = compose(base_kernel_params(accel, facts, manifest.resources.cpus, locations.get("acpi") != "off",
+                                             kernel_config), manifest.kernel.cmdline, config)
     except CmdlineError as err:
         raise ManifestError([Problem(manifest.name, "kernel.cmdline", str(err))]) from None
 
@@ -508,9 +515,10 @@ def _acpi(config: dict[str, str] | None, locations: dict[str, str]) -> None:
 
 
 def _source_kernel(choice, manifest: Manifest, files: HostFiles, source, derive, kernel_keys: tuple[str, ...],
-                   locations: dict[str, str], wanted_features: tuple[str, ...]) -> None:
+                   locations: dict[str, str], wanted_features: tuple[str, ...]) -> dict[str, str] | None:
     """A kernel that is a file already (the Debian kernel, the host's, one by path): a source,
-    identified by content; its config, release and module closure are read now, through `files`."""
+    identified by content; its config, release and module closure are read now, through `files`.
+    Returns its parsed config (None when it has none that can be read)."""
     from microvmc.compiler.kernels import check_features
     from microvmc.kernel.image import embedded_config, inspect_kernel
     from microvmc.kernel.modules import resolve_modules, scan_modules, signatures_optional
@@ -554,6 +562,7 @@ def _source_kernel(choice, manifest: Manifest, files: HostFiles, source, derive,
     derive("modules", Builder.MODULES, "modules", ("kernel", *(("kernel-config",) if config_path else ())),
            {"release": release, "modules": module_files, "strip_signatures": strip},
            ("kernel.source", "image.transport", "image.mode", "shares"), {"modules_dir": modules_dir or ""})
+    return config
 
 
 def _build_order(nodes: dict[str, Node], edges: list[tuple[str, str]]) -> Iterator[Node]:

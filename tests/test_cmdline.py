@@ -126,7 +126,10 @@ def test_microvmc_s_own_parameters_fit_what_is_kept_for_them() -> None:
     from microvmc.compiler.cmdline import COMMAND_LINE_MAX, EXTRA_BYTES_MAX
     from microvmc.compiler.graph import base_kernel_params
 
-    worst = base_kernel_params("tcg", fake_facts(tsc_khz=99_999_999), cpus=1, acpi=False)
+    from microvmc.kernel.cuts import PARAMETERS, SKIPPED_INITCALLS
+
+    every_cut = {cut.when: "y" for cut in (*PARAMETERS, *SKIPPED_INITCALLS)}
+    worst = base_kernel_params("tcg", fake_facts(tsc_khz=99_999_999), cpus=1, acpi=False, kernel_config=every_cut)
     assert len(" ".join((*worst, "MVMC_SPILL=1", "MVMC_DEBUG=1"))) + 1 <= COMMAND_LINE_MAX - EXTRA_BYTES_MAX
 
 
@@ -156,3 +159,26 @@ def test_tcg_boot_cuts_noapictimer_only_for_one_cpu_without_acpi() -> None:
     assert "noapictimer" not in base_kernel_params("tcg", facts, cpus=1, acpi=True)  # the Debian kernel hangs
     assert "no_timer_check" in base_kernel_params("tcg", facts, cpus=1, acpi=True)
     assert not {"noreplace-smp", "no_timer_check", "noapictimer"} & set(base_kernel_params("kvm", facts, cpus=1, acpi=False))
+
+
+def test_boot_cuts_follow_what_the_kernel_s_config_says_it_does() -> None:
+    """The Debian kernel's hardening defaults, page-table check and initcalls are cut under TCG; the
+    own kernel (its fragment has none of them), a kernel with no readable config and KVM get none."""
+    from conftest import fake_facts
+    from microvmc.compiler.graph import base_kernel_params
+    from microvmc.kernel.requirements import fragment, parse_config
+
+    facts = fake_facts(tsc_khz=2_000_000)
+    debian = {"INIT_ON_ALLOC_DEFAULT_ON": "y", "DEBUG_WX": "y", "DYNAMIC_FTRACE": "y", "CRYPTO_KDF800108_CTR": "y",
+              "ACPI": "y", "PCI": "y"}
+    cuts = ("init_on_alloc=0", "rodata=off", "initcall_blacklist=ftrace_check_for_weak_functions,crypto_kdf108_init")
+    assert base_kernel_params("tcg", facts, cpus=1, acpi=True, kernel_config=debian)[-3:] == cuts
+    assert base_kernel_params("tcg", facts, cpus=1, acpi=True, kernel_config={**debian, "CRYPTO_KDF800108_CTR": "m",
+                                                                                "DEBUG_WX": "n"})[-2:] == (
+        "init_on_alloc=0", "initcall_blacklist=ftrace_check_for_weak_functions")
+    plain = base_kernel_params("tcg", facts, cpus=1, acpi=True)
+    for config in (None, parse_config(fragment()), {}):
+        assert base_kernel_params("tcg", facts, cpus=1, acpi=False, kernel_config=config) == \
+            base_kernel_params("tcg", facts, cpus=1, acpi=False)
+    assert base_kernel_params("tcg", facts, cpus=1, acpi=True, kernel_config={}) == plain
+    assert not set(cuts) & set(base_kernel_params("kvm", facts, cpus=1, acpi=True, kernel_config=debian))

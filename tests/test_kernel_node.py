@@ -191,3 +191,21 @@ def test_the_cache_follows_a_kernel_by_path_and_the_debian_kernel(env, tmp_path:
     assert compiled and second_debian != first_debian
     assert plan_of(second_debian)["plan"]["kernel"] != plan_of(first_debian)["plan"]["kernel"]
     assert build(env, by_path) == (second_path, False)
+
+
+def test_the_debian_kernel_s_boot_cuts_are_on_its_command_line_only(boot_env, tmp_path: Path) -> None:
+    """resolve chooses the cuts from the kernel's own config (kernel/cuts.py): the Debian kernel's
+    plan has them, the own kernel's does not."""
+    env = dict(boot_env, MICROVMC_STORE=str(tmp_path / "store"), XDG_CACHE_HOME=str(tmp_path / "cache"))
+    cmdlines = {}
+    for source in ("debian", "microvmc"):
+        manifest = tmp_path / f"{source}.toml"
+        manifest.write_text(f'version = 1\n[kernel]\nsource = "{source}"\n[resources]\naccel = "tcg"\n' + TRUE)
+        r = subprocess.run([*MICROVMC, "plan", "--json", str(manifest)], env=env, capture_output=True, text=True,
+                           timeout=300)
+        assert r.returncode == 0, r.stderr
+        cmdlines[source] = json.loads(r.stdout)["cmdline"].split()
+    cuts = ["init_on_alloc=0", "rodata=off", "initcall_blacklist=ftrace_check_for_weak_functions,crypto_kdf108_init"]
+    assert [p for p in cmdlines["debian"] if p in cuts] == cuts
+    assert not set(cuts) & set(cmdlines["microvmc"])
+    assert not any(p.startswith("initcall_blacklist=") for p in cmdlines["microvmc"])
