@@ -58,6 +58,8 @@ OPTIONS: tuple[Option, ...] = (
                         "that needs none)"),
     _y("EARLY_PRINTK", "earlyprintk=serial,ttyS0: the kernel's first message reaches the console (the run's timeline)"),
     _y("KALLSYMS", "symbol names in a kernel oops"),
+    _y("UNWINDER_GUESS", "stack traces in an oops by scanning the stack, not ORC: no 1.6 MB of ORC tables to load "
+                         "and sort at boot (`unwind_init`), for traces with some stale `?` entries"),
     _y("DEBUG_BUGVERBOSE", "file and line in a BUG report"),
     _y("COREDUMP", "core dumps at all (ELF_CORE needs it)"),
     _y("VM_EVENT_COUNTERS", "/proc/vmstat's counters (free, vmstat, monitoring agents)"),
