@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
+
+TYPE_CHECKING = False  # (not typing's: `microvmc run` binds virtiofsd's socket before it imports socket)
+if TYPE_CHECKING:
+    import socket
 
 __all__ = ["bind", "connect"]
 

@@ -14,13 +14,12 @@ An unreadable or stale entry is never an error, only a miss.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
 
 from microvmc._value import Value
-from microvmc.compiler.store import file_digest
+from microvmc.compiler.store import file_digest, sha256
 
 TYPE_CHECKING = False  # (not typing's: importing typing is ~3 ms of a `run` before QEMU starts)
 if TYPE_CHECKING:
@@ -75,7 +74,7 @@ class CacheKey(Value):
             **({"volumes": list(self.volumes), "cwd": self.cwd} if self.volumes else {}),
             "code": _code_fingerprint(),
         }
-        return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
+        return sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
 
 
 class Hit(Value):

@@ -10,10 +10,10 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
+from microvmc.backends._procs import which
 from microvmc.compiler.host import HostFacts, VirtiofsdFlavour
 
 __all__ = ["probe_host", "facts_from_dict", "kvm_status", "guest_runs", "virtiofsd_flavour", "qemu_version"]
@@ -43,17 +43,17 @@ ENV_KEYS = (
 def probe_host(environ: Mapping[str, str] = os.environ, *, root: str = "/") -> HostFacts:
     """The facts about this host; `root` prefixes /dev, /sys, /proc and the fixed binary
     locations (tests point it at a fake tree)."""
-    qemu = environ.get("MICROVMC_QEMU") or shutil.which(
+    qemu = environ.get("MICROVMC_QEMU") or which(
         QEMU_NAME, path=environ.get("PATH", os.defpath)
     )
     virtiofsd = (
         environ.get("MICROVMC_VIRTIOFSD")
         or _first_file([_under(root, p) for p in VIRTIOFSD_CANDIDATES])
-        or shutil.which("virtiofsd", path=environ.get("PATH", os.defpath))
+        or which("virtiofsd", path=environ.get("PATH", os.defpath))
     )
     path = environ.get("PATH", os.defpath)
-    cc = shutil.which("gcc", path=path) or shutil.which("cc", path=path)
-    musl_gcc = shutil.which(MUSL_GCC, path=path)
+    cc = which("gcc", path=path) or which("cc", path=path)
+    musl_gcc = which(MUSL_GCC, path=path)
     key = {
         "format": CACHE_FORMAT,
         "cc": _file_id(cc),

@@ -8,17 +8,16 @@ virtiofsd daemons.
 
 from __future__ import annotations
 
+import _socket  # (socket's Python layer is ~2.5 ms of a `run` before QEMU starts; a listening socket needs none of it)
 import fcntl
 import os
-import shutil
-import socket
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from microvmc._value import Value
-from microvmc.backends._procs import Child, running
+from microvmc.backends._procs import Child, running, which
 from microvmc.backends._unix import bind
 from microvmc.errors import HostError
 
@@ -159,7 +158,7 @@ def startable(plan: Mapping[str, Any]) -> bool:
 
 
 def _check_executable(executable: str) -> None:
-    if not shutil.which(executable):
+    if not which(executable):
         raise HostError(f"QEMU not found: {executable!r}", hint="install qemu-system-x86")
 
 
@@ -281,6 +280,8 @@ def runtime_dir() -> Iterator[Path]:
         finally:
             os.close(lock)
     finally:
+        import shutil
+
         shutil.rmtree(path)
 
 
@@ -315,6 +316,8 @@ def sweep_runtime_dirs(min_age: float = 10.0) -> list[str]:
             continue  # its run is alive
         finally:
             os.close(fd)
+        import shutil
+
         shutil.rmtree(entry.path, ignore_errors=True)
         _remove_pid_files(entry.path)
         removed.append(entry.path)
@@ -346,7 +349,8 @@ def _virtiofsd(argv: Sequence[str], socket_name: str, tag: str, *, rundir: Path,
         stack.callback(os.close, log_fd)
         null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
         stack.callback(os.close, null)
-        sock = stack.enter_context(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
+        sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
+        stack.callback(sock.close)
         bind(sock, rundir / socket_name)
         sock.listen(1)
         listen_fd = 3
@@ -409,13 +413,12 @@ def _qemu(
             **{number: write_end for number, (_, write_end) in pipes.items()},
             **({fds["tap"]: tap} if tap is not None else {}),
         }
-        # os.posix_spawn has no chdir action; env(1) changes directory and execs QEMU in place.
-        argv = ("env", "-C", str(rundir), "--", *qemu_argv)
         try:
             child = stack.enter_context(
                 running(
-                    argv,
+                    qemu_argv,
                     fds=layout,
+                    cwd=rundir,  # the plan's sockets are relative to it (as in launch.sh)
                     name="qemu",
                     grace=QEMU_GRACE,
                     # QEMU puts a terminal stdin in raw mode: that needs the foreground group.

@@ -17,7 +17,6 @@ checked by its content's digest or its entries again.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import stat
@@ -25,7 +24,7 @@ import time
 from enum import StrEnum
 
 from microvmc._value import Value
-from microvmc.compiler.store import file_digest
+from microvmc.compiler.store import file_digest, sha256
 
 TYPE_CHECKING = False  # (not typing's: importing typing is ~3 ms of a `run` before QEMU starts)
 if TYPE_CHECKING:
@@ -110,7 +109,7 @@ def _scan(path: str) -> list[tuple[str, str]]:
 def _names_digest(found: list[tuple[str, str]] | None) -> str | None:
     if found is None:
         return None
-    return hashlib.sha256(json.dumps(found).encode("utf-8", "surrogateescape")).hexdigest()
+    return sha256(json.dumps(found).encode("utf-8", "surrogateescape")).hexdigest()
 
 
 def _scan_or_none(path: str) -> list[tuple[str, str]] | None:
@@ -217,7 +216,7 @@ class HostFiles:
         def take() -> tuple[bytes, str]:
             with open(path, "rb") as f:
                 data = f.read()
-            return data, hashlib.sha256(data).hexdigest()
+            return data, sha256(data).hexdigest()
         return self._content(path, take)
 
     def digest(self, path: str) -> str:

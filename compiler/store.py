@@ -8,7 +8,6 @@ can never be confused with the old output. Outputs are built aside and renamed i
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -17,7 +16,9 @@ TYPE_CHECKING = False  # (not typing's: importing typing is ~3 ms of a `run` bef
 if TYPE_CHECKING:
     from typing import Any, Mapping
 
-__all__ = ["default_store_root", "digest", "file_digest", "store_path"]
+__all__ = ["default_store_root", "digest", "file_digest", "sha256", "store_path"]
+
+SMALL = 1 << 20  # bytes up to which `sha256` hashes without OpenSSL
 
 
 def default_store_root(environ: Mapping[str, str] = os.environ) -> Path:
@@ -31,12 +32,28 @@ def digest(value: Any) -> str:
     """sha256 (hex) of a JSON-serializable value, canonically encoded."""
     # surrogateescape: a command-line argument may carry bytes that are not UTF-8 (as os.fsdecode gives them)
     data = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8", "surrogateescape")
-    return hashlib.sha256(data).hexdigest()
+    return sha256(data).hexdigest()
+
+
+def sha256(data: bytes = b"", *, size: int | None = None):
+    """hashlib.sha256(data), with Python's own sha256 when `size` (default: len(data)) is below SMALL:
+    importing hashlib loads OpenSSL, ~2.5 ms of a `run` before QEMU starts (the cache key, the
+    manifest's digest), and OpenSSL's is only faster on large data (6x)."""
+    if (len(data) if size is None else size) < SMALL:
+        try:
+            from _sha256 import sha256 as builtin
+        except ImportError:  # (a Python built without it)
+            pass
+        else:
+            return builtin(data)
+    import hashlib
+
+    return hashlib.sha256(data)
 
 
 def file_digest(path: str | os.PathLike[str]) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
+        h = sha256(size=os.fstat(f.fileno()).st_size)
         while chunk := f.read(1 << 20):
             h.update(chunk)
     return h.hexdigest()

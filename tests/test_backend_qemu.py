@@ -1003,3 +1003,38 @@ def test_the_read_only_jail_refuses_writes_and_leaves_the_host_mounts_alone(tmp_
     assert (share / "f").read_text() == "original\n"
     (share / "g").write_text("the host still writes\n")
     assert Path("/proc/self/mountinfo").read_text() == before
+
+
+def test_a_child_started_in_a_directory_leaves_ours_alone(tmp_path, marker):
+    """spawn(cwd=) changes this process's directory around posix_spawn (no exec of env -C): the
+    child runs there, argv[0] is found from there, and this process is back where it was, also when
+    the spawn fails."""
+    from microvmc.backends._procs import spawn
+
+    there = tmp_path / "there"
+    there.mkdir()
+    executable(there / "prog", f"#!/bin/sh\npwd > {tmp_path}/cwd # {marker}\n")
+    before = os.getcwd()
+    child = spawn(["./prog"], fds={0: 0, 1: 1, 2: 2}, name="prog", cwd=there, die_with_us=False)
+    assert child.wait(5) == 0 and child.stop(5) == 0
+    assert (tmp_path / "cwd").read_text() == f"{there}\n" and os.getcwd() == before
+    with pytest.raises(FileNotFoundError):
+        spawn(["./prog"], fds={0: 0, 1: 1, 2: 2}, name="prog", cwd=tmp_path)
+    assert os.getcwd() == before
+
+
+def test_which_answers_as_shutil_does(tmp_path, monkeypatch):
+    from microvmc.backends._procs import which
+
+    for name in ("a", "b", "dir"):
+        (tmp_path / name).mkdir() if name == "dir" else (tmp_path / name).write_text("")
+    (tmp_path / "a").chmod(0o755)
+    path = os.pathsep.join([str(tmp_path / "missing"), str(tmp_path), str(tmp_path)])
+    for name in ("a", "b", "dir", "nothing", str(tmp_path / "a"), str(tmp_path / "b"), "sh"):
+        for mode in (os.F_OK | os.X_OK, os.F_OK):
+            assert which(name, mode=mode, path=path) == shutil.which(name, mode=mode, path=path), (name, mode)
+        assert which(name) == shutil.which(name)
+    assert which("sh", path="") is None and shutil.which("sh", path="") is None
+    monkeypatch.delenv("PATH")
+    assert which("sh") == shutil.which("sh")
+

@@ -108,3 +108,19 @@ def test_a_links_target_holds_while_it_is_the_same(tmp_path: Path) -> None:
     (tmp_path / "l").unlink()
     os.symlink("/run/x", tmp_path / "l")
     assert [os.path.basename(o.path) for o in seen if not o.holds()] == ["l"]
+
+
+def test_sha256_small_and_large_is_hashlibs(tmp_path) -> None:
+    """store.sha256 hashes small data without OpenSSL, large data with it: the same digests."""
+    import hashlib
+
+    from microvmc.compiler import store
+
+    for size in (0, 1, store.SMALL - 1, store.SMALL, 3 * store.SMALL + 5):
+        data = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
+        (tmp_path / "f").write_bytes(data)
+        want = hashlib.sha256(data).hexdigest()
+        assert store.sha256(data).hexdigest() == want and store.file_digest(tmp_path / "f") == want
+        h = store.sha256(size=size)
+        h.update(data)
+        assert h.hexdigest() == want
