@@ -290,13 +290,24 @@ class RunStore:
     def prune(self, keep: int = KEEP) -> None:
         """Forget the oldest ended foreground runs that nobody named, beyond `keep` of them, and what
         a killed `rm` or `create` left half-done; remove the sockets of runs whose monitor was killed."""
+        complete = []
         for entry in os.scandir(self.root):
             if entry.name.startswith((".rm-", ".new-")) and time.time() - entry.stat().st_mtime > 60:
-                shutil.rmtree(entry.path, ignore_errors=True)
-        runs = self.all()
+                _rmtree(entry.path)
+            elif not entry.name.startswith(".") and entry.is_dir():
+                complete.append(entry.path)
+        # Only beyond `keep` runs is there one to forget, and only a run with a runtime directory can
+        # have lost its monitor: the other records are not read (~11 KB each: 50 are ~4 ms of a boot)
+        beyond = len(complete) > keep
+        runs = self.all() if beyond else [Run(Path(p)) for p in complete if os.path.isdir(os.path.join(p, "vm"))]
         for run in runs:  # a run whose monitor was killed: its sockets and runtime directory go
-            if run.record().get("state") in ("created", "running") and (run.dir / "vm").exists():
-                run.state()
+            try:
+                if run.record().get("state") in ("created", "running") and (run.dir / "vm").exists():
+                    run.state()
+            except (OSError, ValueError):
+                continue  # being removed
+        if not beyond:
+            return
         ended = [r for r in runs if r.record().get("foreground") and not r.record().get("named")
                  and r.record().get("state") == "exited"]
         for run in ended[:-keep] if keep else ended:

@@ -1038,3 +1038,16 @@ def test_which_answers_as_shutil_does(tmp_path, monkeypatch):
     monkeypatch.delenv("PATH")
     assert which("sh") == shutil.which("sh")
 
+
+def test_runtime_directories_go_where_tempfile_would_put_them(tmp_path, monkeypatch):
+    """Without XDG_RUNTIME_DIR, tempfile.gettempdir()'s choice, told without importing tempfile."""
+    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
+    writable = tmp_path / "tmp"
+    writable.mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "missing"))
+    monkeypatch.setenv("TEMP", str(writable))
+    assert qemu_backend._runtime_base() == str(writable)
+    with qemu_backend.runtime_dir() as rundir:
+        assert rundir.parent == writable
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    assert qemu_backend._runtime_base() == str(tmp_path)

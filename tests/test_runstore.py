@@ -193,3 +193,21 @@ def test_a_second_signal_is_not_blamed_on_stop_timeout() -> None:
     v = judge(Seen(signal=15, forwarded=15, stop_timed_out=True), logs=logs, boot_timeout=30, timeout=0,
               stop_timeout=10)
     assert v.status == 143 and "within 10 s of signal 15 (resources.stop_timeout)" in v.message
+
+
+def test_prune_below_keep_reads_only_runs_with_a_runtime_directory(tmp_path) -> None:
+    """With no more runs than `keep` nothing is forgotten and the records of runs without a runtime
+    directory are not read; a run whose monitor was killed still loses its sockets."""
+    store = RunStore(tmp_path)
+    ended = store.create({}, foreground=True, named=False)
+    ended.update(state="exited", status=0)
+    ended.release()
+    (ended.dir / "record.json").write_text("not JSON: never read")
+    dead = store.create({}, foreground=True, named=False)
+    dead.update(state="running")
+    (dead.dir / "vm").mkdir()
+    (dead.dir / "control.sock").write_text("")
+    dead.release()  # its monitor was killed: the lock is free
+    store.prune(keep=2)
+    assert not (dead.dir / "vm").exists() and not (dead.dir / "control.sock").exists()
+    assert ended.dir.exists() and dead.dir.exists()
