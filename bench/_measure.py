@@ -11,6 +11,7 @@ import argparse
 import ctypes
 import datetime
 import json
+import math
 import os
 import platform
 import shutil
@@ -33,6 +34,7 @@ __all__ = [
     "interleave",
     "machine",
     "median",
+    "median_interval",
     "microvmc_command",
     "python_for",
     "sweep_leftovers",
@@ -41,6 +43,7 @@ __all__ = [
 
 PR_SET_CHILD_SUBREAPER = 36
 STOP_GRACE = 3.0  # seconds a leftover process gets after SIGTERM
+OURS: set[int] = set()  # children the harness itself runs beside the commands (a tracer): not leftovers
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -63,6 +66,8 @@ class Sample:
     maxrss_kib: int  # the largest resident set of the child or a descendant it reaped
     status: int
     leftovers: tuple[str, ...] = ()
+    pid: int = 0  # of the command (for a tracer's events: _phases.py)
+    started: float = 0.0  # time.monotonic() just before it was spawned
 
 
 # --- process hygiene ---------------------------------------------------------------------------
@@ -89,7 +94,7 @@ def _children_of(pid: int) -> list[tuple[int, str]]:
         # comm may contain spaces and parentheses: the fields after the last ')' are fixed.
         comm = stat[stat.index("(") + 1 : stat.rindex(")")]
         fields = stat[stat.rindex(")") + 2 :].split()
-        if fields[0] != "Z" and int(fields[1]) == pid:
+        if fields[0] != "Z" and int(fields[1]) == pid and int(entry) not in OURS:
             found.append((int(entry), comm))
     return found
 
@@ -143,6 +148,7 @@ def time_once(cmd: Command) -> Sample:
     env.pop("PYTHONDONTWRITEBYTECODE", None)
     stderr_path = Path(os.environ.get("TMPDIR", "/tmp"), f"microvmc-bench-stderr-{os.getpid()}")
     with open(stderr_path, "w+b") as stderr:
+        started = time.monotonic()
         start = time.perf_counter()
         proc = subprocess.Popen(
             cmd.argv, cwd=cmd.cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
@@ -165,7 +171,7 @@ def time_once(cmd: Command) -> Sample:
             f"{cmd.label}: exited {proc.returncode}, expected {cmd.expect_status}: {' '.join(cmd.argv)}\n{errors}"
         )
     return Sample(wall=wall, cpu=usage.ru_utime + usage.ru_stime, maxrss_kib=usage.ru_maxrss,
-                  status=proc.returncode, leftovers=leftovers)
+                  status=proc.returncode, leftovers=leftovers, pid=proc.pid, started=started)
 
 
 def _kill_session(pid: int) -> None:
@@ -210,15 +216,44 @@ def summarize(samples: Sequence[Sample]) -> dict[str, Any]:
     }
 
 
-def ratio_block(samples: Mapping[str, Sequence[Sample]], key: str, baseline: str) -> dict[str, float]:
+def median_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float]:
+    """A distribution-free confidence interval of the median (order statistics; the binomial's
+    tails): with `confidence`, the true median of what `values` sample lies in it. Too few values
+    for that confidence: their whole range."""
+    xs = sorted(values)
+    n = len(xs)
+    tail = (1 - confidence) / 2
+    # the largest k with P(Binomial(n, 1/2) < k) <= tail: [x_(k), x_(n-k+1)] (1-based)
+    k, below = 0, 0.0
+    while k < n and below + math.comb(n, k) / 2 ** n <= tail:
+        below += math.comb(n, k) / 2 ** n
+        k += 1
+    return (xs[k - 1], xs[n - k]) if k >= 1 else (xs[0], xs[-1])
+
+
+def spread(values: Sequence[float]) -> dict[str, float]:
+    """The median of `values`, its 95 % interval and the interquartile range."""
+    low, high = median_interval(values)
+    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive") if len(values) > 1 else (values[0],) * 3
+    return {"median": median(values), "ci95_low": low, "ci95_high": high, "q1": q1, "q3": q3}
+
+
+def ratio_block(samples: Mapping[str, Sequence[Sample]], key: str, baseline: str) -> dict[str, Any]:
     a, b = samples[key], samples[baseline]
     # Round i of `a` and of `b` ran back to back: their ratio and difference see the same load.
+    ratios = [x.wall / y.wall for x, y in zip(a, b)]
+    deltas = [x.wall - y.wall for x, y in zip(a, b)]
+    cpu_deltas = [x.cpu - y.cpu for x, y in zip(a, b)]
     return {
         "of_medians": median([s.wall for s in a]) / median([s.wall for s in b]),
-        "median_of_paired": median([x.wall / y.wall for x, y in zip(a, b)]),
+        "median_of_paired": median(ratios),
         "delta_median_s": median([s.wall for s in a]) - median([s.wall for s in b]),
-        "delta_paired_median_s": median([x.wall - y.wall for x, y in zip(a, b)]),
-        "cpu_delta_paired_median_s": median([x.cpu - y.cpu for x, y in zip(a, b)]),
+        "delta_paired_median_s": median(deltas),
+        "cpu_delta_paired_median_s": median(cpu_deltas),
+        # how far each paired median can be trusted (the spread between runs is the noise to beat)
+        "paired_spread": spread(ratios),
+        "delta_paired_spread_s": spread(deltas),
+        "cpu_delta_paired_spread_s": spread(cpu_deltas),
     }
 
 
