@@ -196,6 +196,14 @@ def _exec(eut, name: str, argv: list[str], *, input: bytes | None = None, env=()
     return eut.engine.run(*args, name, *argv, input=input, timeout=120)
 
 
+# The engine sizes the exec's pty after the process starts (docker resizes it from its client's
+# SIGWINCH handling), so under load the first `stty size` can still read the pty's initial 24x80:
+# wait up to 3 s for the client's size to arrive before printing it. A size that never arrives
+# still fails the assertion below.
+_WAIT_FOR_SIZE = ('i=0; while [ "$(stty size)" != "33 99" ] && [ $i -lt 30 ]; do '
+                  'sleep 0.1 2>/dev/null || sleep 1; i=$((i+1)); done; ')
+
+
 def test_exec_into_a_running_container_then_stop_and_rm(eut) -> None:
     name = f"x{time.monotonic_ns()}"
     r = run_container(eut, RT, BUSYBOX_IMAGE, ["sleep", "1000"], name=name, detach=True, rm=False)
@@ -217,7 +225,7 @@ def test_exec_into_a_running_container_then_stop_and_rm(eut) -> None:
         tty_args = ["task", "exec", "--tty", "--exec-id", f"t{time.monotonic_ns()}"] if eut.name == "containerd" \
             else ["exec", "--interactive", "--tty"]
         status, out = _in_pty([*eut.engine.client(), *tty_args, name, "sh", "-c",
-                               "[ -t 0 ] && [ -t 1 ] && echo exec-tty; stty size; exit 6"], eut.engine.env, [],
+                               "[ -t 0 ] && [ -t 1 ] && echo exec-tty; " + _WAIT_FOR_SIZE + "stty size; exit 6"], eut.engine.env, [],
                               size=(33, 99), timeout=120)
         assert b"exec-tty" in out and b"33 99" in out, (out, _calls(eut))
         assert status == 6, (status, out)
