@@ -102,6 +102,7 @@ def _write_memo(kernels: Path, memo: dict) -> None:
 def build_kernel(kernels: Path, source: Path = Path(DEFAULT_SOURCE), *, jobs: int = 2, niceness: int = 15,
                  cc: str = "gcc", say: Callable[[str], None] | None = None, force: bool = False) -> KernelBuild:
     """Build (or find) microvmc's kernel under `kernels`, and point `kernels`/microvmc at it."""
+    from microvmc.kernel.patches import edits_digest
     from microvmc.kernel.requirements import fragment, fragment_digest
 
     say = say or (lambda line: print(f"microvmc: {line}", file=sys.stderr, flush=True))
@@ -112,7 +113,7 @@ def build_kernel(kernels: Path, source: Path = Path(DEFAULT_SOURCE), *, jobs: in
         raise BuildError("cannot build the kernel: make is not installed", hint="run scripts/setup")
     source = source.absolute()  # remembered as the own kernel's source: the same from any directory
     kernels.mkdir(parents=True, exist_ok=True)
-    key = build_key(_source_digest(source, kernels), fragment_digest(), _cc_version(cc))
+    key = build_key(_source_digest(source, kernels), fragment_digest(), edits_digest(), _cc_version(cc))
     entry = kernels / f"microvmc-{key}"
     with open(kernels / ".build.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one build at a time; and what a killed one left is ours to sweep
@@ -132,6 +133,7 @@ def build_kernel(kernels: Path, source: Path = Path(DEFAULT_SOURCE), *, jobs: in
 
 def _build(work: Path, entry: Path, kernels: Path, source: Path, key: str, fragment_text: str, fragment_hash: str,
            *, jobs: int, niceness: int, cc: str, say: Callable[[str], None]) -> KernelBuild:
+    from microvmc.kernel.patches import EDITS, edits_digest
     from microvmc.kernel.requirements import missing_options, parse_config
 
     out = work / "out"
@@ -154,6 +156,7 @@ def _build(work: Path, entry: Path, kernels: Path, source: Path, key: str, fragm
             tree = work / "src"
             say(f"kernel: copying {source}")
             shutil.copytree(source, tree, symlinks=True)
+        _edit(tree, source, EDITS, log)
         (out / "fragment.config").write_text(fragment_text)
         make = ["nice", "-n", str(niceness), "make", f"ARCH={ARCH}", f"CC={cc}", f"HOSTCC={cc}"]
         step("configure", [*make, f"KCONFIG_ALLCONFIG={out / 'fragment.config'}", "allnoconfig"], tree)
@@ -172,7 +175,8 @@ def _build(work: Path, entry: Path, kernels: Path, source: Path, key: str, fragm
     (out / "release").write_text(release + "\n")
     (out / "build.json").write_text(json.dumps({
         "key": key, "release": release, "source": str(source), "source_digest": _source_digest(source, kernels),
-        "fragment_digest": fragment_hash, "config_digest": hashlib.sha256(config.encode()).hexdigest(),
+        "fragment_digest": fragment_hash, "edits": [e.name for e in EDITS], "edits_digest": edits_digest(),
+        "config_digest": hashlib.sha256(config.encode()).hexdigest(),
         "cc_version": _cc_version(cc), "arch": ARCH, "env": BUILD_ENV,
     }, indent=2, sort_keys=True) + "\n")
     if entry.exists():
@@ -182,6 +186,26 @@ def _build(work: Path, entry: Path, kernels: Path, source: Path, key: str, fragm
     _remember_source(kernels, source)
     say(f"kernel: built {release} in {time.monotonic() - started:.0f} s: {entry}")
     return KernelBuild(path=entry, release=release, key=key, cached=False)
+
+
+def _edit(tree: Path, source: Path, edits, log) -> None:
+    """Make kernel/patches.py's edits in the unpacked tree, each found exactly once, or stop."""
+    from microvmc.kernel.patches import apply_edit
+
+    for edit in edits:
+        path = tree / edit.path
+        try:
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise KernelError(f"{source}: kernel/patches.py's edit {edit.name!r} cannot read {edit.path}: "
+                              f"{getattr(e, 'strerror', None) or e}", hint="is it a Linux source of another version?") from None
+        edited = apply_edit(edit, text)
+        if edited is None:
+            raise KernelError(f"{source}: kernel/patches.py's edit {edit.name!r} does not apply: {edit.path} has not "
+                              "its text exactly once", hint="is it a Linux source of another version?")
+        path.unlink()  # (a copied tree's file may be a link to the user's: never write through it)
+        path.write_text(edited)
+        log.write(f"edited {edit.path}: {edit.name}\n")
 
 
 def _link(kernels: Path, entry: Path) -> None:

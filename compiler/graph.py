@@ -454,7 +454,8 @@ def resolve(manifest: Manifest, facts: HostFacts, store: str, sources: Sources =
         _acpi(config, locations)
         add(Node(id="kernel", builder=Builder.KERNEL, digest=digest({"kernel-build": own.key}), path=own.entry,
                  keys=kernel_keys, params=(("arch", "x86_64"), ("cc_version", own.cc_version),
-                                           ("fragment", own.fragment_digest), ("key", own.key),
+                                           ("edits", own.edits_digest), ("fragment", own.fragment_digest),
+                                           ("key", own.key),
                                            ("source", own.source_digest)),
                  locations=tuple(sorted({**locations, "cc": own.cc, "source": own.source}.items()))))
         check_features(wanted_features, image=own.image, release=f"{OWN_KERNEL}-{own.key}", config=config,

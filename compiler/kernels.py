@@ -47,10 +47,11 @@ KERNEL_BUILDER_VERSION = 1  # bumped when the kernel build's output changes for 
 ARCH = "x86_64"
 
 
-def build_key(source_digest: str, fragment_digest: str, cc_version: str) -> str:
-    """The own kernel's key: what it is built from, and by what."""
+def build_key(source_digest: str, fragment_digest: str, edits_digest: str, cc_version: str) -> str:
+    """The own kernel's key: what it is built from (the source, the fragment, the edits to the source:
+    kernel/patches.py), and by what."""
     blob = json.dumps({"builder": KERNEL_BUILDER_VERSION, "source": source_digest, "fragment": fragment_digest,
-                       "cc": cc_version, "arch": ARCH}, sort_keys=True)
+                       "edits": edits_digest, "cc": cc_version, "arch": ARCH}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
@@ -101,6 +102,7 @@ class OwnKernel:
     source: str  # the Linux source tarball or tree
     source_digest: str
     fragment_digest: str
+    edits_digest: str  # kernel/patches.py
     cc: str  # the compiler that builds it
     cc_version: str
     key: str
@@ -116,6 +118,7 @@ class OwnKernel:
 def own_kernel(facts: HostFacts, files: HostFiles, source: str | None = None) -> OwnKernel | str:
     """The own kernel's node for this fragment, compiler and source, or why it cannot be built here.
     `source`: the Linux source (default: the one `microvmc kernel build` last used, else Debian's)."""
+    from microvmc.kernel.patches import edits_digest
     from microvmc.kernel.requirements import fragment_digest
 
     kernels = kernels_dir(facts)
@@ -134,10 +137,10 @@ def own_kernel(facts: HostFacts, files: HostFiles, source: str | None = None) ->
         if not known:
             return f"its source {source} is missing"
         digest, buildable = known[1], False
-    fragment = fragment_digest()
-    key = build_key(digest, fragment, facts.cc_version)
+    fragment, edits = fragment_digest(), edits_digest()
+    key = build_key(digest, fragment, edits, facts.cc_version)
     entry = os.path.join(kernels, f"{OWN_KERNEL}-{key}")
-    return OwnKernel(source=source, source_digest=digest, fragment_digest=fragment, cc=facts.cc,
+    return OwnKernel(source=source, source_digest=digest, fragment_digest=fragment, edits_digest=edits, cc=facts.cc,
                      cc_version=facts.cc_version, key=key, entry=entry, buildable=buildable,
                      realised=files.is_file(os.path.join(entry, "build.json")))
 

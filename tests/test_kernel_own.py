@@ -17,6 +17,7 @@ from microvmc.compiler.kernels import check_features, choose_kernel, required_fe
 from microvmc.compiler.manifest import Kernel, KernelSource
 from microvmc.errors import KernelError, ManifestError
 from microvmc.kernel.image import embedded_config
+from microvmc.kernel.patches import EDITS, Edit, apply_edit, edits_digest
 from microvmc.kernel.requirements import FEATURES, OPTIONS, fragment, fragment_digest, missing_options, parse_config
 
 MICROVMC = [sys.executable, "-m", "microvmc"]
@@ -99,7 +100,8 @@ def test_default_is_the_own_kernel_when_built_else_debian(kernels: Path, own_def
     choose = lambda s: choose_kernel(_manifest(s), facts, HostFiles(), own_source=str(source))
     chosen = choose(KernelSource.DEFAULT)
     assert (chosen.image, chosen.modules, chosen.own) == (str(kernels / "default/vmlinuz"), str(kernels / "default/modules"), None)
-    key = k.build_key("sha256:" + hashlib.sha256(source.read_bytes()).hexdigest(), fragment_digest(), "gcc (fixture) 12")
+    key = k.build_key("sha256:" + hashlib.sha256(source.read_bytes()).hexdigest(), fragment_digest(), edits_digest(),
+                      "gcc (fixture) 12")
     entry = kernels / f"microvmc-{key}"
     if own_default:  # the fallback says why it is not the own kernel
         assert chosen.what == f"the default kernel (the Debian kernel: microvmc's own kernel is not built ({entry}); " \
@@ -198,13 +200,60 @@ def test_kernel_build_of_a_missing_source_is_one_line_and_leaves_nothing(tmp_pat
     assert not (tmp_path / "data").exists()
 
 
-def test_build_key_names_sources_fragment_and_compiler():
+def test_build_key_names_sources_fragment_edits_and_compiler():
     from microvmc.backends.kernelbuild import build_key
 
-    key = build_key("sha256:a", "f", "gcc 12")
-    assert key == build_key("sha256:a", "f", "gcc 12") and len(key) == 20
-    assert len({key, build_key("sha256:b", "f", "gcc 12"), build_key("sha256:a", "g", "gcc 12"),
-                build_key("sha256:a", "f", "gcc 13")}) == 4
+    key = build_key("sha256:a", "f", "e", "gcc 12")
+    assert key == build_key("sha256:a", "f", "e", "gcc 12") and len(key) == 20
+    assert len({key, build_key("sha256:b", "f", "e", "gcc 12"), build_key("sha256:a", "g", "e", "gcc 12"),
+                build_key("sha256:a", "f", "d", "gcc 12"), build_key("sha256:a", "f", "e", "gcc 13")}) == 5
+
+
+def test_an_edit_applies_only_where_its_text_is_exactly_once():
+    edit = Edit(name="e", path="f.c", old="poison(x);\n", new="skip(x);\n", reason="r")
+    assert apply_edit(edit, "a();\npoison(x);\nb();\n") == "a();\nskip(x);\nb();\n"
+    assert apply_edit(edit, "a();\npoison(y);\n") is None
+    assert apply_edit(edit, "poison(x);\npoison(x);\n") is None
+    assert edits_digest() == edits_digest(EDITS) != edits_digest(())
+    assert len({e.name for e in EDITS}) == len(EDITS) and all(e.reason and e.old != e.new for e in EDITS)
+
+
+@pytest.mark.skipif(not Path("/usr/src/linux-source-6.1.tar.xz").is_file(), reason="needs linux-source-6.1")
+def test_every_edit_applies_to_debians_linux_source_once():
+    """Against the source the setup builds from: each edit finds its text once, in order, and the file
+    differs only by the edits (the lines they name)."""
+    import tarfile
+
+    paths = sorted({e.path for e in EDITS})
+    with tarfile.open("/usr/src/linux-source-6.1.tar.xz") as tar:
+        texts = {p: tar.extractfile(f"linux-source-6.1/{p}").read().decode() for p in paths}
+    edited = dict(texts)
+    for e in EDITS:
+        result = apply_edit(e, edited[e.path])
+        assert result is not None, e.name
+        edited[e.path] = result
+    assert all(edited[p] != texts[p] for p in paths)
+
+
+def test_kernel_build_stops_naming_the_edit_that_does_not_apply_and_leaves_nothing(tmp_path: Path):
+    """A tree of another version (here: one whose init.c lacks the edit's text) stops before make,
+    with one line; no entry, no link, no half-made build is left in the store."""
+    tree = tmp_path / "linux"
+    (tree / "arch/x86/mm").mkdir(parents=True)
+    (tree / "Makefile").write_text("VERSION = 6\nPATCHLEVEL = 99\n")
+    (tree / "arch/x86/mm/init.c").write_text("/* another version */\n")
+    data = tmp_path / "data"
+    r = subprocess.run([*MICROVMC, "kernel", "build", "--source", str(tree)],
+                       env={"PATH": "/usr/bin:/bin", "XDG_DATA_HOME": str(data), "HOME": str(tmp_path)},
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 125, r.stderr
+    assert r.stderr.splitlines()[-1] == (f"microvmc: {tree}: kernel/patches.py's edit 'x86-initmem-unpoisoned' does "
+                                         "not apply: arch/x86/mm/init.c has not its text exactly once (is it a Linux "
+                                         "source of another version?)")
+    kernels = data / "microvmc/kernel"
+    left = sorted(p.name for p in kernels.iterdir()) if kernels.is_dir() else []
+    assert not [n for n in left if n.startswith(("microvmc-", ".build-")) or n == "microvmc"], left
+    assert (tree / "arch/x86/mm/init.c").read_text() == "/* another version */\n"  # the user's tree untouched
 
 
 def test_ipv6_is_required_where_init_sets_ipv6_addresses():
